@@ -1,0 +1,123 @@
+"""The ``tokensurgeon`` command line.
+
+Boundary: parsing and printing only. Each subcommand is one config dataclass (its fields
+generate the flags and ``--help``) and one function that takes it; no defaults live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tokensurgeon.config import add_config_arguments, resolve_config
+from tokensurgeon.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Command:
+    config: Callable[[], type]
+    run: Callable[[Any], Any]
+    render: Callable[[Any], str]
+
+
+def _transplant_config():
+    from tokensurgeon.transplant import TransplantConfig
+
+    return TransplantConfig
+
+
+def _run_transplant(cfg):
+    from tokensurgeon.transplant import transplant
+
+    return transplant(cfg)
+
+
+def _render_transplant(m: dict) -> str:
+    counts = m["counts"]
+    lines = [
+        f"wrote {m['options']['out']}: {m['base']} with the tokenizer of {m['donor']}",
+        f"  vocabulary {m['vocab_size']}: {counts['copied']} copied exactly, "
+        + ", ".join(f"{n} by {k}" for k, n in counts["approximated"].items()),
+    ]
+    for name, stats in m["matrices"].items():
+        if "heldout_relative_error_base" in stats:
+            lines.append(
+                f"  {name}: held-out anchors re-predicted with relative error "
+                f"{stats['heldout_relative_error_base']:.3f} (cosine {stats['heldout_cosine_base']:.3f})")
+    lines.append(f"  {m['seconds']['total']} s on {m['device']} ({m['threads']} threads)")
+    return "\n".join(lines)
+
+
+def _eval_config():
+    from tokensurgeon.evaluate import EvalConfig
+
+    return EvalConfig
+
+
+def _run_eval(cfg):
+    from tokensurgeon.evaluate import evaluate
+
+    return evaluate(cfg)
+
+
+def _render_eval(r: dict) -> str:
+    return (f"{r['bits_per_byte']:.4f} bits/byte  ({r['model']} on {r['text']}: "
+            f"{r['bytes']} bytes, {r['tokens']} tokens, {r['segments']} segments)\n"
+            + json.dumps(r))
+
+
+def _inspect_config():
+    from tokensurgeon.inspection import InspectConfig
+
+    return InspectConfig
+
+
+def _run_inspect(cfg):
+    from tokensurgeon.inspection import inspect
+
+    return inspect(cfg)
+
+
+COMMANDS: dict[str, Command] = {
+    "transplant": Command(_transplant_config, _run_transplant, _render_transplant),
+    "eval": Command(_eval_config, _run_eval, _render_eval),
+    "inspect": Command(_inspect_config, _run_inspect, lambda r: json.dumps(r, indent=2)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokensurgeon",
+        description="Move knowledge between language models that do not share a tokenizer.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        cls = command.config()
+        doc = (cls.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.split(".")[0], description=doc)
+        add_config_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS[args.command]
+    try:
+        cfg = resolve_config(command.config(), args)
+        result = command.run(cfg)
+    except UsageError as exc:
+        print(f"tokensurgeon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tokensurgeon {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(command.render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``tokensurgeon eval``: bits per UTF-8 byte of a causal LM on a text file.
+
+Boundary: text in, one number out. Bits per byte divides the model's total negative
+log-likelihood by the bytes it covered, so models with different tokenizers are compared
+on the same footing. Log-probabilities are computed in chunks along the sequence from the
+final hidden states, so a 262k-vocabulary model never holds [T, V] logits for a whole
+sequence at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tokensurgeon import modelio
+from tokensurgeon.errors import UsageError
+
+
+@dataclass
+class EvalConfig:
+    """Bits per UTF-8 byte of MODEL on TEXT (lower is better). Every byte of the text is
+    predicted: each segment starts after the tokenizer's BOS (or EOS) token."""
+
+    model: str = field(metadata={
+        "positional": True, "help": "HF directory, .gguf file or builtin:NAME"})
+    text: str = field(metadata={
+        "positional": True,
+        "help": "a .txt file, or .jsonl with a text field (text, answer, ...)"})
+    field_name: str = field(default="auto", metadata={
+        "help": "JSONL field to read; auto takes text, then answer, then content"})
+    max_bytes: int = field(default=200_000, metadata={
+        "help": "evaluate only the first this many bytes of the text (0 = all)"})
+    segment_chars: int = field(default=2000, metadata={
+        "help": "split the text into segments of about this many characters at line ends"})
+    batch_size: int = field(default=4, metadata={"help": "segments per forward pass"})
+    logit_chunk: int = field(default=256, metadata={
+        "help": "positions per lm_head chunk (bounds memory for large vocabularies)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code (off: safer)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def validate(self) -> None:
+        for name in ("segment_chars", "batch_size", "logit_chunk"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_bytes < 0:
+            raise UsageError("--max-bytes must be >= 0")
+
+
+def read_documents(path: str | Path, field_name: str = "auto") -> list[str]:
+    """Documents of a .txt file (the whole file) or a .jsonl file (one per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file")
+    if p.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}:{n} is not valid JSON; fix the line or pass a .txt file")
+            keys = ["text", "answer", "content"] if field_name == "auto" else [field_name]
+            value = next((row[k] for k in keys if isinstance(row, dict) and k in row), None)
+            if not isinstance(value, str):
+                raise UsageError(f"{path}:{n} has no string field {keys}; pass --field-name")
+            docs.append(value)
+        return docs
+    return [p.read_text(encoding="utf-8")]
+
+
+def segment_text(docs: list[str], segment_chars: int, max_bytes: int) -> list[str]:
+    """Split documents into segments of about ``segment_chars`` characters at line ends,
+    keeping the first ``max_bytes`` UTF-8 bytes (0 keeps everything)."""
+    segments: list[str] = []
+    used = 0
+    for doc in docs:
+        current = ""
+        for line in doc.splitlines(keepends=True):
+            if current and len(current) + len(line) > segment_chars:
+                segments.append(current)
+                current = ""
+            current += line
+        if current.strip():
+            segments.append(current)
+    kept: list[str] = []
+    for seg in segments:
+        size = len(seg.encode("utf-8"))
+        if max_bytes and used + size > max_bytes:
+            break
+        kept.append(seg)
+        used += size
+    return kept
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """log p(labels) from final hidden states, computing logits ``chunk`` positions at a time.
+
+    Args:
+        hidden: [B, T, H] final hidden states (already normed).
+        head: the lm_head, mapping H -> V.
+        labels: [B, T] the token to score at each position.
+        chunk: positions per lm_head call.
+        softcap: optional final-logit soft-capping (Gemma-2 style).
+    Returns:
+        [B, T] float32 log-probabilities.
+    """
+    out = []
+    for s in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, s : s + chunk]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        picked = logits.gather(-1, labels[:, s : s + chunk].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out, dim=1)
+
+
+def model_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] final hidden states of a causal LM (before the lm_head)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.last_hidden_state
+
+
+def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
+                  logit_chunk: int = 256, progress: bool = False) -> dict:
+    """Total NLL over every token of every segment, in bits per UTF-8 byte."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise UsageError("the tokenizer has neither a BOS nor an EOS token to start segments with")
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
+    total_nll, total_tokens = 0.0, 0
+    total_bytes = sum(len(s.encode("utf-8")) for s in segments)
+    encoded = [[prefix] + tokenizer(s, add_special_tokens=False)["input_ids"] for s in segments]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    bar = tqdm(total=len(encoded), desc="eval", unit="seg", disable=not progress)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            batch = [encoded[i] for i in order[s : s + batch_size]]
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, x in enumerate(batch):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = model_hidden_states(model, ids, mask)
+            logp = chunked_token_logprobs(hidden[:, :-1], head, ids[:, 1:], logit_chunk, softcap)
+            valid = mask[:, 1:].bool()
+            total_nll -= float(logp[valid].double().sum())
+            total_tokens += int(valid.sum())
+            bar.update(len(batch))
+    bar.close()
+    return {
+        "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
+        "nll_nats": total_nll,
+        "bytes": total_bytes,
+        "tokens": total_tokens,
+        "bytes_per_token": total_bytes / max(total_tokens, 1),
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from tokensurgeon.transplant import resolve_device
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    segments = segment_text(read_documents(cfg.text, cfg.field_name), cfg.segment_chars, cfg.max_bytes)
+    if not segments:
+        raise UsageError(f"{cfg.text} holds no text to evaluate (or --max-bytes is smaller "
+                         "than its first segment); pass a non-empty file")
+    ref = modelio.resolve(cfg.model)
+    tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)
+    model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    result = bits_per_byte(model, tokenizer, segments, cfg.batch_size, cfg.logit_chunk,
+                           progress=not cfg.quiet)
+    result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments)})
+    return result

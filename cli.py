@@ -88,16 +88,32 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# Help lines for two-word command groups (e.g. "spec": "...").
+GROUP_HELP: dict[str, str] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per COMMANDS entry; a two-word name ("spec train") becomes a
+    subcommand of a group ("spec")."""
     parser = argparse.ArgumentParser(
         prog="tokensurgeon",
         description="Move knowledge between language models that do not share a tokenizer.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():
         cls = command.config()
         doc = (cls.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.split(".")[0], description=doc)
+        summary = " ".join(doc.split(".")[0].split())
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=GROUP_HELP.get(group, group))
+                groups[group] = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            p = groups[group].add_parser(leaf, help=summary, description=doc)
+        else:
+            p = sub.add_parser(name, help=summary, description=doc)
+        p.set_defaults(_command_name=name)
         add_config_arguments(p, cls)
     return parser
 
@@ -105,15 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = COMMANDS[args.command]
+    command = COMMANDS[args._command_name]
     try:
         cfg = resolve_config(command.config(), args)
         result = command.run(cfg)
     except UsageError as exc:
-        print(f"tokensurgeon {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tokensurgeon {args._command_name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tokensurgeon {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"tokensurgeon {args._command_name}: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(command.render(result))
     return 0

@@ -63,6 +63,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         choices = meta.get("choices")
         if callable(choices):
             choices = sorted(choices())
+        if choices is not None and tp is not bool:
+            help_text += f" [choices: {', '.join(map(str, choices))}]"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if choices is not None:
             kwargs["choices"] = choices

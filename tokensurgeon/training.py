@@ -1,0 +1,249 @@
+"""Training pieces shared by the ``distill`` (ALM) and ``spec_decode`` (DistillSpec) trainers.
+
+Boundary: devices, optimisation, checkpoints, progress and logs. No losses, no data and no
+model architecture live here; each trainer stays one readable loop in its own module and
+calls these pieces (there is no base class to inherit from).
+
+API (all functions are small; read them):
+
+- ``setup_accelerator(device, seed)`` -> ``accelerate.Accelerator``. ``device`` is ``auto``,
+  ``cpu``, ``cuda`` or ``cuda:N``; ``accelerate launch`` / ``torchrun`` environments give
+  several processes (gloo on CPU). Seeds every RNG identically on every process.
+- ``build_optimizer(params, lr, weight_decay=0.01)`` -> AdamW with betas (0.9, 0.95).
+- ``warmup_then_linear_decay(optimizer, warmup_steps, total_steps)`` -> LambdaLR scheduler.
+- ``average_gradients(accelerator, params)``: all-reduce (mean) the ``.grad`` of ``params``
+  across processes. Trainers call it once per optimizer step instead of wrapping the model
+  in DDP, so any forward path (chunked heads, recomputation, peft) stays data-parallel.
+- ``clip_gradients(params, max_norm=1.0)`` -> the total norm before clipping.
+- ``trainable_state(model)`` / ``load_trainable_state(model, tensors)``: the parameters with
+  ``requires_grad`` (the full model, a LoRA adapter, or embeddings only), by name.
+- ``save_checkpoint(root, step, model, optimizer, scheduler, extra)``: atomically writes
+  ``root/step-N/`` (trainable weights as safetensors; optimizer, scheduler, RNG and the
+  trainer's ``extra`` dict, e.g. its data position, via ``torch.save`` of plain state dicts)
+  and keeps the newest ``keep`` checkpoints.
+- ``latest_checkpoint(root)`` -> the newest complete ``step-N`` directory or None.
+- ``load_checkpoint(path, model, optimizer, scheduler)`` -> ``(step, extra)``; restores RNG
+  too, and unpickles with ``weights_only=True`` only.
+- ``MetricsLog(path)``: append one JSON object per step (``log(step=..., **figures)``).
+- ``progress(total, initial, disable)``: a tqdm bar; ``bar.set_postfix(loss=..., tok_s=...)``.
+- ``write_resolved_config(directory, config)``: ``config.yaml`` with every resolved option.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tokensurgeon.config import config_to_dict
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+COMPLETE_MARKER = "complete"
+
+
+def setup_accelerator(device: str = "auto", seed: int = 0):
+    """An ``Accelerator`` on ``device`` with every RNG seeded to ``seed``.
+
+    Several processes come from the launcher's environment (``accelerate launch``,
+    ``torchrun``); on CPU they talk over gloo.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu)
+    if device.startswith("cuda:") and accelerator.num_processes == 1:
+        torch.cuda.set_device(torch.device(device))
+    set_seed(seed)
+    return accelerator
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
+                    weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95) over the trainable ``params``."""
+    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+def warmup_then_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                             total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor rising linearly to 1 over ``warmup_steps``, then falling
+    linearly to 0 at ``total_steps``."""
+    warmup_steps = max(0, warmup_steps)
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = total_steps - step
+        return max(0.0, remaining / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def average_gradients(accelerator, params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each ``.grad`` by its mean over processes (a no-op with one process).
+
+    Gradients are flattened into one buffer so there is a single all-reduce per step.
+    """
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float = 1.0) -> float:
+    """Clip the global gradient norm to ``max_norm``; return the norm before clipping."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor for every parameter with ``requires_grad`` (tied weights once)."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (from :func:`trainable_state`) into ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint holds parameters the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses: store a list.
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any,
+                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Atomically write ``root/step-{step}``; keep only the newest ``keep`` checkpoints.
+
+    ``extra`` must hold plain data (numbers, strings, lists, dicts, tensors); trainers put
+    their data position there.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "extra": extra or {},
+    }, tmp / "training_state.pt")
+    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    found = []
+    for path in root.glob("step-*"):
+        m = CHECKPOINT_PATTERN.match(path.name)
+        if m and (path / COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete ``step-N`` directory under ``root``, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = _checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, dict]:
+    """Restore a :func:`save_checkpoint` directory in place; return ``(step, extra)``."""
+    path = Path(path)
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    state = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"]), state["extra"]
+
+
+class MetricsLog:
+    """Append-only JSONL: one object per call to :meth:`log`, flushed at once."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def log(self, **figures: Any) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in figures.items()}
+        clean.setdefault("time", round(time.time(), 3))
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def progress(total: int, initial: int = 0, disable: bool = False, desc: str = "train") -> tqdm:
+    """A step progress bar; trainers set ``loss`` and ``tok_s`` as postfix."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+                dynamic_ncols=True)
+
+
+def write_resolved_config(directory: str | Path, config: Any) -> Path:
+    """Write every resolved option of ``config`` (a dataclass) to ``directory/config.yaml``."""
+    path = Path(directory) / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path

@@ -81,10 +81,29 @@ def _run_inspect(cfg):
     return inspect(cfg)
 
 
+def _distill_config():
+    from distill.trainer import DistillConfig
+
+    return DistillConfig
+
+
+def _run_distill(cfg):
+    from distill.trainer import distill
+
+    return distill(cfg)
+
+
+def _render_distill(summary: dict) -> str:
+    from distill.trainer import render
+
+    return render(summary)
+
+
 COMMANDS: dict[str, Command] = {
     "transplant": Command(_transplant_config, _run_transplant, _render_transplant),
     "eval": Command(_eval_config, _run_eval, _render_eval),
     "inspect": Command(_inspect_config, _run_inspect, lambda r: json.dumps(r, indent=2)),
+    "distill": Command(_distill_config, _run_distill, _render_distill),
 }
 
 

@@ -1,0 +1,321 @@
+"""``tokensurgeon distill``: the ALM training loop (one readable loop, torchtune style).
+
+Boundary: wires data, models and losses together and owns the step. The loss math lives in
+:mod:`distill.losses`, alignment in :mod:`distill.alignment`, and optimisation, checkpoints
+and logging in :mod:`tokensurgeon.training`.
+
+One optimizer step:
+1. take this process's share of the step's global batch and split it into micro-batches;
+2. run the teacher (no gradient) on every micro-batch and count each loss's units (ALM
+   chunks after merging, tokens, ...); sum the counts over processes;
+3. run the student on each micro-batch; every loss is its sum divided by the global count,
+   so the gradient equals that of one process holding the whole batch;
+4. average gradients over processes, clip to 1.0, step AdamW and the schedule.
+Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
+from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec
+from tokensurgeon import modelio, training
+from tokensurgeon.config import config_to_dict
+from tokensurgeon.errors import UsageError
+from tokensurgeon.token_identity import vocabulary
+
+TRAINABLE = ("full", "lora", "embeddings")
+# Options that may change between a run and its --resume without changing the result.
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
+
+
+@dataclass
+class DistillConfig:
+    """Distil TEACHER into STUDENT with ALM (cross-tokenizer) or a baseline loss, and write
+    the trained student to OUT as a Hugging Face model directory."""
+
+    teacher: str = field(metadata={"help": "teacher: HF directory, .gguf file or builtin:NAME"})
+    student: str = field(metadata={
+        "help": "student (for tokenizer transfer: the transplanted copy of the teacher)"})
+    data: list[str] = field(metadata={
+        "help": ".txt or .jsonl (text / question+answer / messages); repeat for several"})
+    out: str = field(metadata={"help": "output HF model directory; checkpoints go under it"})
+    loss: str = field(default="alm+sft", metadata={
+        "help": "losses joined by + with optional :weight, e.g. alm+sft or alm:1+sft:0.5; "
+                "from alm, sft, hidden, uld, kl, kl_reverse"})
+    train: str = field(default="full", metadata={
+        "help": "what is trained", "choices": TRAINABLE})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank (--train lora)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (--train lora)"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step, all processes"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step per process"})
+    max_length: int = field(default=256, metadata={"help": "tokens per sequence, each side"})
+    pack: bool = field(default=True, metadata={
+        "help": "pack several texts per sequence (--no-pack: one text, truncated)"})
+    data_format: str = field(default="auto", metadata={
+        "help": "JSONL layout", "choices": DATA_FORMATS})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
+    theta: float = field(default=0.1, metadata={
+        "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
+    debias: bool = field(default=True, metadata={
+        "help": "ALM append-space debiasing (boundary-set log-prob at chunk ends)"})
+    gradmag: bool = field(default=False, metadata={
+        "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
+    logit_chunk: int = field(default=128, metadata={
+        "help": "positions per lm_head call (bounds memory for large vocabularies)"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest checkpoint under OUT"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code (off: safer)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "logit_chunk",
+                     "checkpoint_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_length < 2:
+            raise UsageError("--max-length must be >= 2 (a token and its prefix)")
+        if not self.lr > 0 or self.tau <= 0:
+            raise UsageError("--lr and --tau must be > 0")
+        if not 0 <= self.theta < 1:
+            raise UsageError("--theta must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise UsageError("--warmup-steps must be >= 0")
+        if not self.data:
+            raise UsageError("pass at least one --data file")
+        try:
+            parse_loss_spec(self.loss)
+        except ValueError as exc:
+            raise UsageError(f"--loss {self.loss!r}: {exc}") from None
+
+
+def boundary_ids(token_bytes: tuple[bytes | None, ...]) -> torch.Tensor:
+    """Ids of tokens that start with a space, newline or tab, plus specials."""
+    return torch.tensor([i for i, b in enumerate(token_bytes)
+                         if b is None or b[:1] in (b" ", b"\n", b"\t")], dtype=torch.long)
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+    """The decoder stack, the lm_head and the final-logit softcap of a causal LM (peft too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return base.get_decoder(), base.get_output_embeddings(), softcap
+
+
+def select_trainable(model, cfg: DistillConfig):
+    """Set ``requires_grad`` for full / LoRA / embeddings-only training; return the model."""
+    if cfg.train == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UsageError("--train lora needs peft; run: pip install 'tokensurgeon[distill]'"
+                             ) from None
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    model.requires_grad_(cfg.train == "full")
+    if cfg.train == "embeddings":
+        model.get_input_embeddings().weight.requires_grad_(True)
+        model.get_output_embeddings().weight.requires_grad_(True)
+    return model
+
+
+def last_layer_params(model) -> list[torch.nn.Parameter]:
+    """Trainable parameters of the final decoder layer (all trainable ones if it has none)."""
+    decoder, _, _ = decoder_and_head(model)
+    last = [p for p in decoder.layers[-1].parameters() if p.requires_grad]
+    return last or [p for p in model.parameters() if p.requires_grad]
+
+
+def _prepare_out(cfg: DistillConfig) -> Path:
+    out = Path(cfg.out).expanduser()
+    if cfg.resume:
+        if training.latest_checkpoint(out / "checkpoints") is None:
+            raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
+                             "run without --resume first")
+        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+        now = config_to_dict(cfg)
+        changed = sorted(k for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k])
+        if changed:
+            raise UsageError(f"--resume with options that differ from the checkpointed run "
+                             f"({', '.join(changed)}); pass the original options")
+        return out
+    modelio.check_output_dir(out, cfg.overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out} ({exc.strerror}); choose a writable OUT") from None
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    return out
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run the training described by ``cfg``; return a summary dict."""
+    cfg.validate()
+    terms = parse_loss_spec(cfg.loss)
+    accelerator = training.setup_accelerator(cfg.device, cfg.seed)
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    per_process, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
+    if rest or per_process == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of processes x "
+                         f"--grad-accum = {world * cfg.grad_accum}")
+    out = _prepare_out(cfg) if is_main else Path(cfg.out).expanduser()
+    accelerator.wait_for_everyone()
+
+    t_ref, s_ref = modelio.resolve(cfg.teacher), modelio.resolve(cfg.student)
+    t_tok = modelio.load_tokenizer(t_ref, cfg.trust_remote_code)
+    s_tok = modelio.load_tokenizer(s_ref, cfg.trust_remote_code)
+    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
+    # Chars per segment of a .txt file: ~2 per token keeps most segments within max_length.
+    texts = read_texts(cfg.data, cfg.data_format, segment_chars=2 * cfg.max_length)
+    examples = build_examples(texts, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
+                              cfg.max_length, cfg.pack)
+
+    device = accelerator.device
+    teacher = modelio.load_model(t_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    teacher.requires_grad_(False)
+    student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    for name, _ in terms:
+        if LOSSES[name].needs_same_vocab and t_vocab.token_bytes != s_vocab.token_bytes:
+            raise UsageError(f"--loss {name} needs teacher and student to share one tokenizer; "
+                             "use alm or uld across tokenizers")
+        if LOSSES[name].needs_same_hidden and \
+                teacher.config.get_text_config().hidden_size != student.config.get_text_config().hidden_size:
+            raise UsageError(f"--loss {name} needs equal hidden sizes (tokenizer transfer); "
+                             "drop it for a differently sized student")
+    student = select_trainable(student, cfg)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = training.build_optimizer(params, cfg.lr)
+    scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
+    start = 0
+    if cfg.resume:
+        start, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
+                                            student, optimizer, scheduler)
+    if is_main:
+        training.write_resolved_config(out, cfg)
+    metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
+
+    t_dec, t_head, t_cap = decoder_and_head(teacher)
+    s_dec, s_head, s_cap = decoder_and_head(student)
+    t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
+        boundary_ids(s_vocab.token_bytes).to(device)
+    t_pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
+    s_pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else 0
+    settings = LossSettings(tau=cfg.tau, theta=cfg.theta, debias=cfg.debias,
+                            logit_chunk=cfg.logit_chunk, recompute=True)
+    gradmag_params = last_layer_params(student) if cfg.gradmag else []
+    bar = training.progress(cfg.steps, start, disable=cfg.quiet or not is_main)
+    last: dict = {}
+    for step in range(start, cfg.steps):
+        began = time.perf_counter()
+        chosen = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
+        mine = chosen[rank * per_process * cfg.grad_accum:(rank + 1) * per_process * cfg.grad_accum]
+        micro = [[examples[i] for i in mine[m * per_process:(m + 1) * per_process]]
+                 for m in range(cfg.grad_accum)]
+
+        # Teacher pass and unit counts for the whole accumulated batch on every process.
+        inputs: list[LossInputs] = []
+        counts = torch.zeros(len(terms), dtype=torch.float64)
+        tokens = 0
+        with torch.no_grad():
+            for batch in micro:
+                t = {k: v.to(device) for k, v in collate(batch, "teacher", t_pad).items()}
+                s = {k: v.to(device) for k, v in collate(batch, "student", s_pad).items()}
+                t_hidden = t_dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+                x = LossInputs(
+                    student=Side(s["ids"], s["mask"], s["chunk_ids"], None, s_head, s_boundary, s_cap),
+                    teacher=Side(t["ids"], t["mask"], t["chunk_ids"], t_hidden, t_head, t_boundary, t_cap),
+                    num_chunks=max(e.num_chunks for e in batch), settings=settings)
+                counts += torch.tensor([LOSSES[name].count(x) for name, _ in terms], dtype=torch.float64)
+                tokens += int(s["mask"].sum())
+                inputs.append(x)
+        global_counts = accelerator.reduce(counts.to(device), reduction="sum").cpu().clamp(min=1)
+
+        totals = torch.zeros(len(terms), dtype=torch.float64)
+        for x in inputs:
+            x.student.hidden = s_dec(input_ids=x.student.ids,
+                                     attention_mask=x.student.mask).last_hidden_state
+            # Scaled by the world size because average_gradients takes the mean.
+            parts = [LOSSES[name].total(x) / float(global_counts[j]) for j, (name, _) in enumerate(terms)]
+            if cfg.gradmag:
+                norms = [torch.linalg.vector_norm(torch.cat([
+                    g.reshape(-1) for g in torch.autograd.grad(
+                        part, gradmag_params, retain_graph=True, allow_unused=True,
+                        materialize_grads=True)])) for part in parts]
+                weights = [1.0 / max(float(n), 1e-12) for n in norms]
+            else:
+                weights = [w for _, w in terms]
+            combined = sum(w * p for w, p in zip(weights, parts)) / sum(weights)
+            (combined * world).backward()
+            totals += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
+            x.student.hidden = None
+        training.average_gradients(accelerator, params)
+        grad_norm = training.clip_gradients(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        per_loss = accelerator.reduce(totals.to(device), reduction="sum").cpu()
+        all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum"))
+        seconds = time.perf_counter() - began
+        weights = [w for _, w in terms]
+        loss_value = float(sum(w * float(v) for w, v in zip(weights, per_loss)) / sum(weights))
+        last = {"step": step + 1, "loss": loss_value,
+                **{f"loss_{name}": float(per_loss[j]) for j, (name, _) in enumerate(terms)},
+                **{f"units_{name}": int(global_counts[j]) for j, (name, _) in enumerate(terms)},
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                "student_tokens": all_tokens, "tokens_per_s": all_tokens / seconds}
+        metrics.log(**last)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{all_tokens / seconds:.0f}")
+        bar.update(1)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if is_main:
+                training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
+                                         scheduler, {"examples_seen": (step + 1) * cfg.batch_size})
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    if is_main:
+        training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer, scheduler,
+                                 {"examples_seen": cfg.steps * cfg.batch_size})
+        final = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+        final.eval()
+        with modelio.atomic_output_dir(out, overwrite=True) as tmp:
+            modelio.save_model(final, s_tok, tmp)
+            training.write_resolved_config(tmp, cfg)
+            # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
+            for name in ("metrics.jsonl", "checkpoints"):
+                if (out / name).exists():
+                    os.replace(out / name, tmp / name)
+    accelerator.wait_for_everyone()
+    return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
+            "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train}
+
+
+def render(summary: dict) -> str:
+    last = summary["last"]
+    figures = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
+    return (f"wrote {summary['out']}: {summary['steps']} steps of {summary['loss']} "
+            f"({summary['train']}) on {summary['examples']} sequences, {summary['processes']} "
+            f"process(es); final loss {last.get('loss', float('nan')):.4f} ({figures})")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from tokensurgeon.config import add_config_arguments, resolve_config
 from tokensurgeon.errors import UsageError
@@ -81,6 +82,61 @@ def _run_inspect(cfg):
     return inspect(cfg)
 
 
+def _spec_make_draft_config():
+    from spec_decode.draft import MakeDraftConfig
+
+    return MakeDraftConfig
+
+
+def _run_spec_make_draft(cfg):
+    from spec_decode.draft import make_draft
+
+    return make_draft(cfg)
+
+
+def _render_spec_make_draft(m: dict) -> str:
+    if m["kind"] == "transplant":
+        return f"wrote {m['options']['out']}: {m['from']} with the tokenizer of {m['target']}"
+    return (f"wrote {m['options']['out']}: layers {m['kept_layers']} of {m['target_layers']} "
+            f"({m['parameters']:,} of {m['target_parameters']:,} parameters) in {m['seconds']} s")
+
+
+def _spec_train_config():
+    from spec_decode.train import SpecTrainConfig
+
+    return SpecTrainConfig
+
+
+def _run_spec_train(cfg):
+    from spec_decode.train import train
+
+    return train(cfg)
+
+
+def _render_spec_train(summary: dict) -> str:
+    from spec_decode.train import render
+
+    return render(summary)
+
+
+def _spec_bench_config():
+    from spec_decode.bench import SpecBenchConfig
+
+    return SpecBenchConfig
+
+
+def _run_spec_bench(cfg):
+    from spec_decode.bench import bench
+
+    return bench(cfg)
+
+
+def _render_spec_bench(report: dict) -> str:
+    from spec_decode.bench import render
+
+    return render(report)
+
+
 def _distill_config():
     from distill.trainer import DistillConfig
 
@@ -104,11 +160,16 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(_eval_config, _run_eval, _render_eval),
     "inspect": Command(_inspect_config, _run_inspect, lambda r: json.dumps(r, indent=2)),
     "distill": Command(_distill_config, _run_distill, _render_distill),
+    "spec make-draft": Command(_spec_make_draft_config, _run_spec_make_draft, _render_spec_make_draft),
+    "spec train": Command(_spec_train_config, _run_spec_train, _render_spec_train),
+    "spec bench": Command(_spec_bench_config, _run_spec_bench, _render_spec_bench),
 }
 
 
 # Help lines for two-word command groups (e.g. "spec": "...").
-GROUP_HELP: dict[str, str] = {}
+GROUP_HELP: dict[str, str] = {
+    "spec": "speculative decoding: make and train (DistillSpec) draft models, benchmark them",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,10 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(no_progress: bool) -> None:
+    """transformers' warnings are noise for our users; its bars follow --quiet."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if no_progress:
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = COMMANDS[args._command_name]
+    _quiet_libraries(bool(getattr(args, "quiet", False)))
     try:
         cfg = resolve_config(command.config(), args)
         result = command.run(cfg)

@@ -193,7 +193,9 @@ def load_embeddings(ref: ModelRef, trust_remote_code: bool = False):
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        names = {id(p): n for n, p in skeleton.named_parameters(remove_duplicate=False)}
+        names: dict[int, str] = {}
+        for n, p in skeleton.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)  # a tied weight keeps its first (embedding) name
         in_emb = skeleton.get_input_embeddings()
         out_emb = skeleton.get_output_embeddings()
         in_name = names.get(id(in_emb.weight))

@@ -16,6 +16,7 @@ Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT at
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -169,6 +170,20 @@ def _prepare_out(cfg: DistillConfig) -> Path:
     return out
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget steps a killed run logged after its last checkpoint; they are redone."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    path.write_text("".join(kept))
+
+
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
@@ -191,18 +206,21 @@ def distill(cfg: DistillConfig) -> dict:
     examples = build_examples(texts, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
                               cfg.max_length, cfg.pack)
 
-    device = accelerator.device
-    teacher = modelio.load_model(t_ref, device=device, trust_remote_code=cfg.trust_remote_code)
-    teacher.requires_grad_(False)
-    student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    t_hidden_size, s_hidden_size = (
+        modelio.load_config(ref, cfg.trust_remote_code).get_text_config().hidden_size
+        for ref in (t_ref, s_ref))
     for name, _ in terms:
         if LOSSES[name].needs_same_vocab and t_vocab.token_bytes != s_vocab.token_bytes:
             raise UsageError(f"--loss {name} needs teacher and student to share one tokenizer; "
                              "use alm or uld across tokenizers")
-        if LOSSES[name].needs_same_hidden and \
-                teacher.config.get_text_config().hidden_size != student.config.get_text_config().hidden_size:
+        if LOSSES[name].needs_same_hidden and t_hidden_size != s_hidden_size:
             raise UsageError(f"--loss {name} needs equal hidden sizes (tokenizer transfer); "
                              "drop it for a differently sized student")
+
+    device = accelerator.device
+    teacher = modelio.load_model(t_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    teacher.requires_grad_(False)
+    student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -214,6 +232,8 @@ def distill(cfg: DistillConfig) -> dict:
                                             student, optimizer, scheduler)
     if is_main:
         training.write_resolved_config(out, cfg)
+        if cfg.resume:
+            _drop_metrics_after(out / "metrics.jsonl", start)
     metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
 
     t_dec, t_head, t_cap = decoder_and_head(teacher)

@@ -1,0 +1,64 @@
+"""Registry of ``spec bench`` backends.
+
+Boundary: a backend turns a :class:`BenchPlan` (token-id prompts, model directories and the
+grid of gamma x temperature x batch size) into raw measurements; :mod:`spec_decode.bench`
+turns those into alpha, tau, speedups, tables and plots. Backends never format output.
+
+    backend(plan: BenchPlan) -> dict with keys
+      "target": {config_key: Timing}          # target alone
+      "drafts_alone": {draft: {config_key: Timing}}   # for the cost ratio c (may be empty)
+      "speculative": [Measurement, ...]       # one per draft x gamma x temperature x batch
+    where config_key = f"T{temperature}/b{batch_size}" and Timing, Measurement are dicts
+    (see each backend's docstring). Acceptance counts follow vLLM's meaning: a "draft" is
+    one verification step of gamma proposed tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BACKENDS: dict[str, Callable] = {}
+
+
+@dataclass
+class BenchPlan:
+    target: str  # HF directory of the target
+    drafts: dict[str, str]  # draft name -> HF directory
+    prompts: list[list[int]]  # token ids, already formatted
+    gammas: list[int]
+    temperatures: list[float]
+    batch_sizes: list[int]
+    max_tokens: int
+    timed_prompts: int  # prompts timed at batch sizes below the largest (0 = all)
+    seed: int
+    device: str
+    vllm_memory: float  # vLLM gpu_memory_utilization (on CPU: share of RAM for the KV cache)
+    max_model_len: int
+    dtype: str
+    quiet: bool
+
+    def prompts_for(self, batch_size: int) -> list[list[int]]:
+        """Every prompt at the largest batch size; ``timed_prompts`` of them below it."""
+        if batch_size == max(self.batch_sizes) or not self.timed_prompts:
+            return self.prompts
+        return self.prompts[: self.timed_prompts]
+
+
+def config_key(temperature: float, batch_size: int) -> str:
+    return f"T{temperature:g}/b{batch_size}"
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    def wrap(fn: Callable) -> Callable:
+        BACKENDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def backend_names() -> list[str]:
+    return sorted(BACKENDS)
+
+
+from spec_decode.backends import hf, vllm_engine  # noqa: F401

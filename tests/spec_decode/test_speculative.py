@@ -1,0 +1,78 @@
+"""The accept/reject rule on stub models with hand-built distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spec_decode.divergences import DIVERGENCES, distributions
+from spec_decode.speculative import (
+    greedy_block_acceptance,
+    speculative_generate,
+    target_generate,
+    verify,
+)
+
+P = torch.tensor([0.5, 0.3, 0.15, 0.05])
+Q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+
+def stub(probs: torch.Tensor):
+    """A 'model' whose next-token distribution ignores the prefix."""
+    return lambda prefix: probs.log()
+
+
+def test_empirical_acceptance_equals_one_minus_tvd():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    accepted = 0
+    counts = torch.zeros(4)
+    for _ in range(n):
+        x = torch.multinomial(Q, 1, generator=g)
+        v = verify(torch.stack([P, P]), Q[None], x, torch.rand(1, generator=g), g)
+        accepted += v.accepted
+        counts[v.tokens([int(x)])[0]] += 1
+    tvd = float(DIVERGENCES["tvd"](*distributions(P.log()[None], Q.log()[None], 1.0)))
+    assert tvd == pytest.approx(0.5)
+    assert abs(accepted / n - (1 - tvd)) < 0.015  # sd ~ 0.0035
+    # The first emitted token is distributed as the target.
+    assert torch.allclose(counts / n, P, atol=0.015)
+
+
+def test_sampler_acceptance_on_stubs():
+    g = torch.Generator().manual_seed(1)
+    run = speculative_generate(stub(P), stub(Q), [0], 3000, gamma=1, temperature=1.0, generator=g)
+    assert abs(run.accepted / run.drafted - 0.5) < 0.04  # 1 - TVD(P, Q) = 0.5
+    same = speculative_generate(stub(P), stub(P), [0], 300, gamma=3, temperature=1.0, generator=g)
+    assert same.accepted == same.drafted  # q = p: always accepts
+    never = speculative_generate(stub(torch.tensor([1.0, 1e-9, 1e-9, 1e-9])),
+                                 stub(torch.tensor([1e-9, 1.0, 1e-9, 1e-9])), [0], 50,
+                                 gamma=2, temperature=1.0, generator=g)
+    assert never.accepted == 0  # disjoint supports: never accepts
+
+
+def test_greedy_output_equals_target_greedy():
+    torch.manual_seed(0)
+    table_p = torch.randn(7, 7)
+    mixed = torch.randn(7, 7)
+    mixed[0::2] = table_p[0::2]  # agrees on even contexts only
+    drafts = {"same": table_p, "random": torch.randn(7, 7), "mixed": mixed}
+
+    def target(prefix):
+        return table_p[prefix[-1]]
+
+    expected = target_generate(target, [3], 40, temperature=0.0)
+    for name, table in drafts.items():
+        for gamma in (1, 2, 4):
+            run = speculative_generate(target, lambda prefix, t=table: t[prefix[-1]], [3], 40,
+                                       gamma, temperature=0.0)
+            assert run.tokens == expected, (name, gamma)
+            if name == "same":
+                assert run.accepted == run.drafted
+
+
+def test_greedy_block_replay():
+    # agree: T T F T F T T ; gamma 2: [T,T] + bonus -> t=3; [T,F] -> correction -> t=5;
+    # a block at t=5 would need positions 5..7, past the end: not counted.
+    blocks, accepted, per_pos = greedy_block_acceptance([True, True, False, True, False, True, True], 2)
+    assert (blocks, accepted, per_pos) == (2, 3, [2, 1])

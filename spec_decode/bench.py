@@ -73,6 +73,8 @@ class SpecBenchConfig:
     max_model_len: int = field(default=1024, metadata={"help": "vLLM max_model_len"})
     dtype: str = field(default="float32", metadata={
         "help": "vLLM dtype (float32 on CPUs without AMX, where bfloat16 is slower)"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "vLLM: no compilation or CUDA graphs (starts faster, decodes slower on GPU)"})
     overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
     quiet: bool = field(default=False, metadata={"help": "no progress output"})
 
@@ -239,7 +241,8 @@ def bench(cfg: SpecBenchConfig) -> dict:
         batch_sizes=parse_list(cfg.batch_size, int, "--batch-size"),
         max_tokens=cfg.max_tokens, timed_prompts=cfg.timed_prompts, seed=cfg.seed,
         device=resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
-        max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet)
+        max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet,
+        enforce_eager=cfg.enforce_eager)
     raw = BACKENDS[cfg.backend](plan)
     summary = summarise(raw, gammas)
     report = {

@@ -37,6 +37,7 @@ class BenchPlan:
     max_model_len: int
     dtype: str
     quiet: bool
+    enforce_eager: bool = False  # vLLM: skip compilation and CUDA graphs (faster start)
 
     def prompts_for(self, batch_size: int) -> list[list[int]]:
         """Every prompt at the largest batch size; ``timed_prompts`` of them below it."""

@@ -6,6 +6,9 @@ Python subprocess (:mod:`spec_decode.backends.vllm_worker`): vLLM starts engine 
 with ``spawn`` and keeps memory for the life of an ``LLM``, so one engine per process is the
 only way to free it between configurations.
 
+Each draft architecture (config.json) is timed alone once; drafts that only differ in
+their weights share that timing.
+
 Timing = {"output_tokens", "seconds", "requests"} for one temperature x batch size; a
 Measurement adds the vLLM spec-decode counters for that run (deltas of ``llm.get_metrics()``:
 num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_position).
@@ -50,6 +53,14 @@ def run_worker(job: dict, quiet: bool) -> dict:
         return json.loads(out_path.read_text())
 
 
+def architecture_key(model_dir: str) -> str:
+    """config.json without its name/path fields: equal keys mean equal cost per token."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    return json.dumps(config, sort_keys=True)
+
+
 def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
          temperatures: list[float]) -> dict:
     return {
@@ -58,6 +69,7 @@ def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
         "prompts": {str(b): plan.prompts_for(b) for b in plan.batch_sizes},
         "max_tokens": plan.max_tokens, "seed": plan.seed, "memory": plan.vllm_memory,
         "max_model_len": plan.max_model_len, "dtype": plan.dtype,
+        "enforce_eager": plan.enforce_eager,
     }
 
 
@@ -68,9 +80,14 @@ def run_vllm(plan: BenchPlan) -> dict:
     result: dict = {"target": {}, "drafts_alone": {}, "speculative": []}
     result["target"] = run_worker(
         _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet)["timings"]
+    alone_by_arch: dict[str, dict] = {}
     for name, path in plan.drafts.items():
-        result["drafts_alone"][name] = run_worker(
-            _job(plan, f"{name} alone", path, None, 0, [0.0]), plan.quiet)["timings"]
+        # Drafts with the same architecture cost the same per token: time one of them.
+        arch = architecture_key(path)
+        if arch not in alone_by_arch:
+            alone_by_arch[arch] = run_worker(
+                _job(plan, f"{name} alone", path, None, 0, [0.0]), plan.quiet)["timings"]
+        result["drafts_alone"][name] = alone_by_arch[arch]
         for gamma in plan.gammas:
             res = run_worker(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
                                   plan.temperatures), plan.quiet)

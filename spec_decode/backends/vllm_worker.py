@@ -58,7 +58,8 @@ def main(job_path: str, out_path: str) -> None:
             "num_speculative_tokens": job["gamma"]}
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
               gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
-              max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False, **kwargs)
+              max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False,
+              enforce_eager=job.get("enforce_eager", False), **kwargs)
     first = job["prompts"][str(job["batch_sizes"][0])][0]
     llm.generate([TokensPrompt(prompt_token_ids=first)],
                  SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0), use_tqdm=False)

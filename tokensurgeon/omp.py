@@ -32,6 +32,7 @@ def batch_omp_gram(
     gram_column: GramColumn,
     k: int,
     eps: float = 1e-10,
+    forced: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OMP in correlation space for a batch of targets.
 
@@ -47,6 +48,8 @@ def batch_omp_gram(
             [B, M] with entries ⟨a_m, a_sel[b]⟩.
         k: number of atoms to select per target (k <= M).
         eps: floor for squared Cholesky pivots (guards linearly dependent atoms).
+        forced: optional [B, s] local indices to take as the first s picks (s <= k), in
+            order, instead of choosing them greedily (used to resume after a refresh).
     Returns:
         indices: [B, k] selected local atom indices, in selection order.
         coef: [B, k] least-squares coefficients for those atoms.
@@ -62,8 +65,12 @@ def batch_omp_gram(
     z = torch.zeros(B, k, dtype=dtype, device=device)  # ⟨t, q_j⟩
     indices = torch.zeros(B, k, dtype=torch.long, device=device)
     chosen = torch.zeros(B, M, dtype=torch.bool, device=device)
+    n_forced = 0 if forced is None else forced.shape[1]
     for t in range(k):
-        pick = corr.abs().masked_fill_(chosen, -1.0).argmax(dim=1)
+        if t < n_forced:
+            pick = forced[:, t]
+        else:
+            pick = corr.abs().masked_fill_(chosen, -1.0).argmax(dim=1)
         chosen[ar, pick] = True
         indices[:, t] = pick
         column = gram_column(pick).to(dtype)  # [B, M]
@@ -107,26 +114,16 @@ def omp_exact(
     return batch_omp_gram(alpha, gram_column, k)
 
 
-def sketch_basis(atoms: torch.Tensor, dim: int) -> torch.Tensor:
-    """[D, dim] orthonormal basis of the dictionary's top ``dim`` principal directions
-    (uncentred), used to preselect candidates with a cheaper GEMM."""
-    cov = atoms.T.double() @ atoms.double()  # [D, D]
-    _, vecs = torch.linalg.eigh(cov)
-    return vecs[:, -dim:].flip(1).to(atoms.dtype)
+def refresh_schedule(k: int, refreshes: int) -> list[int]:
+    """Up to ``refreshes`` geometrically spaced steps in [1, k): 1, 2, 3, 5, 8, 12, ...
 
-
-def preselect_candidates(
-    targets: torch.Tensor, atoms: torch.Tensor, candidates: int
-) -> torch.Tensor:
-    """Top-``candidates`` atoms per target by |correlation|, from one GEMM.
-
-    Args:
-        targets: [B, D]; atoms: [N, D] (both possibly sketched to fewer dimensions).
-    Returns:
-        [B, C] atom indices, C = min(candidates, N).
+    Early refreshes matter most: the first picks remove the component all embeddings
+    share, after which the residual correlates with quite different atoms.
     """
-    scores = (targets @ atoms.T).abs_()  # [B, N]
-    return scores.topk(min(candidates, atoms.shape[0]), dim=1, sorted=False).indices
+    if refreshes <= 0 or k <= 1:
+        return []
+    ratio = k ** (1.0 / (refreshes + 1))
+    return sorted({min(k - 1, max(1, round(ratio**i))) for i in range(1, refreshes + 1)})
 
 
 def omp_fast(
@@ -134,48 +131,68 @@ def omp_fast(
     atoms: torch.Tensor,
     k: int,
     candidates: int = 256,
-    sketch: torch.Tensor | None = None,
-    sketched_atoms: torch.Tensor | None = None,
     gram: torch.Tensor | None = None,
+    refresh: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """OMP restricted to per-target preselected candidates.
+    """OMP restricted to per-target preselected candidates, optionally refreshed.
 
     Args:
         targets: [B, D] vectors to approximate.
         atoms: [N, D] dictionary.
         k: sparsity, k <= min(candidates, N).
-        candidates: atoms kept per target by the preselection GEMM.
-        sketch: optional [D, S] basis (:func:`sketch_basis`); preselection then scores
-            in S dimensions. Correlations and Gram entries used by OMP stay exact.
-        sketched_atoms: optional precomputed ``atoms @ sketch`` [N, S].
+        candidates: atoms kept per target by each preselection GEMM.
         gram: optional precomputed [N, N] Gram matrix. Without it each target's
             [C, C] candidate Gram is built by one batched GEMM.
+        refresh: steps (0 < s < k) after which the residual is correlated with all atoms
+            again (one more GEMM) and the candidates become the support so far plus the
+            atoms most correlated with the residual; the greedy search then resumes on
+            them. See :func:`refresh_schedule`.
     Returns:
         indices: [B, k] atom indices into ``atoms``; coef: [B, k] coefficients.
     """
-    if sketch is not None:
-        if sketched_atoms is None:
-            sketched_atoms = atoms @ sketch
-        cand = preselect_candidates(targets @ sketch, sketched_atoms, candidates)
-    else:
-        cand = preselect_candidates(targets, atoms, candidates)  # [B, C]
+    n_atoms = atoms.shape[0]
+    width = min(candidates, n_atoms)
+    stops = sorted(s for s in set(refresh or []) if 0 < s < k) if width < n_atoms else []
+    stops.append(k)
+    support: torch.Tensor | None = None  # [B, t] global indices chosen so far
+    residual = targets
+    for stop in stops:
+        scores = (residual @ atoms.T).abs_()  # [B, N]
+        if support is None:
+            cand = scores.topk(width, dim=1, sorted=False).indices  # [B, C]
+        else:
+            scores.scatter_(1, support, -1.0)  # the support leads the new candidates
+            fresh = scores.topk(width - support.shape[1], dim=1, sorted=False).indices
+            cand = torch.cat([support, fresh], dim=1)
+        del scores
+        forced = None if support is None else torch.arange(
+            support.shape[1], device=targets.device).expand(targets.shape[0], -1)
+        local_idx, coef = _omp_on_candidates(targets, atoms, cand, stop, gram, forced)
+        support = cand.gather(1, local_idx)
+        if stop < k:
+            residual = targets - reconstruct(atoms, support, coef)
+    return support, coef
+
+
+def _omp_on_candidates(targets, atoms, cand, k, gram, forced):
+    """Greedy OMP over each target's candidate atoms ``cand`` [B, C]."""
     local = torch.nn.functional.embedding(cand, atoms)  # [B, C, D]
     alpha = torch.bmm(local, targets.unsqueeze(-1)).squeeze(-1)  # [B, C]
     ar = torch.arange(targets.shape[0], device=targets.device)
     if gram is not None:
+        del local
 
         def gram_column(pick: torch.Tensor) -> torch.Tensor:
             return gram[cand[ar, pick].unsqueeze(1), cand]  # [B, C]
 
     else:
         local_gram = torch.bmm(local, local.transpose(1, 2))  # [B, C, C]
+        del local
 
         def gram_column(pick: torch.Tensor) -> torch.Tensor:
             return local_gram[ar, :, pick]
 
-    del local
-    local_idx, coef = batch_omp_gram(alpha, gram_column, k)
-    return cand.gather(1, local_idx), coef
+    return batch_omp_gram(alpha, gram_column, k, forced=forced)
 
 
 def reconstruct(atoms: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

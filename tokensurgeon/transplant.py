@@ -47,6 +47,10 @@ class TransplantConfig:
     candidates: int = field(default=256, metadata={
         "help": "OMP: anchors preselected per token by one GEMM before the greedy search; "
                 "0 searches every anchor at every step (exact, slow)"})
+    refreshes: int = field(default=10, metadata={
+        "help": "OMP: times the candidates are re-drawn from every anchor by correlation "
+                "with the residual, at geometrically spaced steps (each costs one GEMM); "
+                "0 keeps the first preselection (fastest, least accurate)"})
     batch_size: int = field(default=1024, metadata={"help": "new tokens per OMP batch"})
     holdout: int = field(default=512, metadata={
         "help": "shared tokens held out and re-predicted to report reconstruction error "
@@ -71,6 +75,8 @@ class TransplantConfig:
         if 0 < self.candidates < self.k:
             raise UsageError(f"--candidates ({self.candidates}) must be >= --k ({self.k}), "
                              "or 0 for exact OMP")
+        if self.refreshes < 0:
+            raise UsageError(f"--refreshes must be >= 0 (got {self.refreshes})")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.holdout < 0:
@@ -158,6 +164,7 @@ def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anch
         base_byte_index=base_index,
         k=min(cfg.k, anchor_donor.numel()),
         candidates=cfg.candidates,
+        refreshes=cfg.refreshes,
         batch_size=cfg.batch_size,
         device=device,
         progress=None if cfg.quiet else label,

@@ -26,6 +26,7 @@ class TransplantProblem:
         base_byte_index: BASE bytes -> BASE id, for segmenting target bytes.
         k: sparsity (OMP).
         candidates: OMP preselection width; 0 means exact OMP.
+        refreshes: OMP candidate refreshes (see :func:`tokensurgeon.omp.refresh_schedule`).
         batch_size: targets per batch.
         device: torch device for the math.
         progress: label for a progress bar, or None for no bar.
@@ -39,6 +40,7 @@ class TransplantProblem:
     base_byte_index: dict[bytes, int]
     k: int = 64
     candidates: int = 256
+    refreshes: int = 10
     batch_size: int = 1024
     device: str = "cpu"
     progress: str | None = None

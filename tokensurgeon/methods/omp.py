@@ -44,13 +44,16 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     k = min(problem.k, n_atoms)
     exact = problem.candidates <= 0 or problem.candidates >= n_atoms
     gram = None
+    # Each refresh rebuilds the candidate Grams, so count them in the comparison.
     width = n_atoms if exact else problem.candidates
-    if use_shared_gram(n_targets, n_atoms, width, _free_bytes(device)):
+    passes = 1 + len(omp_math.refresh_schedule(k, problem.refreshes))
+    if use_shared_gram(n_targets * passes, n_atoms, width, _free_bytes(device)):
         gram = omp_math.gram_matrix(anchors)
     rows = torch.empty(n_targets, base_anchors.shape[1], dtype=torch.float32)
     all_idx = torch.empty(n_targets, k, dtype=torch.long)
     all_coef = torch.empty(n_targets, k, dtype=torch.float32)
     errors = torch.empty(n_targets, dtype=torch.float32)
+    schedule = omp_math.refresh_schedule(k, problem.refreshes)
     batch = problem.batch_size
     bar = tqdm(total=n_targets, desc=problem.progress, unit="tok", disable=problem.progress is None)
     for start in range(0, n_targets, batch):
@@ -58,7 +61,8 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
         if exact:
             idx, coef = omp_math.omp_exact(targets, anchors, k, gram=gram)
         else:
-            idx, coef = omp_math.omp_fast(targets, anchors, k, problem.candidates, gram=gram)
+            idx, coef = omp_math.omp_fast(targets, anchors, k, problem.candidates, gram=gram,
+                                          refresh=schedule)
         approx = omp_math.reconstruct(anchors, idx, coef)
         end = start + targets.shape[0]
         errors[start:end] = omp_math.relative_error(targets, approx).cpu()

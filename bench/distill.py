@@ -187,7 +187,10 @@ def main() -> None:
             sys.exit(f"{TRANSPLANTED} is missing; run: tokensurgeon transplant "
                      f"builtin:smollm2-135m builtin:gemma3-270m {TRANSPLANTED}")
         data = train_data(work, 300_000, 2000)
-        rows = {"teacher": bpb(smollm, sets), "student_before": bpb(str(TRANSPLANTED), sets)}
+        rows = {"teacher": bpb(smollm, sets)}
+        print(f"transfer teacher: {rows['teacher']}", flush=True)
+        rows["student_before"] = bpb(str(TRANSPLANTED), sets)
+        print(f"transfer student_before: {rows['student_before']}", flush=True)
         runs = {}
         for method in args.methods.split(","):
             out = work / f"transfer-{method.replace('+', '_')}"

@@ -1,0 +1,77 @@
+"""Shared training pieces: schedule, checkpoints (atomic, pruned, exact restore), metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tokensurgeon import training
+
+
+def tiny_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # only trainable parameters are checkpointed
+    optimizer = training.build_optimizer([p for p in model.parameters() if p.requires_grad], 0.1)
+    scheduler = training.warmup_then_linear_decay(optimizer, warmup_steps=2, total_steps=6)
+    return model, optimizer, scheduler
+
+
+def step(model, optimizer, scheduler) -> float:
+    loss = model(torch.randn(3, 4)).pow(2).mean()
+    loss.backward()
+    training.clip_gradients(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return float(loss.detach())
+
+
+def test_warmup_then_linear_decay():
+    _, optimizer, scheduler = tiny_setup()
+    lrs = []
+    for _ in range(7):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.075, 0.05, 0.025, 0.0])
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert optimizer.defaults["weight_decay"] == 0.01
+
+
+def test_checkpoint_restores_exactly_and_keeps_the_newest(tmp_path):
+    model, optimizer, scheduler = tiny_setup()
+    for n in range(1, 4):
+        step(model, optimizer, scheduler)
+        training.save_checkpoint(tmp_path, n, model, optimizer, scheduler, {"seen": n * 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]
+    assert training.latest_checkpoint(tmp_path).name == "step-3"
+    random.random()
+    expected = [step(model, optimizer, scheduler), random.random()]
+
+    other, opt2, sched2 = tiny_setup(seed=1)
+    at, extra = training.load_checkpoint(tmp_path / "step-3", other, opt2, sched2)
+    assert (at, extra) == (3, {"seen": 9})
+    # The frozen layer is not in the checkpoint: it keeps its own (seed-1) weights.
+    assert not torch.equal(other[0].weight, model[0].weight)
+    other[0].load_state_dict(model[0].state_dict())
+    random.random()
+    assert [step(other, opt2, sched2), random.random()] == expected
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    (tmp_path / "step-9").mkdir()  # no completion marker: a save that was cut short
+    assert training.latest_checkpoint(tmp_path) is None
+
+
+def test_metrics_log_appends_json_lines(tmp_path):
+    log = training.MetricsLog(tmp_path / "m.jsonl")
+    log.log(step=1, loss=0.5)
+    log.log(step=2, loss=float("nan"))
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] is None
+    training.MetricsLog(tmp_path / "off.jsonl", enabled=False).log(step=1)
+    assert not (tmp_path / "off.jsonl").exists()

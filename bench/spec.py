@@ -128,8 +128,19 @@ def main() -> None:
         training["budget"] = {k: common[k] for k in ("steps", "batch_size", "lr", "max_new_tokens",
                                                      "temperature", "seed")}
     else:
+        import yaml
+
         for name in ("distillspec", "fkl-fixed"):
-            training[name] = {"heldout": heldout_curve(drafts[name])}
+            run = drafts[name]
+            training[name] = {"heldout": heldout_curve(run)}
+            if (run / "train.json").is_file():
+                done = json.loads((run / "train.json").read_text())
+                training[name].update(seconds=done["seconds"], final=done["final"])
+            if (run / "config.yaml").is_file():
+                cfg = yaml.safe_load((run / "config.yaml").read_text())
+                training[name]["config"] = {k: cfg[k] for k in (
+                    "divergence", "on_policy", "steps", "batch_size", "lr", "max_new_tokens",
+                    "temperature", "seed")}
     report = bench(SpecBenchConfig(
         target=args.target,
         draft=[f"{n}={p}" for n, p in drafts.items() if n in args.drafts.split(",")],

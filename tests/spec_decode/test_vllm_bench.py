@@ -9,9 +9,9 @@ import importlib.util
 import json
 
 import pytest
+import tiny
 
 import cli
-import tiny
 
 pytestmark = [
     pytest.mark.slow,

@@ -35,10 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokensurgeon import modelio, omp  # noqa: E402
-from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text  # noqa: E402
-from tokensurgeon.token_identity import vocabulary  # noqa: E402
-from tokensurgeon.transplant import plan_vocabulary  # noqa: E402
+from tokensurgeon import modelio, omp
+from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
+from tokensurgeon.token_identity import vocabulary
+from tokensurgeon.transplant import plan_vocabulary
 
 DATA = ROOT.parent / "shared" / "data"
 GEMMA, SMOL = "builtin:gemma3-270m", "builtin:smollm2-135m"
@@ -50,7 +50,7 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run a command under /usr/bin/time; return wall s, peak RSS MB, cores used."""
     with open(log, "w") as f:
         proc = subprocess.run(["/usr/bin/time", "-f", TIME_FMT, *cmd], stdout=f,
-                              stderr=subprocess.STDOUT, env=env)
+                              stderr=subprocess.STDOUT, env=env, check=False)
     last = log.read_text().strip().splitlines()[-1].split()
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}); see {log}")
@@ -67,16 +67,19 @@ def cached(path: Path, fn):
     return result
 
 
-def run_ours(work: Path, direction: int, method: str) -> dict:
+def run_ours(work: Path, direction: int, method: str, refreshes: int | None) -> dict:
     base, donor = DIRECTIONS[direction]
     out = work / f"d{direction}-{method}"
     cmd = [sys.executable, str(ROOT / "cli.py"), "transplant", base, donor, str(out),
            "--method", method, "--quiet", "--overwrite", "-k", "64"]
+    if refreshes is not None:
+        cmd += ["--refreshes", str(refreshes)]
     result = timed(cmd, work / f"d{direction}-{method}.log")
     manifest = json.loads((out / "transplant.json").read_text())
     result["manifest_seconds"] = manifest["seconds"]
     result["heldout"] = manifest["matrices"]["embed"]
     result["counts"] = manifest["counts"]
+    result["refreshes"] = manifest["options"]["refreshes"]
     return result
 
 
@@ -170,6 +173,8 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--mergekit-subset", type=int, default=1024)
     ap.add_argument("--exact-subset", type=int, default=256)
+    ap.add_argument("--d2-refreshes", type=int, default=None,
+                    help="--refreshes for direction 2 (default: the tool's default)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -183,7 +188,9 @@ def main() -> None:
     for d in directions:
         r: dict = {"ours": {}, "bpb": {}}
         for m in methods:
-            r["ours"][m] = cached(work / f"d{d}-{m}.timing.json", lambda: run_ours(work, d, m))
+            refreshes = args.d2_refreshes if d == 2 else None
+            r["ours"][m] = cached(work / f"d{d}-{m}.timing.json",
+                                  lambda d=d, m=m, r=refreshes: run_ours(work, d, m, r))
             print(f"direction {d} {m}: {r['ours'][m]['wall_s']} s", flush=True)
         if not args.skip_mergekit:
             if d == 1:
@@ -193,11 +200,11 @@ def main() -> None:
                 overhead = cached(work / "d1-mergekit.timing.json",
                                   lambda: run_mergekit_full(work, 1, env_dir))
                 r["mergekit"] = cached(work / "d2-mergekit.extrapolated.json",
-                                       lambda: mergekit_extrapolated(work, env_dir,
-                                                                     args.mergekit_subset, overhead))
+                                       lambda o=overhead: mergekit_extrapolated(
+                                           work, env_dir, args.mergekit_subset, o))
             print(f"direction {d} mergekit: {r['mergekit']}", flush=True)
         r["fast_vs_exact"] = cached(work / f"d{d}-fast-vs-exact.json",
-                                    lambda: fast_vs_exact(d, args.exact_subset))
+                                    lambda d=d: fast_vs_exact(d, args.exact_subset))
         results["directions"][d] = r
 
     gsm = [json.loads(x)["answer"] for x in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
@@ -212,7 +219,7 @@ def main() -> None:
             models["mergekit"] = str(work / "d1-mergekit")
         for name, path in models.items():
             r["bpb"][name] = cached(work / f"d{d}-{name}.bpb-{args.eval_bytes}.json",
-                                    lambda: eval_model(path, segments))
+                                    lambda p=path: eval_model(p, segments))
             print(f"direction {d} bpb {name}: {r['bpb'][name]}", flush=True)
 
     print_table(results, directions, methods, args)
@@ -229,13 +236,14 @@ def print_table(results: dict, directions: list[int], methods: list[str], args) 
     for d in directions:
         r = results["directions"][d]
         print(f"\n## Direction {d}: {names[d]}")
-        print("| model | wall s | peak RSS MB | cores | GSM8K BPB | WikiText BPB |")
+        print("| model | wall s | peak RSS MB | cores used | GSM8K BPB | WikiText BPB |")
         print("|---|---|---|---|---|---|")
         base = r["bpb"]["base"]
         print(f"| original BASE | - | - | - | {base['gsm8k_test']} | {base['wikitext_valid']} |")
         for m in methods:
             t, b = r["ours"][m], r["bpb"][m]
-            print(f"| tokensurgeon {m} | {t['wall_s']} | {t['peak_rss_mb']} | {t['cores_used']} | "
+            label = f"{m} ({t['refreshes']} refreshes)" if m == "omp" else m
+            print(f"| tokensurgeon {label} | {t['wall_s']} | {t['peak_rss_mb']} | {t['cores_used']} | "
                   f"{b['gsm8k_test']} | {b['wikitext_valid']} |")
         if "mergekit" in r:
             mk = r["mergekit"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast, T5Config
 
 import cli
-import tiny
 
 
 def run_cli(capsys, *args):

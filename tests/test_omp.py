@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -98,7 +100,7 @@ def test_more_atoms_never_hurt_and_k_equal_dim_is_exact():
     for k in (1, 4, 8, 16):
         idx, coef = omp.omp_exact(targets, atoms, k)
         errors.append(omp.relative_error(targets, omp.reconstruct(atoms, idx, coef)))
-    for a, b in zip(errors, errors[1:]):
+    for a, b in itertools.pairwise(errors):
         assert (b <= a + 1e-12).all()
     assert errors[-1].max() < 1e-8
 

@@ -27,8 +27,8 @@ pytestmark = [
 ]
 
 GSM8K = [
-    "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April "
-    "and May.\n#### 72\n",
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April "
+     "and May.\n#### 72\n"),
     "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10.\n#### 10\n",
 ] * 8
 

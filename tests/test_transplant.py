@@ -104,7 +104,6 @@ def test_every_method_runs_and_records_itself(model_dirs, tmp_path, method):
 
 
 def test_zero_and_mean_rows(model_dirs, tmp_path):
-    base, _ = load(model_dirs["gemma_spm"])
     run(model_dirs["gemma_spm"], model_dirs["llama_bpe"], tmp_path / "z", method="zero")
     m = run(model_dirs["gemma_spm"], model_dirs["llama_bpe"], tmp_path / "m", method="mean")
     with safe_open(str(tmp_path / "z" / m["per_token"]), "pt") as f:

@@ -105,7 +105,7 @@ def _load_yaml(path: str, cls: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(k.replace("-", "_") for k in data) - names)
+    unknown = sorted({k.replace("-", "_") for k in data} - names)
     if unknown:
         raise UsageError(f"config file {path} has unknown options {unknown}; known: {sorted(names)}")
     return {k.replace("-", "_"): v for k, v in data.items()}

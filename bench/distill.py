@@ -152,7 +152,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=12000)
     p.add_argument("--methods", default="alm,alm+sft,sft,uld")
-    p.add_argument("--skip", default="", help="comma list of: transfer, teacher_student, memory")
+    p.add_argument("--skip", default="",
+                   help="comma list of: transfer, teacher_student, memory, before (the "
+                        "transfer teacher / student-before evaluations)")
     p.add_argument("--memory-probes", default="chunked:8,chunked:2,naive:2",
                    help="MODE:BATCH list; naive at batch 8 would hold 8 x 1024 x 262k float32 "
                         "logits (8.6 GB) plus their log-softmax, more than this machine spares")
@@ -187,10 +189,12 @@ def main() -> None:
             sys.exit(f"{TRANSPLANTED} is missing; run: tokensurgeon transplant "
                      f"builtin:smollm2-135m builtin:gemma3-270m {TRANSPLANTED}")
         data = train_data(work, 300_000, 2000)
-        rows = {"teacher": bpb(smollm, sets)}
-        print(f"transfer teacher: {rows['teacher']}", flush=True)
-        rows["student_before"] = bpb(str(TRANSPLANTED), sets)
-        print(f"transfer student_before: {rows['student_before']}", flush=True)
+        rows = {}
+        if "before" not in skip:  # lets several processes share the methods
+            rows["teacher"] = bpb(smollm, sets)
+            print(f"transfer teacher: {rows['teacher']}", flush=True)
+            rows["student_before"] = bpb(str(TRANSPLANTED), sets)
+            print(f"transfer student_before: {rows['student_before']}", flush=True)
         runs = {}
         for method in args.methods.split(","):
             out = work / f"transfer-{method.replace('+', '_')}"
@@ -201,7 +205,7 @@ def main() -> None:
             print(f"transfer {method}: {rows[method]} ({runs[method]['seconds']} s)", flush=True)
         closed = {m: {s: round(gap_closed(rows["teacher"][s], rows["student_before"][s],
                                           rows[m][s]), 4) for s in sets}
-                  for m in runs}
+                  for m in runs} if "teacher" in rows else {}
         result["transfer"] = {"bits_per_byte": rows, "gap_closed": closed, "runs": runs}
         print("\nTokenizer transfer (SmolLM2-135M on Gemma-3 tokenizer, teacher SmolLM2-135M)")
         print(f"{'model':<16}{'gsm8k_test bpb':>16}{'wikitext bpb':>14}{'gap closed':>22}")

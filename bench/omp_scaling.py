@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokensurgeon import omp  # noqa: E402
-from tokensurgeon.methods import METHODS, TransplantProblem  # noqa: E402
+from tokensurgeon import omp
+from tokensurgeon.methods import METHODS, TransplantProblem
 
 
 def sync(device: str) -> None:

@@ -20,7 +20,7 @@ least-squares coefficients gamma are ``alpha - G[:, I] @ gamma``, and gamma solv
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,8 +7,8 @@ to rows in BASE's space. Each method lives in its own module and registers itsel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -82,4 +82,4 @@ def method_names() -> list[str]:
 
 
 # Importing the modules registers them.
-from tokensurgeon.methods import mean, omp, subword, zero  # noqa: E402,F401
+from tokensurgeon.methods import mean, omp, subword, zero  # noqa: F401

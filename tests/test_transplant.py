@@ -68,6 +68,8 @@ def test_output_reloads_and_generates_with_new_token_ids(model_dirs, tmp_path, b
     assert config["vocab_size"] == len(tok)
     assert config["eos_token_id"] == tok.eos_token_id
     assert config["bos_token_id"] == tok.bos_token_id
+    # vLLM loads every top-level *.safetensors as weights: only the model may be there.
+    assert [p.name for p in (tmp_path / "out").glob("*.safetensors")] == ["model.safetensors"]
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tok.eos_token_id
     ids = tok("The quick brown fox", return_tensors="pt")

@@ -4,7 +4,7 @@ Boundary: orchestration only. It loads BASE (whole model) and DONOR (tokenizer a
 embedding matrices), matches tokens by canonical bytes (:mod:`token_identity`), copies
 shared rows exactly, fills the rest with a registered method (:mod:`methods`), and saves
 BASE speaking DONOR's tokenizer as a Hugging Face directory with a ``transplant.json``
-manifest and ``transplant_anchors.safetensors`` (per-token anchors and coefficients).
+manifest and ``transplant/anchors.safetensors`` (per-token anchors and coefficients).
 """
 
 from __future__ import annotations
@@ -285,7 +285,8 @@ def transplant(cfg: TransplantConfig) -> dict:
             "approximated": _count(embed_result.how, int(plan.orphan_ids.numel())),
         },
         "matrices": {name: stats for name, (_, stats) in matrices.items()},
-        "per_token": "transplant_anchors.safetensors",
+        # Not a top-level *.safetensors: vLLM would try to load it as weights.
+        "per_token": "transplant/anchors.safetensors",
         "options": config_to_dict(cfg),
         "device": device,
         "threads": torch.get_num_threads(),
@@ -303,8 +304,9 @@ def transplant(cfg: TransplantConfig) -> dict:
             tensors[f"{name}.coef"] = result.coef.float()
     manifest["method_codes"] = method_codes
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+        (Path(tmp) / "transplant").mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()},
-                  str(Path(tmp) / "transplant_anchors.safetensors"))
+                  str(Path(tmp) / manifest["per_token"]))
         modelio.save_model(base, donor_tok, Path(tmp))
         manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(tmp) / "transplant.json", manifest)

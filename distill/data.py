@@ -9,7 +9,6 @@ position of any step is a pure function of (seed, step): resuming needs nothing 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from distill.alignment import AlignmentError, align_chunks, text_byte_lengths
 from tokensurgeon.errors import UsageError
-from tokensurgeon.evaluate import segment_text
+from tokensurgeon.evaluate import jsonl_rows, segment_text
 
 DATA_FORMATS = ("auto", "text", "qa", "messages")
 DOCUMENT_SEPARATOR = "\n\n"
@@ -49,13 +48,7 @@ def read_texts(paths: Sequence[str], data_format: str, segment_chars: int) -> li
         if not p.is_file():
             raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file with --data")
         if p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
+            for n, row in jsonl_rows(p):
                 texts.append(_row_text(row, data_format, f"{path}:{n}"))
         else:
             texts.extend(segment_text([p.read_text(encoding="utf-8")], segment_chars, 0))

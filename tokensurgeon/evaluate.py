@@ -53,6 +53,17 @@ class EvalConfig:
             raise UsageError("--max-bytes must be >= 0")
 
 
+def jsonl_rows(path: Path):
+    """Yield (line number, parsed object) for each non-blank line of a JSONL file."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
+
+
 def read_documents(path: str | Path, field_name: str = "auto") -> list[str]:
     """Documents of a .txt file (the whole file) or a .jsonl file (one per line)."""
     p = Path(path)
@@ -60,13 +71,7 @@ def read_documents(path: str | Path, field_name: str = "auto") -> list[str]:
         raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file")
     if p.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}:{n} is not valid JSON; fix the line or pass a .txt file")
+        for n, row in jsonl_rows(p):
             keys = ["text", "answer", "content"] if field_name == "auto" else [field_name]
             value = next((row[k] for k in keys if isinstance(row, dict) and k in row), None)
             if not isinstance(value, str):

@@ -49,8 +49,7 @@ from tokensurgeon.token_identity import vocabulary
 DATA = ROOT.parent / "shared" / "data"
 if not DATA.is_dir():
     DATA = Path("/work/shared/data")
-TRANSPLANTED = Path(os.environ.get("TOKENSURGEON_CACHE", Path.home() / ".cache" / "tokensurgeon")
-                    ) / "work" / "smollm2-gemmatok"
+TRANSPLANTED = modelio.cache_dir() / "work" / "smollm2-gemmatok"
 
 
 def heldout_sets(eval_bytes: int) -> dict[str, list[str]]:

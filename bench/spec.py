@@ -42,12 +42,12 @@ sys.path.insert(0, str(ROOT))
 from spec_decode.bench import SpecBenchConfig, bench, markdown
 from spec_decode.draft import MakeDraftConfig, make_draft
 from spec_decode.train import SpecTrainConfig, train
+from tokensurgeon import modelio
 
 DATA = ROOT.parent / "shared" / "data"
 if not DATA.is_dir():
     DATA = Path("/work/shared/data")
-TARGET = Path(os.environ.get("TOKENSURGEON_CACHE", Path.home() / ".cache" / "tokensurgeon")
-              ) / "models" / "smollm2-135m"
+TARGET = modelio.cache_dir() / "models" / "smollm2-135m"
 
 
 def hardware() -> dict:

@@ -7,6 +7,7 @@ generate the flags and ``--help``) and one function that takes it; no defaults l
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -17,23 +18,30 @@ from tokensurgeon.config import add_config_arguments, resolve_config
 from tokensurgeon.errors import UsageError
 
 
+def _load(path: str):
+    """Import ``"module:attribute"`` lazily, so ``--help`` does not import torch models."""
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 @dataclass(frozen=True)
 class Command:
-    config: Callable[[], type]
-    run: Callable[[Any], Any]
-    render: Callable[[Any], str]
+    """A subcommand: its config dataclass, the function that runs it and the one that renders
+    its result, each named as ``"module:attribute"`` (or a callable for ``render_at``)."""
 
+    config_at: str
+    run_at: str
+    render_at: str | Callable[[Any], str]
 
-def _transplant_config():
-    from tokensurgeon.transplant import TransplantConfig
+    def config(self) -> type:
+        return _load(self.config_at)
 
-    return TransplantConfig
+    def run(self, cfg: Any) -> Any:
+        return _load(self.run_at)(cfg)
 
-
-def _run_transplant(cfg):
-    from tokensurgeon.transplant import transplant
-
-    return transplant(cfg)
+    def render(self, result: Any) -> str:
+        render = self.render_at if callable(self.render_at) else _load(self.render_at)
+        return render(result)
 
 
 def _render_transplant(m: dict) -> str:
@@ -52,46 +60,10 @@ def _render_transplant(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _eval_config():
-    from tokensurgeon.evaluate import EvalConfig
-
-    return EvalConfig
-
-
-def _run_eval(cfg):
-    from tokensurgeon.evaluate import evaluate
-
-    return evaluate(cfg)
-
-
 def _render_eval(r: dict) -> str:
     return (f"{r['bits_per_byte']:.4f} bits/byte  ({r['model']} on {r['text']}: "
             f"{r['bytes']} bytes, {r['tokens']} tokens, {r['segments']} segments)\n"
             + json.dumps(r))
-
-
-def _inspect_config():
-    from tokensurgeon.inspection import InspectConfig
-
-    return InspectConfig
-
-
-def _run_inspect(cfg):
-    from tokensurgeon.inspection import inspect
-
-    return inspect(cfg)
-
-
-def _spec_make_draft_config():
-    from spec_decode.draft import MakeDraftConfig
-
-    return MakeDraftConfig
-
-
-def _run_spec_make_draft(cfg):
-    from spec_decode.draft import make_draft
-
-    return make_draft(cfg)
 
 
 def _render_spec_make_draft(m: dict) -> str:
@@ -101,68 +73,21 @@ def _render_spec_make_draft(m: dict) -> str:
             f"({m['parameters']:,} of {m['target_parameters']:,} parameters) in {m['seconds']} s")
 
 
-def _spec_train_config():
-    from spec_decode.train import SpecTrainConfig
-
-    return SpecTrainConfig
-
-
-def _run_spec_train(cfg):
-    from spec_decode.train import train
-
-    return train(cfg)
-
-
-def _render_spec_train(summary: dict) -> str:
-    from spec_decode.train import render
-
-    return render(summary)
-
-
-def _spec_bench_config():
-    from spec_decode.bench import SpecBenchConfig
-
-    return SpecBenchConfig
-
-
-def _run_spec_bench(cfg):
-    from spec_decode.bench import bench
-
-    return bench(cfg)
-
-
-def _render_spec_bench(report: dict) -> str:
-    from spec_decode.bench import render
-
-    return render(report)
-
-
-def _distill_config():
-    from distill.trainer import DistillConfig
-
-    return DistillConfig
-
-
-def _run_distill(cfg):
-    from distill.trainer import distill
-
-    return distill(cfg)
-
-
-def _render_distill(summary: dict) -> str:
-    from distill.trainer import render
-
-    return render(summary)
-
-
 COMMANDS: dict[str, Command] = {
-    "transplant": Command(_transplant_config, _run_transplant, _render_transplant),
-    "eval": Command(_eval_config, _run_eval, _render_eval),
-    "inspect": Command(_inspect_config, _run_inspect, lambda r: json.dumps(r, indent=2)),
-    "distill": Command(_distill_config, _run_distill, _render_distill),
-    "spec make-draft": Command(_spec_make_draft_config, _run_spec_make_draft, _render_spec_make_draft),
-    "spec train": Command(_spec_train_config, _run_spec_train, _render_spec_train),
-    "spec bench": Command(_spec_bench_config, _run_spec_bench, _render_spec_bench),
+    "transplant": Command("tokensurgeon.transplant:TransplantConfig",
+                          "tokensurgeon.transplant:transplant", _render_transplant),
+    "eval": Command("tokensurgeon.evaluate:EvalConfig", "tokensurgeon.evaluate:evaluate",
+                    _render_eval),
+    "inspect": Command("tokensurgeon.inspection:InspectConfig", "tokensurgeon.inspection:inspect",
+                       lambda r: json.dumps(r, indent=2)),
+    "distill": Command("distill.trainer:DistillConfig", "distill.trainer:distill",
+                       "distill.trainer:render"),
+    "spec make-draft": Command("spec_decode.draft:MakeDraftConfig", "spec_decode.draft:make_draft",
+                               _render_spec_make_draft),
+    "spec train": Command("spec_decode.train:SpecTrainConfig", "spec_decode.train:train",
+                          "spec_decode.train:render"),
+    "spec bench": Command("spec_decode.bench:SpecBenchConfig", "spec_decode.bench:bench",
+                          "spec_decode.bench:render"),
 }
 
 

@@ -232,8 +232,6 @@ def bench(cfg: SpecBenchConfig) -> dict:
     tokenizer = modelio.load_tokenizer(target_ref)
     prompts = [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in examples]
     gammas = parse_list(cfg.gamma, int, "--gamma")
-    from tokensurgeon.transplant import resolve_device
-
     plan = BenchPlan(
         target=str(target_ref.directory),
         drafts={n: str(modelio.resolve(p).directory) for n, p in drafts.items()},
@@ -241,7 +239,7 @@ def bench(cfg: SpecBenchConfig) -> dict:
         temperatures=parse_list(cfg.temperature, float, "--temperature"),
         batch_sizes=parse_list(cfg.batch_size, int, "--batch-size"),
         max_tokens=cfg.max_tokens, timed_prompts=cfg.timed_prompts, seed=cfg.seed,
-        device=resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
+        device=modelio.resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
         max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet,
         enforce_eager=cfg.enforce_eager, scratch=str(Path(cfg.out)) + ".partial.jsonl")
     raw = BACKENDS[cfg.backend](plan)

@@ -178,10 +178,8 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from tokensurgeon.transplant import resolve_device
-
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = modelio.resolve_device(cfg.device)
     segments = segment_text(read_documents(cfg.text, cfg.field_name), cfg.segment_chars, cfg.max_bytes)
     if not segments:
         raise UsageError(f"{cfg.text} holds no text to evaluate (or --max-bytes is smaller "

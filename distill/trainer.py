@@ -16,7 +16,6 @@ Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT at
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -170,20 +169,6 @@ def _prepare_out(cfg: DistillConfig) -> Path:
     return out
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget steps a killed run logged after its last checkpoint; they are redone."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line cut short by the kill
-            continue
-    path.write_text("".join(kept))
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
@@ -232,9 +217,9 @@ def distill(cfg: DistillConfig) -> dict:
                                             student, optimizer, scheduler)
     if is_main:
         training.write_resolved_config(out, cfg)
-        if cfg.resume:
-            _drop_metrics_after(out / "metrics.jsonl", start)
     metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
+    if cfg.resume:
+        metrics.drop_after(start)
 
     t_dec, t_head, t_cap = decoder_and_head(teacher)
     s_dec, s_head, s_cap = decoder_and_head(student)

@@ -230,6 +230,8 @@ def train(cfg: SpecTrainConfig) -> dict:
     if main:
         training.write_resolved_config(out, cfg)
     log = training.MetricsLog(out / "metrics.jsonl", enabled=main)
+    if cfg.resume:
+        log.drop_after(step)
 
     # Held-out sequences: target continuations of held-out prompts, scored once.
     held_batch = held_target = None

@@ -235,6 +235,20 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 
+    def drop_after(self, step: int) -> None:
+        """Forget rows a killed run logged after ``step`` (its last checkpoint); a resumed
+        run redoes those steps. Lines cut short by the kill are dropped too."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                continue
+        self.path.write_text("".join(kept))
+
 
 def progress(total: int, initial: int = 0, disable: bool = False, desc: str = "train") -> tqdm:
     """A step progress bar; trainers set ``loss`` and ``tok_s`` as postfix."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import tiny
@@ -78,9 +79,13 @@ def test_train_loss_decreases_and_resumes(tmp_path, target_dir, prompts_file):
     assert sum(losses[-6:]) < sum(losses[:6])
     assert {r["n_on_policy"] + r["n_target"] + r["n_fixed"] for r in log if "loss" in r} == {4}
     assert summary["steps"] == 24
-    # Resume from the newest checkpoint with a longer budget continues the same run.
+    # Pretend the run was killed after step 24 but before its step-24 checkpoint: resuming
+    # from step 12 redoes steps 13-24 and the log holds every step exactly once.
+    shutil.rmtree(tmp_path / "trained" / "checkpoints" / "step-24")
     resumed = train(SpecTrainConfig(**{**common, "steps": 26, "resume": True}))
     assert resumed["steps"] == 26
+    log = [json.loads(x) for x in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 27))
     modelio.load_model(modelio.resolve(str(tmp_path / "trained")))  # the output is a model dir
 
 

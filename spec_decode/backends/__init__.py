@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-BACKENDS: dict[str, Callable] = {}
+from tokensurgeon.registry import Registry
+
+BACKENDS: Registry[Callable] = Registry("benchmark backend")
 
 
 @dataclass
@@ -51,16 +53,8 @@ def config_key(temperature: float, batch_size: int) -> str:
     return f"T{temperature:g}/b{batch_size}"
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    def wrap(fn: Callable) -> Callable:
-        BACKENDS[name] = fn
-        return fn
-
-    return wrap
-
-
-def backend_names() -> list[str]:
-    return sorted(BACKENDS)
+register = BACKENDS.register
+backend_names = BACKENDS.names
 
 
 from spec_decode.backends import hf, vllm_engine  # noqa: F401

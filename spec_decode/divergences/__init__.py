@@ -16,20 +16,12 @@ from collections.abc import Callable
 
 import torch
 
+from tokensurgeon.registry import Registry
+
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-DIVERGENCES: dict[str, Divergence] = {}
-
-
-def register(name: str) -> Callable[[Divergence], Divergence]:
-    def wrap(fn: Divergence) -> Divergence:
-        DIVERGENCES[name] = fn
-        return fn
-
-    return wrap
-
-
-def divergence_names() -> list[str]:
-    return sorted(DIVERGENCES)
+DIVERGENCES: Registry[Divergence] = Registry("divergence")
+register = DIVERGENCES.register
+divergence_names = DIVERGENCES.names
 
 
 def distributions(

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokensurgeon.registry import Registry
+
 
 @dataclass
 class TransplantProblem:
@@ -66,19 +68,9 @@ class MethodResult:
 
 
 Method = Callable[[TransplantProblem], MethodResult]
-METHODS: dict[str, Method] = {}
-
-
-def register(name: str) -> Callable[[Method], Method]:
-    def wrap(fn: Method) -> Method:
-        METHODS[name] = fn
-        return fn
-
-    return wrap
-
-
-def method_names() -> list[str]:
-    return sorted(METHODS)
+METHODS: Registry[Method] = Registry("transplant method")
+register = METHODS.register
+method_names = METHODS.names
 
 
 # Importing the modules registers them.

@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--vllm-memory", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drafts", default="distillspec,fkl-fixed,cut",
-                    help="drafts to benchmark, in this order")
+                    help="drafts to benchmark, in this order; with --models-dir any "
+                         "subdirectory names")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation")
     args = ap.parse_args()
 
@@ -114,8 +115,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = Path(args.models_dir) if args.models_dir else out / "drafts"
-    drafts = {"cut": models / "cut", "distillspec": models / "distillspec",
-              "fkl-fixed": models / "fkl-fixed"}
+    names = args.drafts.split(",")
+    drafts = {n: models / n for n in dict.fromkeys(["cut", "distillspec", "fkl-fixed", *names])}
     training: dict = {}
     if not args.models_dir:
         make_draft(MakeDraftConfig(target=args.target, out=str(drafts["cut"]),
@@ -136,7 +137,7 @@ def main() -> None:
     else:
         import yaml
 
-        for name in ("distillspec", "fkl-fixed"):
+        for name in (n for n in names if n != "cut"):
             run = drafts[name]
             training[name] = {"heldout": heldout_curve(run)}
             if (run / "train.json").is_file():
@@ -145,11 +146,11 @@ def main() -> None:
             if (run / "config.yaml").is_file():
                 cfg = yaml.safe_load((run / "config.yaml").read_text())
                 training[name]["config"] = {k: cfg[k] for k in (
-                    "divergence", "on_policy", "steps", "batch_size", "lr", "max_new_tokens",
-                    "temperature", "seed")}
+                    "divergence", "on_policy", "target_generated", "schedule", "steps",
+                    "batch_size", "lr", "max_new_tokens", "temperature", "seed")}
     report = bench(SpecBenchConfig(
         target=args.target,
-        draft=[f"{n}={drafts[n]}" for n in args.drafts.split(",")],
+        draft=[f"{n}={drafts[n]}" for n in names],
         prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report"),
         backend=args.backend, gamma=args.gamma, temperature=args.temperature,
         batch_size=args.batch_sizes, num_prompts=args.num_prompts,
@@ -157,7 +158,7 @@ def main() -> None:
         vllm_memory=args.vllm_memory, dtype=args.dtype, enforce_eager=args.enforce_eager,
         overwrite=True, quiet=True))
     print(markdown(report))
-    for name in ("distillspec", "fkl-fixed"):
+    for name in training:
         curve = training.get(name, {}).get("heldout", [])
         if curve:
             print(f"{name}: held-out mean(1 - TVD) at T=1: "

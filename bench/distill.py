@@ -1,9 +1,9 @@
 """Benchmark ``tokensurgeon distill``: tokenizer transfer, teacher -> student, and memory.
 
-CPU-sized example (about 45 minutes on 2 cores; every figure is measured, none assumed):
+CPU-sized example (the README's figures; about 25 min per method on one core, ULD 60):
 
-    nice -n 19 python bench/distill.py --steps 16 --batch-size 4 --max-length 128 \
-        --eval-bytes 12000
+    python bench/distill.py --steps 30 --batch-size 4 --max-length 128 --lr 1e-4 \
+        --warmup-steps 3 --gradmag --eval-bytes 12000 --skip memory
 
 Experiments:
 1. Tokenizer transfer: SmolLM2-135M transplanted onto Gemma-3's tokenizer

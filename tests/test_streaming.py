@@ -1,0 +1,228 @@
+"""Streaming transplant: bit-for-bit equal to the in-memory path, sharding, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tiny
+from tokensurgeon import streaming
+from tokensurgeon.errors import UsageError
+from tokensurgeon.transplant import TransplantConfig, transplant
+
+
+def run(base, donor, out, **kw):
+    cfg = TransplantConfig(base=str(base), donor=str(donor), out=str(out), quiet=True,
+                           holdout=kw.pop("holdout", 16), k=kw.pop("k", 8),
+                           candidates=kw.pop("candidates", 32), threads=1, **kw)
+    return transplant(cfg)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                assert key not in out, f"{key} stored twice"
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """Same tensors (names, dtypes, bits), same configs, same tokenizer files."""
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype, key
+        assert ta[key].shape == tb[key].shape, key
+        assert torch.equal(ta[key].view(torch.uint8) if ta[key].dim() else ta[key],
+                           tb[key].view(torch.uint8) if tb[key].dim() else tb[key]), key
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+    tok_files = sorted(p.name for p in a.iterdir() if p.name.startswith(("tokenizer", "special",
+                                                                         "chat_template")))
+    assert tok_files and tok_files == sorted(
+        p.name for p in b.iterdir() if p.name.startswith(("tokenizer", "special", "chat_template")))
+    for name in tok_files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "transplant" / "anchors.safetensors").is_file()
+
+
+def assert_generates(directory: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids = tok("The quick brown fox", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+    assert int(out.max()) < len(tok)
+
+
+PAIRS = [
+    ("llama_bpe", "gemma_spm"),
+    ("llama_bpe_untied", "gemma_spm"),
+    ("gemma_spm", "llama_bpe"),
+    ("gemma_spm_untied", "llama_bpe_untied"),
+]
+
+
+@pytest.mark.parametrize("base_name,donor_name", PAIRS)
+def test_streamed_equals_in_memory(model_dirs, tmp_path, base_name, donor_name):
+    base, donor = model_dirs[base_name], model_dirs[donor_name]
+    run(base, donor, tmp_path / "memory", stream=False)
+    run(base, donor, tmp_path / "streamed")
+    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
+    assert_generates(tmp_path / "streamed")
+
+
+def test_streamed_model_is_mostly_on_meta(model_dirs):
+    """Only the embeddings (and an untied lm_head) are read into memory."""
+    from tokensurgeon import modelio
+
+    model = streaming.load_base(modelio.resolve(str(model_dirs["llama_bpe_untied"])))
+    real = [n for n, p in model.named_parameters() if p.device.type != "meta"]
+    assert sorted(real) == ["lm_head.weight", "model.embed_tokens.weight"]
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory, bpe_tokenizer):
+    """An untied Llama saved in 4 KB shards (many files plus an index)."""
+    root = tmp_path_factory.mktemp("sharded")
+    model = tiny.tiny_llama(len(bpe_tokenizer), tied=False, seed=5)
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id, cfg.eos_token_id = bpe_tokenizer.bos_token_id, bpe_tokenizer.eos_token_id
+        cfg.pad_token_id = bpe_tokenizer.pad_token_id
+    model.save_pretrained(root / "base", max_shard_size="20KB")
+    bpe_tokenizer.save_pretrained(root / "base")
+    assert (root / "base" / "model.safetensors.index.json").is_file()
+    return root / "base"
+
+
+def test_multi_shard_equals_in_memory_and_index_is_correct(sharded_base, model_dirs, tmp_path):
+    run(sharded_base, model_dirs["gemma_spm"], tmp_path / "memory", stream=False)
+    run(sharded_base, model_dirs["gemma_spm"], tmp_path / "streamed", max_shard_size="20KB")
+    out = tmp_path / "streamed"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    stored = tensors(out)
+    assert sorted(index["weight_map"]) == sorted(stored)
+    for key, shard in index["weight_map"].items():
+        with safe_open(str(out / shard), framework="pt") as f:
+            assert key in f.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in stored.values())
+    # Shards respect the limit except a single tensor larger than it (as in transformers).
+    for shard in shards:
+        with safe_open(str(out / shard), framework="pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        if len(sizes) > 1:
+            assert (out / shard).stat().st_size < 20_000 + 4096
+    # Same tensors as the in-memory path, which writes one file here.
+    mem = tensors(tmp_path / "memory")
+    assert sorted(mem) == sorted(stored)
+    for key in mem:
+        assert torch.equal(mem[key], stored[key]), key
+    assert_generates(out)
+
+
+def test_explicit_dtype_casts_every_float_tensor(model_dirs, tmp_path):
+    base, donor = model_dirs["llama_bpe_untied"], model_dirs["gemma_spm"]
+    run(base, donor, tmp_path / "memory", stream=False, dtype="bfloat16")
+    run(base, donor, tmp_path / "streamed", dtype="bfloat16")
+    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
+    assert {t.dtype for t in tensors(tmp_path / "streamed").values()} == {torch.bfloat16}
+
+
+def test_bf16_base_is_copied_in_bf16(model_dirs, bpe_tokenizer, tmp_path):
+    """--dtype auto keeps BASE's stored dtype: every copied tensor keeps its bytes."""
+    model = tiny.tiny_llama(len(bpe_tokenizer), tied=True, seed=7).to(torch.bfloat16)
+    base = tiny.save(model, bpe_tokenizer, tmp_path / "base")
+    run(base, model_dirs["gemma_spm"], tmp_path / "out")
+    before, after = tensors(base), tensors(tmp_path / "out")
+    for key, value in before.items():
+        if "embed" not in key:
+            assert after[key].dtype == torch.bfloat16
+            assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key
+    assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# --- bad input: one line, no partial OUT ---------------------------------------------------
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+def test_missing_shard_is_one_line_and_writes_nothing(sharded_base, model_dirs, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(sharded_base, base)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    (base / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(UsageError, match="missing the shard") as err:
+        run(base, model_dirs["gemma_spm"], tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_shards_disagreeing_with_config_is_one_line(model_dirs, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["llama_bpe_untied"], base)
+    config = json.loads((base / "config.json").read_text())
+    config["hidden_size"] = 64  # the stored tensors are 32 wide
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="config.json") as err:
+        run(base, model_dirs["gemma_spm"], tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_disk_full_while_writing_leaves_no_out(model_dirs, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = os.copy_file_range
+
+    def fill_up(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming.os, "copy_file_range", fill_up)
+    with pytest.raises(UsageError, match="disk filled up") as err:
+        run(model_dirs["llama_bpe"], model_dirs["gemma_spm"], tmp_path / "out")
+    assert calls["n"] > 3 and "\n" not in str(err.value)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_too_little_free_space_is_refused_before_writing(model_dirs, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(streaming.shutil, "disk_usage",
+                        lambda _: usage._replace(free=1000))
+    with pytest.raises(UsageError, match="not enough disk space"):
+        run(model_dirs["llama_bpe"], model_dirs["gemma_spm"], tmp_path / "out")
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_unstreamable_base_falls_back_once(model_dirs, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["llama_bpe"], base)
+    # Only a differently named weights file: transformers' loader still finds nothing
+    # standard to stream, but modelio accepts any *.safetensors.
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    from safetensors.torch import save_file
+
+    save_file({"renamed." + k: v for k, v in state.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    model = streaming.load_base(__import__("tokensurgeon.modelio").modelio.resolve(str(base)))
+    err = capsys.readouterr().err
+    assert err.count("cannot stream") == 1 and "whole model" in err
+    assert all(p.device.type != "meta" for p in model.parameters())

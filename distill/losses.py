@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.logprobs import apply_softcap, map_logit_chunks, position_statistics
+from tokensurgeon.logits import (apply_softcap, checkpointed_position_statistics, map_logit_chunks,
+                                 position_statistics)
 from tokensurgeon.registry import Registry
 
 # ---------------------------------------------------------------------------- pure math
@@ -192,11 +193,48 @@ class Side:
 
 @dataclass
 class LossSettings:
+    """``fused``: per-position statistics with the closed-form backward of
+    :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
+    checkpointing, the earlier path). ``student_boundary``: the student's boundary-set
+    log-prob is needed (ALM with debiasing); otherwise it is not computed."""
+
     tau: float = 100.0
     theta: float = 0.1
     debias: bool = True
     logit_chunk: int = 256
     recompute: bool = True
+    fused: bool = True
+    student_boundary: bool = True
+
+
+def chunk_end_mask(chunk_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the token is the last of its chunk (from [B, T] chunk ids, -1 none)."""
+    following = torch.cat([chunk_ids[:, 1:], torch.full_like(chunk_ids[:, :1], -1)], dim=1)
+    return (chunk_ids >= 0) & (following != chunk_ids)
+
+
+def side_statistics(side: "Side", settings: LossSettings,
+                    need_boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(realised [B, T], boundary [B, T])`` of one side from its hidden states:
+    realised[t] = log p(token t | < t) (0 at t = 0 and where not predicted), boundary[t] =
+    log p(boundary set | <= t), computed at chunk ends only (0 elsewhere) when
+    ``need_boundary`` (all 0 otherwise). Gradients flow when ``side.hidden`` has them."""
+    s = settings
+    next_ids = torch.cat([side.ids[:, 1:], side.ids[:, :1]], dim=1)
+    if s.fused:
+        predicted_next = torch.cat([side.predicted[:, 1:],
+                                    torch.zeros_like(side.predicted[:, :1])], dim=1)
+        ends = chunk_end_mask(side.chunk_ids) & side.mask.bool()
+        rows = predicted_next | ends if need_boundary else predicted_next
+        nxt, boundary = position_statistics(
+            side.hidden, side.head, next_ids, side.boundary_ids if need_boundary else None,
+            s.logit_chunk, side.softcap, need_boundary=ends, rows=rows)
+    else:
+        nxt, boundary = checkpointed_position_statistics(
+            side.hidden, side.head, next_ids, side.boundary_ids, s.logit_chunk, side.softcap,
+            s.recompute)
+    realised = torch.cat([torch.zeros_like(nxt[:, :1]), nxt[:, :-1]], dim=1)
+    return realised, boundary
 
 
 @dataclass
@@ -214,16 +252,22 @@ class LossInputs:
         realised[t] = log p(token t | < t) (0 at t = 0), boundary read at t."""
         if who not in self._cache:
             side: Side = getattr(self, who)
-            s = self.settings
-            next_ids = torch.cat([side.ids[:, 1:], side.ids[:, :1]], dim=1)
+            need = who == "teacher" or self.settings.student_boundary
             grad = torch.enable_grad() if who == "student" else torch.no_grad()
             with grad:
-                nxt, boundary = position_statistics(side.hidden, side.head, next_ids,
-                                                    side.boundary_ids, s.logit_chunk,
-                                                    side.softcap, s.recompute)
-            realised = torch.cat([torch.zeros_like(nxt[:, :1]), nxt[:, :-1]], dim=1)
-            self._cache[who] = (realised, boundary)
+                self._cache[who] = side_statistics(side, self.settings, need)
         return self._cache[who]
+
+    def set_teacher_stats(self, per_example: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Serve the teacher's statistics from a cache: one ``(realised [T_b],
+        boundary [T_b])`` pair per row, as :func:`side_statistics` gives them."""
+        shape = self.teacher.ids.shape
+        realised = torch.zeros(shape, dtype=torch.float32, device=self.teacher.ids.device)
+        boundary = torch.zeros_like(realised)
+        for b, (r, bd) in enumerate(per_example):
+            realised[b, : r.numel()] = r.to(realised.device)
+            boundary[b, : bd.numel()] = bd.to(boundary.device)
+        self._cache["teacher"] = (realised, boundary)
 
     def groups(self) -> torch.Tensor:
         """[B, K] ALM chunk groups, merged on the teacher's boundary probability."""

@@ -25,16 +25,21 @@ from pathlib import Path
 import torch
 import yaml
 
+from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
-from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec
+from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec, side_statistics
 from tokensurgeon import modelio, training
 from tokensurgeon.config import config_to_dict
 from tokensurgeon.errors import UsageError
+from tokensurgeon.logits import decoder_and_head
 from tokensurgeon.token_identity import vocabulary
 
 TRAINABLE = ("full", "lora", "embeddings")
+LOGITS_PATHS = ("fused", "checkpoint")
+# Losses served by the teacher's cached statistics (the others read its hidden states).
+CACHEABLE = {"alm", "sft"}
 # Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "teacher_cache", "logits"}
 
 
 @dataclass
@@ -74,6 +79,14 @@ class DistillConfig:
         "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
     logit_chunk: int = field(default=128, metadata={
         "help": "positions per lm_head call (bounds memory for large vocabularies)"})
+    logits: str = field(default="fused", metadata={
+        "help": "student log-prob gradients: fused (closed-form backward, logits kept when "
+                "they fit 1 GiB) or checkpoint (autograd with recomputation; the earlier, "
+                "slower path)", "choices": LOGITS_PATHS})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "directory of the teacher's cached ALM statistics, filled on first use and "
+                "reused by later runs on the same teacher, data and options (alm and sft "
+                "only; uld, hidden and kl run the teacher online)"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest checkpoint under OUT"})
@@ -100,22 +113,19 @@ class DistillConfig:
         if not self.data:
             raise UsageError("pass at least one --data file")
         try:
-            parse_loss_spec(self.loss)
+            terms = parse_loss_spec(self.loss)
         except ValueError as exc:
             raise UsageError(f"--loss {self.loss!r}: {exc}") from None
+        online = sorted({n for n, _ in terms} - CACHEABLE)
+        if self.teacher_cache and online:
+            raise UsageError(f"--teacher-cache serves alm and sft only; {', '.join(online)} "
+                             "reads the teacher's hidden states: drop --teacher-cache")
 
 
 def boundary_ids(token_bytes: tuple[bytes | None, ...]) -> torch.Tensor:
     """Ids of tokens that start with a space, newline or tab, plus specials."""
     return torch.tensor([i for i, b in enumerate(token_bytes)
                          if b is None or b[:1] in (b" ", b"\n", b"\t")], dtype=torch.long)
-
-
-def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
-    """The decoder stack, the lm_head and the final-logit softcap of a causal LM (peft too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return base.get_decoder(), base.get_output_embeddings(), softcap
 
 
 def select_trainable(model, cfg: DistillConfig):
@@ -134,6 +144,16 @@ def select_trainable(model, cfg: DistillConfig):
         model.get_input_embeddings().weight.requires_grad_(True)
         model.get_output_embeddings().weight.requires_grad_(True)
     return model
+
+
+def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
+                       device_type: str) -> TeacherCache:
+    """The teacher cache for these examples (keyed by teacher weights, token and chunk ids)."""
+    rows = [r for e in examples for r in (e.teacher_ids, e.teacher_chunks)]
+    options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
+               "device": device_type}
+    return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
+                        data_fingerprint(rows), options, len(examples))
 
 
 def last_layer_params(model) -> list[torch.nn.Parameter]:
@@ -156,7 +176,11 @@ def _prepare_out(cfg: DistillConfig) -> Path:
             raise UsageError(f"--resume with options that differ from the checkpointed run "
                              f"({', '.join(changed)}); pass the original options")
         return out
-    modelio.check_output_dir(out, cfg.overwrite)
+    return modelio.check_output_dir(out, cfg.overwrite)
+
+
+def _create_out(out: Path) -> None:
+    """Create OUT (a fresh run) only now that writing starts, so bad input leaves nothing."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -166,7 +190,6 @@ def _prepare_out(cfg: DistillConfig) -> Path:
         raise UsageError(f"cannot write into {out} ({exc.strerror}); choose a writable OUT") from None
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    return out
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -203,8 +226,22 @@ def distill(cfg: DistillConfig) -> dict:
                              "drop it for a differently sized student")
 
     device = accelerator.device
-    teacher = modelio.load_model(t_ref, device=device, trust_remote_code=cfg.trust_remote_code)
-    teacher.requires_grad_(False)
+    names = {n for n, _ in terms}
+    # The teacher runs online only for losses that read its hidden states, or for ALM
+    # without a cache; with a cache it is loaded only if a shard is missing.
+    teacher_parts: list = []
+
+    def teacher_model() -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+        if not teacher_parts:
+            model = modelio.load_model(t_ref, device=device,
+                                       trust_remote_code=cfg.trust_remote_code)
+            model.requires_grad_(False)
+            teacher_parts.extend([model, *decoder_and_head(model)])
+        return tuple(teacher_parts[1:])
+
+    online = bool(names - CACHEABLE) or ("alm" in names and not cfg.teacher_cache)
+    if online:
+        teacher_model()
     student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
     student.train()
@@ -216,19 +253,44 @@ def distill(cfg: DistillConfig) -> dict:
         start, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
                                             student, optimizer, scheduler)
     if is_main:
+        if not cfg.resume:
+            _create_out(out)
         training.write_resolved_config(out, cfg)
     metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
     if cfg.resume:
         metrics.drop_after(start)
 
-    t_dec, t_head, t_cap = decoder_and_head(teacher)
     s_dec, s_head, s_cap = decoder_and_head(student)
     t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
         boundary_ids(s_vocab.token_bytes).to(device)
     t_pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
     s_pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else 0
     settings = LossSettings(tau=cfg.tau, theta=cfg.theta, debias=cfg.debias,
-                            logit_chunk=cfg.logit_chunk, recompute=True)
+                            logit_chunk=cfg.logit_chunk, recompute=True,
+                            fused=cfg.logits == "fused",
+                            student_boundary="alm" in names and cfg.debias)
+    cache = None
+    if cfg.teacher_cache and "alm" in names:
+        cache = open_teacher_cache(cfg, t_ref, examples, device.type)
+
+    def teacher_side(t: dict, hidden: torch.Tensor | None) -> Side:
+        head, cap = (teacher_parts[2], teacher_parts[3]) if teacher_parts else (None, None)
+        return Side(t["ids"], t["mask"], t["chunk_ids"], hidden, head, t_boundary, cap)
+
+    def compute_teacher(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Teacher statistics of examples ``indices``, per example (cache fill)."""
+        t_dec, _, _ = teacher_model()
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(indices), per_process):
+                batch = [examples[i] for i in indices[a:a + per_process]]
+                t = {k: v.to(device) for k, v in collate(batch, "teacher", t_pad).items()}
+                hidden = t_dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+                realised, boundary = side_statistics(teacher_side(t, hidden), settings, True)
+                for b, e in enumerate(batch):
+                    n = len(e.teacher_ids)
+                    out.append((realised[b, :n].cpu(), boundary[b, :n].cpu()))
+        return out
     gradmag_params = last_layer_params(student) if cfg.gradmag else []
     bar = training.progress(cfg.steps, start, disable=cfg.quiet or not is_main)
     last: dict = {}
@@ -244,14 +306,20 @@ def distill(cfg: DistillConfig) -> dict:
         counts = torch.zeros(len(terms), dtype=torch.float64)
         tokens = 0
         with torch.no_grad():
-            for batch in micro:
+            for m, batch in enumerate(micro):
                 t = {k: v.to(device) for k, v in collate(batch, "teacher", t_pad).items()}
                 s = {k: v.to(device) for k, v in collate(batch, "student", s_pad).items()}
-                t_hidden = t_dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+                t_hidden = None
+                if online:
+                    t_hidden = teacher_model()[0](input_ids=t["ids"],
+                                                  attention_mask=t["mask"]).last_hidden_state
                 x = LossInputs(
                     student=Side(s["ids"], s["mask"], s["chunk_ids"], None, s_head, s_boundary, s_cap),
-                    teacher=Side(t["ids"], t["mask"], t["chunk_ids"], t_hidden, t_head, t_boundary, t_cap),
+                    teacher=teacher_side(t, t_hidden),
                     num_chunks=max(e.num_chunks for e in batch), settings=settings)
+                if cache is not None:
+                    indices = mine[m * per_process:(m + 1) * per_process]
+                    x.set_teacher_stats(cache.get(indices, compute_teacher))
                 counts += torch.tensor([LOSSES[name].count(x) for name, _ in terms], dtype=torch.float64)
                 tokens += int(s["mask"].sum())
                 inputs.append(x)

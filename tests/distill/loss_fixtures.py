@@ -6,7 +6,8 @@ import torch
 
 from distill.data import build_examples, collate
 from distill.losses import LossInputs, LossSettings, Side
-from distill.trainer import boundary_ids, decoder_and_head
+from distill.trainer import boundary_ids
+from tokensurgeon.logits import decoder_and_head
 from tokensurgeon.token_identity import vocabulary
 
 TEXTS = [

@@ -9,7 +9,8 @@ import tiny
 import torch
 from loss_fixtures import loss_inputs
 
-from distill.logprobs import naive_position_statistics, position_statistics
+from tokensurgeon.logits import (checkpointed_position_statistics, naive_position_statistics,
+                                 position_statistics)
 from distill.losses import (
     LOSSES,
     alm_chunk_logliks,
@@ -114,14 +115,20 @@ def test_parse_loss_spec():
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("recompute", [False, True])
-def test_chunked_logprobs_equal_naive_with_gradients(softcap, recompute):
+@pytest.mark.parametrize("path", ["checkpoint", "checkpoint-recompute", "fused-keep",
+                                  "fused-recompute"])
+def test_chunked_logprobs_equal_naive_with_gradients(softcap, path):
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)
     hidden = torch.randn(2, 13, 8, requires_grad=True)
     ids = torch.randint(0, 50, (2, 13))
     boundary = torch.tensor([0, 3, 7, 49])
-    chunked = position_statistics(hidden, head, ids, boundary, 4, softcap, recompute)
+    if path.startswith("checkpoint"):
+        chunked = checkpointed_position_statistics(hidden, head, ids, boundary, 4, softcap,
+                                                   recompute=path.endswith("recompute"))
+    else:
+        chunked = position_statistics(hidden, head, ids, boundary, 4, softcap,
+                                      keep_bytes=0 if path.endswith("recompute") else 1 << 30)
     naive = naive_position_statistics(hidden, head, ids, boundary, softcap)
     for c, n in zip(chunked, naive):
         torch.testing.assert_close(c, n)

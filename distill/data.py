@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from distill.alignment import AlignmentError, align_chunks, text_byte_lengths
+from tokensurgeon import validate
 from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import jsonl_rows, segment_text
 
@@ -51,7 +52,7 @@ def read_texts(paths: Sequence[str], data_format: str, segment_chars: int) -> li
             for n, row in jsonl_rows(p):
                 texts.append(_row_text(row, data_format, f"{path}:{n}"))
         else:
-            texts.extend(segment_text([p.read_text(encoding="utf-8")], segment_chars, 0))
+            texts.extend(segment_text([validate.read_text(p)], segment_chars, 0))
     return [t for t in texts if t.strip()]
 
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokensurgeon import validate
 from tokensurgeon.errors import UsageError
 
 PROMPT_KEYS = ("question", "prompt", "text")
@@ -32,7 +33,7 @@ def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Exa
         raise UsageError(f"{path} does not exist; pass a .jsonl file with a question/prompt "
                          "field or a .txt file with one prompt per line")
     examples: list[Example] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(validate.read_text(p).splitlines(), 1):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":

@@ -188,10 +188,6 @@ def train(cfg: SpecTrainConfig) -> dict:
                              "drop --resume to start fresh")
     else:
         modelio.check_output_dir(out, cfg.overwrite)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
     target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
     check_shared_vocabulary(target_ref, draft_ref)
     examples = read_examples(cfg.data, cfg.num_examples)
@@ -225,6 +221,10 @@ def train(cfg: SpecTrainConfig) -> dict:
     if cfg.resume:
         step, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
                                            draft, optimizer, scheduler)
+    if not cfg.resume and out.exists():  # --overwrite: replaced only once the inputs loaded
+        import shutil
+
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     main = accelerator.is_main_process
     if main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -39,7 +40,9 @@ def test_not_a_causal_lm(capsys, tmp_path, model_dirs):
     d = tmp_path / "t5"
     d.mkdir()
     T5Config(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32).save_pretrained(d)
-    (d / "model.safetensors").write_bytes(b"")
+    save_file({"shared.weight": torch.zeros(64, 16)}, str(d / "model.safetensors"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes((model_dirs["llama_bpe"] / f).read_bytes())
     code, err = run_cli(capsys, d, model_dirs["llama_bpe"], tmp_path / "out")
     assert_clean_failure(code, err, tmp_path, "not a causal LM")
 
@@ -112,3 +115,180 @@ def test_bad_option_values(capsys, tmp_path, model_dirs):
                      str(tmp_path / "out"), "-k", "0"])
     err = capsys.readouterr().err.strip()
     assert_clean_failure(code, err, tmp_path, "--k must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------
+# Table-driven: every bad input, fed to every command that takes that input, exits 2 with
+# exactly one stderr line, no traceback, and leaves the file system as it was.
+
+def _copy_dir(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _truncate_half(d):
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _truncate_20(d):
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:20])
+
+
+def _header_lies(d):
+    """Grow one tensor's shape in the header without adding bytes (dtype/shape vs bytes)."""
+    w = d / "model.safetensors"
+    raw = w.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [x * 2 for x in header[name]["shape"]]
+    new = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(new) == n
+    w.write_bytes(raw[:8] + new + raw[8 + n :])
+
+
+def _config_shape_mismatch(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] += 7
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _config_not_json(d):
+    (d / "config.json").write_text('{"model_type": "llama",, }')
+
+
+def _config_no_model_type(d):
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["model_type"]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_tokenizer(d):
+    (d / "tokenizer.json").unlink()
+
+
+def _tokenizer_not_json(d):
+    (d / "tokenizer.json").write_text("{ this is not json")
+
+
+BAD_MODELS = {
+    "truncated_half": (_truncate_half, "truncated"),
+    "truncated_20_bytes": (_truncate_20, "truncated"),
+    "header_dtype_shape_vs_bytes": (_header_lies, "bytes"),
+    "shape_vs_config": (_config_shape_mismatch, "config.json implies"),
+    "config_not_json": (_config_not_json, "invalid JSON"),
+    "config_without_model_type": (_config_no_model_type, "model_type"),
+    "no_tokenizer": (_no_tokenizer, "no tokenizer"),
+    "tokenizer_not_json": (_tokenizer_not_json, "tokenizer.json"),
+}
+
+BAD_TEXTS = {
+    "latin1": (lambda p: p.write_bytes("café au lait\n".encode("latin-1")), "offset 3"),
+    "binary": (lambda p: p.write_bytes(bytes(range(256)) * 4), "binary"),
+    "missing": (lambda p: None, "does not exist"),
+}
+
+
+def _model_commands(bad, good, other, text, out):
+    """(command name, argv) for every position that takes a model."""
+    return {
+        "transplant_base": ["transplant", bad, other, out, "-k", "4", "--holdout", "0"],
+        "transplant_donor": ["transplant", other, bad, out, "-k", "4", "--holdout", "0"],
+        "eval": ["eval", bad, text],
+        "inspect": ["inspect", bad],
+        "inspect_other": ["inspect", good, bad],
+        "distill_teacher": ["distill", "--teacher", bad, "--student", good, "--data", text,
+                            "--out", out, "--steps", "1", "--batch-size", "1"],
+        "distill_student": ["distill", "--teacher", good, "--student", bad, "--data", text,
+                            "--out", out, "--steps", "1", "--batch-size", "1"],
+        "spec_make_draft": ["spec", "make-draft", bad, "--keep-layers", "0", "--out", out],
+        "spec_train_target": ["spec", "train", bad, good, "--data", text, "--out", out,
+                              "--steps", "1"],
+        "spec_train_draft": ["spec", "train", good, bad, "--data", text, "--out", out,
+                             "--steps", "1"],
+        "spec_bench_draft": ["spec", "bench", good, "--draft", bad, "--prompts", text,
+                             "--backend", "hf", "--out", out],
+    }
+
+
+def _text_commands(good, text, out):
+    return {
+        "eval": ["eval", good, text],
+        "distill": ["distill", "--teacher", good, "--student", good, "--data", text,
+                    "--out", out, "--steps", "1", "--batch-size", "1"],
+        "spec_train": ["spec", "train", good, good, "--data", text, "--out", out, "--steps", "1"],
+        "spec_bench": ["spec", "bench", good, "--draft", good, "--prompts", text,
+                       "--backend", "hf", "--out", out],
+    }
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def run_and_check(capsys, tmp_path, argv, needle):
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    name = " ".join(argv[:2]) if argv[0] == "spec" else argv[0]
+    fields = {f.name for f in dataclasses.fields(cli.COMMANDS[name].config())}
+    code = cli.main([str(a) for a in argv] + (["--quiet"] if "quiet" in fields else []))
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (argv, err)
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err + captured.out
+    assert needle in err, err
+    assert snapshot(tmp_path) == before, "the file system changed"
+
+
+@pytest.fixture(scope="module")
+def bad_model_dirs(tmp_path_factory, model_dirs):
+    root = tmp_path_factory.mktemp("bad_models")
+    out = {}
+    for name, (damage, _) in BAD_MODELS.items():
+        d = _copy_dir(model_dirs["llama_bpe"], root / name)
+        damage(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+def test_every_bad_model_to_every_command(case, capsys, tmp_path, model_dirs, bad_model_dirs):
+    text = tmp_path / "sample.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 4)
+    good = model_dirs["llama_bpe"]
+    commands = _model_commands(bad_model_dirs[case], good, model_dirs["gemma_spm"], text,
+                               tmp_path / "sub" / "out")
+    for name, argv in commands.items():
+        try:
+            run_and_check(capsys, tmp_path, argv, BAD_MODELS[case][1])
+        except AssertionError as exc:
+            raise AssertionError(f"{case} -> {name}: {exc}") from None
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TEXTS))
+def test_every_bad_text_to_every_command(case, capsys, tmp_path, model_dirs):
+    make, needle = BAD_TEXTS[case]
+    text = tmp_path / "data.txt"
+    make(text)
+    commands = _text_commands(model_dirs["llama_bpe"], text, tmp_path / "sub" / "out")
+    for name, argv in commands.items():
+        try:
+            run_and_check(capsys, tmp_path, argv, needle)
+        except AssertionError as exc:
+            raise AssertionError(f"{case} -> {name}: {exc}") from None
+
+
+def test_malformed_jsonl_leaves_no_out(capsys, tmp_path, model_dirs):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken\n')
+    good = model_dirs["llama_bpe"]
+    for argv in (["distill", "--teacher", good, "--student", good, "--data", data,
+                  "--out", tmp_path / "out", "--steps", "1", "--batch-size", "1"],
+                 ["eval", good, data]):
+        run_and_check(capsys, tmp_path, argv, "data.jsonl:2")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tokensurgeon import modelio
+from tokensurgeon import modelio, validate
 from tokensurgeon.errors import UsageError
 
 
@@ -33,6 +33,8 @@ class EvalConfig:
         "help": "a .txt file, or .jsonl with a text field (text, answer, ...)"})
     field_name: str = field(default="auto", metadata={
         "help": "JSONL field to read; auto takes text, then answer, then content"})
+    encoding: str = field(default="utf-8", metadata={
+        "help": "text encoding of TEXT (a Python codec name, e.g. latin-1)"})
     max_bytes: int = field(default=200_000, metadata={
         "help": "evaluate only the first this many bytes of the text (0 = all)"})
     segment_chars: int = field(default=2000, metadata={
@@ -53,9 +55,9 @@ class EvalConfig:
             raise UsageError("--max-bytes must be >= 0")
 
 
-def jsonl_rows(path: Path):
+def jsonl_rows(path: Path, encoding: str = "utf-8", option: str | None = None):
     """Yield (line number, parsed object) for each non-blank line of a JSONL file."""
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(validate.read_text(path, encoding, option).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -64,21 +66,22 @@ def jsonl_rows(path: Path):
             raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
 
 
-def read_documents(path: str | Path, field_name: str = "auto") -> list[str]:
+def read_documents(path: str | Path, field_name: str = "auto", encoding: str = "utf-8",
+                   option: str | None = None) -> list[str]:
     """Documents of a .txt file (the whole file) or a .jsonl file (one per line)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file")
     if p.suffix == ".jsonl":
         docs = []
-        for n, row in jsonl_rows(p):
+        for n, row in jsonl_rows(p, encoding, option):
             keys = ["text", "answer", "content"] if field_name == "auto" else [field_name]
             value = next((row[k] for k in keys if isinstance(row, dict) and k in row), None)
             if not isinstance(value, str):
                 raise UsageError(f"{path}:{n} has no string field {keys}; pass --field-name")
             docs.append(value)
         return docs
-    return [p.read_text(encoding="utf-8")]
+    return [validate.read_text(p, encoding, option)]
 
 
 def segment_text(docs: list[str], segment_chars: int, max_bytes: int) -> list[str]:
@@ -180,7 +183,8 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     device = modelio.resolve_device(cfg.device)
-    segments = segment_text(read_documents(cfg.text, cfg.field_name), cfg.segment_chars, cfg.max_bytes)
+    segments = segment_text(read_documents(cfg.text, cfg.field_name, cfg.encoding, "--encoding"),
+                            cfg.segment_chars, cfg.max_bytes)
     if not segments:
         raise UsageError(f"{cfg.text} holds no text to evaluate (or --max-bytes is smaller "
                          "than its first segment); pass a non-empty file")

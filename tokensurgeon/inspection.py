@@ -1,13 +1,14 @@
 """``tokensurgeon inspect``: what a model is, and how much two tokenizers share.
 
-Boundary: read-only reporting over model configs and tokenizers; loads no weights.
+Boundary: read-only reporting over model configs and tokenizers; loads no weights, but
+validates them (safetensors headers against the file and config.json) as loading would.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokensurgeon import modelio
+from tokensurgeon import modelio, validate
 from tokensurgeon.token_identity import shared_token_map, vocabulary
 
 
@@ -27,6 +28,8 @@ class InspectConfig:
 def describe(ref_str: str, trust_remote_code: bool) -> tuple[dict, object]:
     ref = modelio.resolve(ref_str)
     config = modelio.load_config(ref, trust_remote_code)
+    if ref.gguf_file is None:  # the same weight checks as every loading command
+        validate.check_weight_shapes(ref.directory, config, trust_remote_code=trust_remote_code)
     tok = modelio.load_tokenizer(ref, trust_remote_code)
     vocab = vocabulary(tok)
     info = {

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tokensurgeon import validate
 from tokensurgeon.errors import UsageError
 
 BUILTIN_MODELS = {
@@ -82,6 +83,7 @@ def _builtin_hf_dir(name: str) -> Path:
     """Convert a builtin GGUF to a cached safetensors directory once; return the directory."""
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file():
+        validate.check_model_dir(out, fix=f"delete {out} and it is rebuilt on the next run")
         return out
     gguf_path = _builtin_gguf(name)
     tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
@@ -107,6 +109,7 @@ def resolve(ref: str) -> ModelRef:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UsageError(f"{ref} is a file but not .gguf; pass a .gguf file or an HF directory")
+        validate.check_gguf_file(path)
         return ModelRef(path.parent.resolve(), path.name)
     if not (path / "config.json").is_file():
         raise UsageError(f"{ref} has no config.json; pass a Hugging Face model directory")
@@ -116,6 +119,7 @@ def resolve(ref: str) -> ModelRef:
             raise UsageError(f"{ref} holds only pickled weights, which tokensurgeon never "
                              "loads; re-save it with save_pretrained(safe_serialization=True)")
         raise UsageError(f"{ref} has no *.safetensors weights; pass a complete model directory")
+    validate.check_model_dir(path)
     return ModelRef(path.resolve())
 
 
@@ -155,6 +159,8 @@ def check_causal_lm(ref: ModelRef, config) -> None:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
         raise UsageError(f"{ref.label} is a {config.model_type!r} model, not a causal LM; "
                          "pass a decoder-only language model (Llama, Gemma, Qwen, ...)")
+    if ref.gguf_file is None:
+        validate.check_weight_shapes(ref.directory, config)
 
 
 def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
@@ -238,13 +244,13 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it or choose another OUT")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory; remove it or choose another OUT")
+    # Nothing is created here (bad input must leave the file system as it was): the nearest
+    # existing ancestor must be a writable directory.
     parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {parent} ({exc.strerror}); choose a writable OUT") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{parent} is not writable; choose a writable OUT")
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent} is not a writable directory; choose a writable OUT")
     return out
 
 
@@ -255,6 +261,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
     On any error the temporary directory is removed and ``out`` is left untouched.
     """
     out = check_output_dir(out, overwrite)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -140,6 +140,9 @@ def plan_vocabulary(base: Vocabulary, donor: Vocabulary, base_rows: int, donor_r
     copy_donor = torch.tensor(sorted(mapping), dtype=torch.long)
     copy_base = torch.tensor([mapping[d] for d in copy_donor.tolist()], dtype=torch.long)
     ordinary = [d for d in copy_donor.tolist() if donor.token_bytes[d] is not None and d < donor_rows]
+    if not ordinary:  # only special tokens (bos, eos, ...) match: nothing to build from
+        raise UsageError("BASE and DONOR share no tokens (no equal byte strings), so there are "
+                         "no anchors; pick a DONOR whose tokenizer overlaps BASE's")
     anchor_donor = torch.tensor(ordinary, dtype=torch.long)
     anchor_base = torch.tensor([mapping[d] for d in ordinary], dtype=torch.long)
     rest = [i for i in range(new_size) if i not in mapping]

@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -74,10 +76,12 @@ PAIRS = [
 
 
 @pytest.mark.parametrize("base_name,donor_name", PAIRS)
-def test_streamed_equals_in_memory(model_dirs, tmp_path, base_name, donor_name):
+def test_streamed_equals_in_memory(model_dirs, tmp_path, base_name, donor_name, capfd):
     base, donor = model_dirs[base_name], model_dirs[donor_name]
     run(base, donor, tmp_path / "memory", stream=False)
+    capfd.readouterr()
     run(base, donor, tmp_path / "streamed")
+    assert "cannot stream" not in capfd.readouterr().err
     assert_same_model(tmp_path / "memory", tmp_path / "streamed")
     assert_generates(tmp_path / "streamed")
 
@@ -153,6 +157,84 @@ def test_bf16_base_is_copied_in_bf16(model_dirs, bpe_tokenizer, tmp_path):
             assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key
     assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def write_tiny_gguf(path: Path, tok, tied: bool, seed: int = 0) -> None:
+    """A tiny Llama GGUF (F32 norms and embeddings, F16 attention, Q8_0 MLP) with a
+    byte-level BPE tokenizer, laid out as llama.cpp writes it (Q/K rows permuted)."""
+    model = tiny.tiny_llama(len(tok), tied=tied, seed=seed)
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tok))
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    special = set(tok.all_special_ids)
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def permute(x, n_head):  # llama.cpp's convert_hf_to_gguf layout of Q/K rows
+        rows = x.shape[0] // n_head // 2
+        return x.reshape(n_head, 2, rows, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    for name, p in model.state_dict().items():
+        x = p.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if tied:
+                continue
+            g = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            mod = rest.rsplit(".", 1)[0]
+            g = f"blk.{layer}.{names[mod]}.weight"
+            if mod == "self_attn.q_proj":
+                x = permute(x, cfg.num_attention_heads)
+            if mod == "self_attn.k_proj":
+                x = permute(x, cfg.num_key_value_heads)
+        if x.ndim == 2 and "ffn" in g:
+            q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif x.ndim == 2 and "attn" in g:
+            w.add_tensor(g, x.astype(np.float16))
+        else:
+            w.add_tensor(g, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_base_streamed_equals_in_memory(tmp_path, model_dirs, bpe_tokenizer, tied, capfd):
+    (tmp_path / "gguf").mkdir()
+    write_tiny_gguf(tmp_path / "gguf" / "tiny.gguf", bpe_tokenizer, tied=tied)
+    base = tmp_path / "gguf" / "tiny.gguf"
+    run(base, model_dirs["gemma_spm"], tmp_path / "memory", stream=False)
+    capfd.readouterr()
+    run(base, model_dirs["gemma_spm"], tmp_path / "streamed")
+    assert "cannot stream" not in capfd.readouterr().err
+    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
+    assert_generates(tmp_path / "streamed")
 
 
 # --- bad input: one line, no partial OUT ---------------------------------------------------

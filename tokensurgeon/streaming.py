@@ -323,7 +323,6 @@ def _check_free_space(out: Path, needed: int) -> None:
 def _save_streamed(model, save_directory, **kwargs) -> None:
     """``save_pretrained`` for a streamed model: configs as transformers writes them, then
     the weights shard by shard."""
-    from huggingface_hub import split_torch_state_dict_into_shards  # noqa: F401
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
     out = Path(save_directory)

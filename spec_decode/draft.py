@@ -143,7 +143,9 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
         # The draft keeps SMALL_MODEL's weights and takes TARGET's tokenizer.
         report = transplant(TransplantConfig(
             base=cfg.from_model, donor=cfg.target, out=cfg.out, overwrite=cfg.overwrite,
-            trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet))
+            trust_remote_code=cfg.trust_remote_code, quiet=cfg.quiet,
+            # A draft reads TARGET's token stream: it keeps TARGET's vocabulary and framing.
+            conventions="donor"))
         manifest = {"kind": "transplant", "target": target_ref.label, "from": cfg.from_model,
                     "vocab_size": report["vocab_size"], "options": config_to_dict(cfg)}
         manifest["seconds"] = round(time.perf_counter() - t0, 2)

@@ -26,7 +26,7 @@ def test_bits_per_byte_matches_direct_computation(model_dirs):
     ref = resolve(str(model_dirs["llama_bpe"]))
     model, tok = load_model(ref), load_tokenizer(ref)
     segments = ["The quick brown fox.\n", "To be, or not to be: 你好 🙂\n"]
-    result = bits_per_byte(model, tok, segments, batch_size=2, logit_chunk=3)
+    result = bits_per_byte(model, tok, segments, batch_size=2, logit_chunk=3, bos="always")
     total = 0.0
     with torch.no_grad():
         for s in segments:

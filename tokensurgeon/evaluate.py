@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from tokensurgeon import modelio, validate
+from tokensurgeon import conventions, modelio, validate
 from tokensurgeon.errors import UsageError
+
+
+BOS_MODES = ("auto", "always", "never")
+# A default that loses more than this many bits per byte to the other BOS choice is reported.
+BOS_WARN_MARGIN = 0.01
 
 
 @dataclass
 class EvalConfig:
-    """Bits per UTF-8 byte of MODEL on TEXT (lower is better). Every byte of the text is
-    predicted: each segment starts after the tokenizer's BOS (or EOS) token."""
+    """Bits per UTF-8 byte of MODEL on TEXT (lower is better), with each segment encoded the
+    way clients encode it: by the tokenizer's own defaults (a BOS only if it adds one)."""
 
     model: str = field(metadata={
         "positional": True, "help": "HF directory, .gguf file or builtin:NAME"})
@@ -42,6 +48,13 @@ class EvalConfig:
     batch_size: int = field(default=4, metadata={"help": "segments per forward pass"})
     logit_chunk: int = field(default=256, metadata={
         "help": "positions per lm_head chunk (bounds memory for large vocabularies)"})
+    bos: str = field(default="auto", metadata={
+        "choices": BOS_MODES,
+        "help": "auto: encode as the tokenizer does by default (what clients get); always: put "
+                "the BOS (or EOS) token before every segment by hand; never: no prefix token"})
+    bos_probe_bytes: int = field(default=8000, metadata={
+        "help": "with --bos auto, also score this many bytes with and without a BOS and warn "
+                "when the tokenizer's default is much worse (0 skips the check)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow custom model code (off: safer)"})
@@ -53,6 +66,10 @@ class EvalConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_bytes < 0:
             raise UsageError("--max-bytes must be >= 0")
+        if self.bos_probe_bytes < 0:
+            raise UsageError("--bos-probe-bytes must be >= 0")
+        if self.bos not in BOS_MODES:
+            raise UsageError(f"--bos must be one of {', '.join(BOS_MODES)} (got {self.bos!r})")
 
 
 def jsonl_rows(path: Path, encoding: str = "utf-8", option: str | None = None):
@@ -139,34 +156,71 @@ def model_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.last_hidden_state
 
 
+def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]:
+    """Encode one segment for scoring.
+
+    Returns (ids, first scored position, scored bytes). Tokens from the first scored position
+    on are predicted and their bytes counted. ``auto`` keeps what ``tokenizer(text)`` adds
+    before the text as context and drops what it adds after; ``always`` puts the BOS (or EOS)
+    token first by hand; ``never`` adds nothing. Without a prefix the first token has no
+    context: it is not scored and its bytes are not counted.
+    """
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if bos == "auto":
+        prefix, _ = conventions.framing(tokenizer, text)
+    elif bos == "always":
+        first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if first is None:
+            raise UsageError("the tokenizer has neither a BOS nor an EOS token to start segments "
+                             "with; use --bos never")
+        prefix = [first]
+    else:
+        prefix = []
+    n_bytes = len(text.encode("utf-8"))
+    if prefix or not body:
+        return prefix + body, len(prefix), n_bytes if body else 0
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    first_end = enc["offset_mapping"][0][1] if enc.get("offset_mapping") else 0
+    return body, 1, n_bytes - len(text[:first_end].encode("utf-8"))
+
+
 def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
-                  logit_chunk: int = 256, progress: bool = False) -> dict:
-    """Total NLL over every token of every segment, in bits per UTF-8 byte."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if prefix is None:
-        raise UsageError("the tokenizer has neither a BOS nor an EOS token to start segments with")
+                  logit_chunk: int = 256, progress: bool = False, bos: str = "auto") -> dict:
+    """Total NLL of every scored token of every segment, in bits per scored UTF-8 byte.
+
+    ``bos`` is ``auto`` (the tokenizer's own defaults, as clients encode), ``always`` (a BOS
+    by hand, this project's convention before clients were measured) or ``never``; see
+    :func:`encode_segment`.
+    """
+    if bos not in BOS_MODES:
+        raise UsageError(f"bos must be one of {BOS_MODES} (got {bos!r})")
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix
-    total_nll, total_tokens = 0.0, 0
-    total_bytes = sum(len(s.encode("utf-8")) for s in segments)
-    encoded = [[prefix] + tokenizer(s, add_special_tokens=False)["input_ids"] for s in segments]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    encoded = []
+    for s in segments:
+        ids, start, n_bytes = encode_segment(tokenizer, s, bos)
+        encoded.append((ids, start))
+        total_bytes += n_bytes
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     bar = tqdm(total=len(encoded), desc="eval", unit="seg", disable=not progress)
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[s : s + batch_size]]
-            width = max(len(x) for x in batch)
+            width = max(len(x) for x, _ in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, x in enumerate(batch):
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            for r, (x, start) in enumerate(batch):
                 ids[r, : len(x)] = torch.tensor(x)
                 mask[r, : len(x)] = 1
+                scored[r, max(start, 1) : len(x)] = True
             ids, mask = ids.to(device), mask.to(device)
             hidden = model_hidden_states(model, ids, mask)
             logp = chunked_token_logprobs(hidden[:, :-1], head, ids[:, 1:], logit_chunk, softcap)
-            valid = mask[:, 1:].bool()
+            valid = scored[:, 1:].to(device)
             total_nll -= float(logp[valid].double().sum())
             total_tokens += int(valid.sum())
             bar.update(len(batch))
@@ -177,7 +231,31 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
         "bytes": total_bytes,
         "tokens": total_tokens,
         "bytes_per_token": total_bytes / max(total_tokens, 1),
+        "bos": bos,
     }
+
+
+def bos_check(model, tokenizer, segments: list[str], probe_bytes: int, **kwargs) -> dict:
+    """Score the first ``probe_bytes`` of ``segments`` as the tokenizer does by default, with a
+    BOS by hand and without one. ``warning`` is set when the default is worse than the best
+    of the two by more than :data:`BOS_WARN_MARGIN` bits per byte."""
+    probe, used = [], 0
+    for seg in segments:
+        if probe and used + len(seg.encode("utf-8")) > probe_bytes:
+            break
+        probe.append(seg)
+        used += len(seg.encode("utf-8"))
+    scores = {mode: bits_per_byte(model, tokenizer, probe, bos=mode, **kwargs)["bits_per_byte"]
+              for mode in BOS_MODES}
+    best = min(scores["always"], scores["never"])
+    out = {"probe_bytes": used, **{f"bpb_{m}": round(v, 4) for m, v in scores.items()}}
+    if scores["auto"] > best + BOS_WARN_MARGIN:
+        better = "with a BOS" if scores["always"] < scores["never"] else "without a BOS"
+        out["warning"] = (f"this model scores {scores['auto'] - best:.3f} bits/byte better "
+                          f"{better} than with its tokenizer's defaults ({scores['auto']:.3f} vs "
+                          f"{best:.3f} on {used} bytes): clients using the tokenizer as saved get "
+                          "the worse figure; re-save it with the base model's BOS convention")
+    return out
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -192,6 +270,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)
     model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
     result = bits_per_byte(model, tokenizer, segments, cfg.batch_size, cfg.logit_chunk,
-                           progress=not cfg.quiet)
-    result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments)})
+                           progress=not cfg.quiet, bos=cfg.bos)
+    result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments),
+                   "adds_bos": bool(conventions.framing(tokenizer)[0])})
+    if cfg.bos == "auto" and cfg.bos_probe_bytes:
+        check = bos_check(model, tokenizer, segments, cfg.bos_probe_bytes,
+                          batch_size=cfg.batch_size, logit_chunk=cfg.logit_chunk)
+        result["bos_check"] = check
+        if "warning" in check:
+            print(f"warning: {check['warning']}", file=sys.stderr)
     return result

@@ -79,18 +79,60 @@ def _builtin_gguf(name: str) -> Path:
     return target
 
 
+# Bumped whenever the conversion changes what it writes, so a new conversion goes to a new
+# directory and runs reading an older one are not disturbed. 2: keeps the GGUF's add-BOS/EOS
+# settings and its end-of-generation tokens (version 1 dropped both).
+CONVERSION_VERSION = 2
+
+
+def builtin_dir(name: str) -> Path:
+    """Where ``builtin:NAME`` is (or will be) converted to a safetensors directory."""
+    return cache_dir() / "models" / f"{name}-v{CONVERSION_VERSION}"
+
+
+def gguf_framing(gguf_path: Path) -> dict:
+    """What a GGUF file says about framing that transformers' GGUF tokenizer drops:
+    ``{"add_bos": bool, "add_eos": bool, "stop_ids": [eos, end-of-turn ...]}``.
+
+    An absent add-BOS key means llama.cpp's default: on for SentencePiece (``llama``)
+    vocabularies, off for byte-level BPE.
+    """
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    from tokensurgeon.conventions import stop_tokens_from_gguf
+
+    meta, _ = read_gguf_metadata(str(gguf_path), ("tokenizer.ggml.tokens",
+                                                  "tokenizer.ggml.token_type"))
+    spm = meta.get("tokenizer.ggml.model") == "llama"
+    types = meta.get("tokenizer.ggml.token_type")
+    return {
+        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
+        "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "stop_ids": stop_tokens_from_gguf(meta["tokenizer.ggml.tokens"],
+                                          types if isinstance(types, list) else [],
+                                          meta.get("tokenizer.ggml.eos_token_id")),
+    }
+
+
 def _builtin_hf_dir(name: str) -> Path:
-    """Convert a builtin GGUF to a cached safetensors directory once; return the directory."""
-    out = cache_dir() / "models" / name
+    """Convert a builtin GGUF to a cached safetensors directory once; return the directory.
+
+    transformers' GGUF tokenizer drops the file's add-BOS/EOS flags and knows only one eos
+    id; both are restored from the GGUF metadata so clients frame text as llama.cpp does.
+    """
+    out = builtin_dir(name)
     if (out / "config.json").is_file():
         validate.check_model_dir(out, fix=f"delete {out} and it is rebuilt on the next run")
         return out
     gguf_path = _builtin_gguf(name)
     tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
     model = load_model(ModelRef(gguf_path.parent, gguf_path.name))
+    framing = gguf_framing(gguf_path)
+    tokenizer.add_bos_token = framing["add_bos"]
+    tokenizer.add_eos_token = framing["add_eos"]
+    model.generation_config.eos_token_id = framing["stop_ids"]
     with atomic_output_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, tmp)
     return out
 
 
@@ -172,6 +214,15 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load a tokenizer from {ref.label} ({str(exc).splitlines()[0]}); "
                          "save the tokenizer next to the model with tokenizer.save_pretrained")
+
+
+def load_generation_config(ref: ModelRef):
+    """The directory's ``generation_config.json`` (None when it has none or is a GGUF)."""
+    from transformers import GenerationConfig
+
+    if ref.gguf_file is not None or not (ref.directory / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(ref.directory)
 
 
 def load_model(
@@ -280,30 +331,51 @@ def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def sync_special_token_ids(model, tokenizer) -> None:
-    """Write the tokenizer's vocabulary size and special-token ids into the model's configs."""
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+def sync_special_token_ids(model, tokenizer, ids: dict | None = None) -> None:
+    """Write the vocabulary size and special-token ids into the model's configs.
+
+    ``ids`` (from :func:`conventions.adopt`) may give ``eos_token_id`` as a list of stop ids:
+    the generation config keeps the list, the model config its first entry.
+    """
+    ids = ids or {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id}
+    stops = ids["eos_token_id"]
+    first = {**ids, "eos_token_id": stops[0] if isinstance(stops, list) and stops else stops}
+    if isinstance(stops, list) and len(stops) == 1:
+        stops = stops[0]
     configs = [model.config]
     text_config = getattr(model.config, "text_config", None)
     if text_config is not None:
         configs.append(text_config)
-    gen = getattr(model, "generation_config", None)
-    for cfg in configs + ([gen] if gen is not None else []):
-        for key, value in ids.items():
-            setattr(cfg, key, value)
     for cfg in configs:
+        for key, value in first.items():
+            setattr(cfg, key, value)
         cfg.vocab_size = model.get_input_embeddings().weight.shape[0]
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        for key, value in {**ids, "eos_token_id": stops}.items():
+            setattr(gen, key, value)
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """Save model (safetensors), tokenizer, config.json and generation_config.json."""
-    sync_special_token_ids(model, tokenizer)
+def save_model(model, tokenizer, out_dir: Path, conv=None, extra_stops=()) -> dict:
+    """Save model (safetensors), tokenizer, config.json and generation_config.json.
+
+    The tokenizer is first made to follow ``conv`` (a :class:`conventions.Conventions`; by
+    default the ones the tokenizer and the model's generation config already have), so the
+    saved directory frames text and stops generation the way the weights expect. ``extra_stops``
+    adds stop ids (e.g. tokens whose rows are copies of a base stop token's row).
+    Returns the conventions written, as JSON.
+    """
+    from tokensurgeon import conventions
+
+    if conv is None:
+        conv = conventions.observe(tokenizer, getattr(model, "generation_config", None))
+    ids = conventions.adopt(tokenizer, conv)
+    ids["eos_token_id"] = list(dict.fromkeys(ids["eos_token_id"] + [int(i) for i in extra_stops]))
+    sync_special_token_ids(model, tokenizer, ids)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    return {**conv.to_json(), "stop_ids": ids["eos_token_id"], "add_bos": conv.add_bos}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokensurgeon import modelio, streaming
+from tokensurgeon import conventions, modelio, streaming
 from tokensurgeon.config import config_to_dict
 from tokensurgeon.errors import UsageError
 from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names
@@ -66,6 +66,11 @@ class TransplantConfig:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow custom model code from BASE/DONOR directories (off: safer)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    conventions: str = field(default="base", metadata={
+        "choices": ["base", "donor"],
+        "help": "whose BOS / stop / chat-template conventions OUT follows: base (the weights'; "
+                "missing chat and stop tokens are added with BASE's rows) or donor (DONOR's "
+                "tokenizer unchanged, e.g. for a draft that must share DONOR's vocabulary)"})
     stream: bool = field(default=True, metadata={
         "help": "read only BASE's embeddings and copy its other tensors file to file, so memory "
                 "is bounded by the embeddings (safetensors or GGUF BASE); --no-stream loads "
@@ -231,6 +236,9 @@ def transplant(cfg: TransplantConfig) -> dict:
     base_ref, donor_ref = modelio.resolve(cfg.base), modelio.resolve(cfg.donor)
     donor_tok = modelio.load_tokenizer(donor_ref, cfg.trust_remote_code)
     base_tok = modelio.load_tokenizer(base_ref, cfg.trust_remote_code)
+    conv_ref, conv_tok = (base_ref, base_tok) if cfg.conventions == "base" else (donor_ref, donor_tok)
+    conv = conventions.observe(conv_tok, modelio.load_generation_config(conv_ref))
+    added_tokens = conventions.add_missing(donor_tok, conv)  # rows copied from BASE below
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
     base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
@@ -308,7 +316,10 @@ def transplant(cfg: TransplantConfig) -> dict:
         (Path(tmp) / "transplant").mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(Path(tmp) / manifest["per_token"]))
-        modelio.save_model(base, donor_tok, Path(tmp))
+        twins = conventions.copied_stop_ids(conv, conv_tok, dict(zip(
+            plan.copy_donor.tolist(), plan.copy_base.tolist()))) if cfg.conventions == "base" else []
+        manifest["conventions"] = {**modelio.save_model(base, donor_tok, Path(tmp), conv, twins),
+                                   "source": cfg.conventions, "added_tokens": added_tokens}
         manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(tmp) / "transplant.json", manifest)
     return manifest

@@ -10,6 +10,12 @@ is drawn from norm(max(0, p_i - q_i)); if all gamma are accepted, one more is dr
 p_{gamma+1}. The output is distributed exactly as p, and each drafted token is accepted with
 probability 1 - TVD(p_i, q_i). At temperature 0 both sides are argmax: x_i is accepted iff
 it equals argmax p_i, and the output equals target-only greedy decoding.
+
+Two drafting rules, as vLLM names them (``SpeculativeConfig.draft_sample_method``):
+- ``probabilistic``: x_i ~ q_i and q_i enters the ratio test: acceptance 1 - TVD(p_i, q_i);
+- ``greedy`` (vLLM's default): x_i = argmax q_i and q_i is treated as a one-hot, so x_i is
+  accepted with probability p_i(argmax q_i). The output is still distributed as p.
+At temperature 0 both reduce to argmax agreement.
 """
 
 from __future__ import annotations
@@ -20,6 +26,31 @@ from dataclasses import dataclass
 import torch
 
 NextTokenLogits = Callable[[list[int]], torch.Tensor]  # prefix -> [V] logits
+
+
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
+
+
+def rule_acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor,
+                    temperature: float) -> dict[str, torch.Tensor]:
+    """Exact per-position probability that a drafted token is accepted, for each rule.
+
+    Args:
+        target_logits: [N, V] target logits at N positions.
+        draft_logits: [N, V] draft logits at the same positions (same vocabulary).
+        temperature: sampling temperature (0 = greedy decoding).
+    Returns:
+        {"greedy": [N] p_T(argmax q), "probabilistic": [N] 1 - TVD(p_T, q_T)}; at
+        temperature 0 both are [N] 1.0 where argmax q = argmax p, else 0.0.
+    """
+    draft_argmax = draft_logits.argmax(-1)
+    if temperature == 0:
+        agree = (target_logits.argmax(-1) == draft_argmax).float()
+        return {"greedy": agree, "probabilistic": agree.clone()}
+    p = torch.softmax(target_logits.float() / temperature, dim=-1)
+    q = torch.softmax(draft_logits.float() / temperature, dim=-1)
+    return {"greedy": p.gather(-1, draft_argmax.unsqueeze(-1)).squeeze(-1),
+            "probabilistic": 1.0 - 0.5 * (p - q).abs().sum(-1)}
 
 
 def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -82,14 +113,20 @@ class SpeculativeRun:
 def speculative_generate(
     target: NextTokenLogits, draft: NextTokenLogits, prompt: list[int], max_new_tokens: int,
     gamma: int, temperature: float, generator: torch.Generator | None = None,
+    draft_sample: str = "probabilistic",
 ) -> SpeculativeRun:
     """Reference speculative sampler: correct and simple, one prefix call per token.
 
     ``target`` and ``draft`` map a prefix (list of ids) to [V] next-token logits. Generates
     exactly ``max_new_tokens`` tokens (no EOS handling, like ``ignore_eos``).
+    ``draft_sample`` is the drafting rule (see the module docstring): ``greedy`` proposes
+    argmax q and verifies against a one-hot q, as vLLM does by default.
     """
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if draft_sample not in DRAFT_SAMPLE_METHODS:
+        raise ValueError(f"draft_sample must be one of {DRAFT_SAMPLE_METHODS}, got {draft_sample!r}")
+    draft_temperature = 0.0 if draft_sample == "greedy" else temperature
     seq = list(prompt)
     out: list[int] = []
     drafted_total = accepted_total = blocks = 0
@@ -98,8 +135,8 @@ def speculative_generate(
         proposal: list[int] = []
         q_rows = []
         for _ in range(gamma):
-            q = probabilities(draft(seq + proposal), temperature)
-            x = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+            q = probabilities(draft(seq + proposal), draft_temperature)
+            x = int(q.argmax()) if draft_temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
             proposal.append(x)
             q_rows.append(q)
         p_rows = [probabilities(target(seq + proposal[:i]), temperature) for i in range(gamma + 1)]

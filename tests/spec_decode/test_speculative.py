@@ -8,6 +8,7 @@ import torch
 from spec_decode.divergences import DIVERGENCES, distributions
 from spec_decode.speculative import (
     greedy_block_acceptance,
+    rule_acceptance,
     speculative_generate,
     target_generate,
     verify,
@@ -76,3 +77,32 @@ def test_greedy_block_replay():
     # a block at t=5 would need positions 5..7, past the end: not counted.
     blocks, accepted, per_pos = greedy_block_acceptance([True, True, False, True, False, True, True], 2)
     assert (blocks, accepted, per_pos) == (2, 3, [2, 1])
+
+
+def test_greedy_drafting_accepts_p_of_draft_argmax():
+    """vLLM's default draft_sample_method: argmax drafts are accepted with p(argmax q), not
+    1 - TVD; the output is still distributed as the target."""
+    rules = rule_acceptance(P.log()[None], Q.log()[None], 1.0)
+    assert float(rules["greedy"]) == pytest.approx(float(P[3]))  # argmax Q = 3, p = 0.05
+    assert float(rules["probabilistic"]) == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(2)
+    run = speculative_generate(stub(P), stub(Q), [0], 4000, gamma=1, temperature=1.0,
+                               generator=g, draft_sample="greedy")
+    assert abs(run.accepted / run.drafted - 0.05) < 0.015  # sd ~ 0.004
+    counts = torch.bincount(torch.tensor(run.tokens), minlength=4).float()
+    assert torch.allclose(counts / counts.sum(), P, atol=0.03)
+    # A draft identical to the target: probabilistic always accepts, greedy accepts p(argmax).
+    self_rules = rule_acceptance(P.log()[None], P.log()[None], 1.0)
+    assert float(self_rules["probabilistic"]) == pytest.approx(1.0)
+    assert float(self_rules["greedy"]) == pytest.approx(0.5)
+    same = speculative_generate(stub(P), stub(P), [0], 4000, gamma=1, temperature=1.0,
+                                generator=g, draft_sample="greedy")
+    assert abs(same.accepted / same.drafted - 0.5) < 0.03
+
+
+def test_rules_coincide_at_temperature_zero():
+    torch.manual_seed(3)
+    p, q = torch.randn(50, 9), torch.randn(50, 9)
+    rules = rule_acceptance(p, q, 0.0)
+    agree = (p.argmax(-1) == q.argmax(-1)).float()
+    assert torch.equal(rules["greedy"], agree) and torch.equal(rules["probabilistic"], agree)

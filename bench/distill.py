@@ -1,31 +1,39 @@
-"""Benchmark ``tokensurgeon distill``: tokenizer transfer, teacher -> student, and memory.
+"""Benchmark ``tokensurgeon distill``: throughput, teacher -> student, tokenizer transfer, memory.
 
-CPU-sized example (the README's figures; about 25 min per method on one core, ULD 60):
+Sections (``--sections``, comma list):
 
-    python bench/distill.py --steps 30 --batch-size 4 --max-length 128 --lr 1e-4 \
-        --warmup-steps 3 --gradmag --eval-bytes 12000 --skip memory
+- ``throughput``: student tokens per CPU-second (and per wall-second) of one training step
+  on the tokenizer-transfer configuration (teacher SmolLM2-135M, student SmolLM2-135M on
+  Gemma-3's 262k tokenizer, ``alm+sft``, 4 x 128 tokens, 1 thread), each configuration in
+  a fresh process, the first step excluded: ``before`` (online teacher, autograd log-probs
+  under checkpointing: the earlier path) and ``after`` (teacher cache, fused log-probs) for
+  full / LoRA / embeddings-only training; the teacher-cache fill rate; an fp32 vs bf16
+  matmul probe; each against the FLOP limit 6 x trainable-path parameters x tokens.
+- ``teacher_student`` (experiment a): Gemma-3-270M -> SmolLM2-135M on the first 80% of
+  ``wikitext2-valid-prose.txt``; held-out bits per byte on its last 20% (47 kB), GSM8K
+  test answers and Shakespeare (retention), per method and seed, at the same budget. The
+  teacher's ALM statistics are cached once and reused by every alm/sft run. Per-chunk
+  mean |L_student - L_teacher| on the held-out prose, before and after.
+- ``memory``: peak RSS of a Gemma-3-270M teacher's ALM statistics, chunked vs naive.
 
-Experiments:
-1. Tokenizer transfer: SmolLM2-135M transplanted onto Gemma-3's tokenizer
-   (``tokensurgeon transplant builtin:smollm2-135m builtin:gemma3-270m DIR``) is
-   self-distilled with the original SmolLM2 as teacher, on Shakespeare + GSM8K train, once
-   per method (alm, alm+sft, sft, uld) at the same budget and seed. Held-out bits per byte
-   on GSM8K test answers and WikiText-2 valid: teacher, student before, after each method,
-   and the fraction of the teacher-student gap each method closes.
-2. Teacher -> student: Gemma-3-270M -> SmolLM2-135M on GSM8K train, ALM vs SFT; the
-   student's held-out GSM8K-test bits per byte before and after.
-3. Memory: peak RSS of a Gemma-3-270M teacher's ALM statistics (realised-token and
-   boundary-set log-probs) over ``--memory-length`` tokens, chunked vs naive (full logits).
-   Each measurement runs in a fresh process.
+Evaluation prepends the BOS token by hand (``bos="always"``, as every earlier figure did),
+whatever ``tokensurgeon eval`` defaults to.
 
-Prints tables, then one JSON line with every figure, the hardware and the seeds.
+    python bench/distill.py --sections throughput
+    python bench/distill.py --sections teacher_student --steps 12 --seeds 0,1,2
+
+Raw per-run results (per-step metrics, evaluations) go to ``bench/results/distill/``;
+the figure to ``bench/results/distill/heldout_bpb.png``; the last stdout line is one JSON
+object with every figure, the hardware, load averages and seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
+import math
 import os
 import platform
 import resource
@@ -41,74 +49,409 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.trainer import DistillConfig, boundary_ids, decoder_and_head, distill
-from tokensurgeon import modelio
-from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
-from tokensurgeon.token_identity import vocabulary
+from distill.data import build_examples  # noqa: E402
+from distill.trainer import DistillConfig, boundary_ids, distill  # noqa: E402
+from tokensurgeon import modelio, training  # noqa: E402
+from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text  # noqa: E402
+from tokensurgeon.logits import decoder_and_head, position_statistics  # noqa: E402
+from tokensurgeon.token_identity import vocabulary  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 if not DATA.is_dir():
     DATA = Path("/work/shared/data")
-TRANSPLANTED = modelio.cache_dir() / "work" / "smollm2-gemmatok"
+RESULTS = ROOT / "bench" / "results" / "distill"
+WORK = modelio.cache_dir() / "work"
+PROSE = DATA / "wikitext2-valid-prose.txt"
+METHODS = {  # name -> (loss, gradmag)
+    "alm+sft": ("alm+sft", False),
+    "alm": ("alm", False),
+    "sft": ("sft", False),
+    "uld+sft": ("uld+sft", False),
+    "alm+sft GradMag": ("alm+sft", True),
+}
 
 
-def heldout_sets(eval_bytes: int) -> dict[str, list[str]]:
-    """GSM8K test answers and WikiText-2 valid, first ``eval_bytes`` bytes of each."""
-    return {
-        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
-                                   2000, eval_bytes),
-        "wikitext_valid": segment_text(read_documents(DATA / "wikitext2-valid.txt"), 2000,
-                                       eval_bytes),
-    }
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def bpb(model_dir: str, sets: dict[str, list[str]]) -> dict[str, float]:
-    ref = modelio.resolve(model_dir)
-    tok = modelio.load_tokenizer(ref)
-    model = modelio.load_model(ref)
-    out = {name: round(bits_per_byte(model, tok, segs, batch_size=2, logit_chunk=128)
-                       ["bits_per_byte"], 4) for name, segs in sets.items()}
-    del model
-    gc.collect()
+# ----------------------------------------------------------------------------- evaluation
+
+
+def bpb(model, tok, segments: list[str]) -> float:
+    """Bits per byte with the BOS prepended by hand (comparable with earlier figures)."""
+    extra = {"bos": "always"} if "bos" in inspect.signature(bits_per_byte).parameters else {}
+    was_training = model.training
+    model.eval()
+    try:
+        return round(bits_per_byte(model, tok, segments, batch_size=2, logit_chunk=128,
+                                   **extra)["bits_per_byte"], 5)
+    finally:
+        model.train(was_training)
+
+
+def heldout_chunk_stats(model, tok, examples, side: str, bound: torch.Tensor) -> list:
+    """Per example: ALM chunk log-likelihoods (debiased, unmerged) of ``side`` [K]."""
+    from distill.data import collate
+    from distill.losses import Side, alm_chunk_logliks, chunk_complete, side_statistics, \
+        LossSettings
+
+    dec, head, cap = decoder_and_head(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    settings = LossSettings(logit_chunk=128)
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for a in range(0, len(examples), 4):
+            batch = examples[a:a + 4]
+            t = collate(batch, side, pad)
+            hidden = dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+            s = Side(t["ids"], t["mask"], t["chunk_ids"], hidden, head, bound, cap)
+            realised, boundary = side_statistics(s, settings, True)
+            k = max(e.num_chunks for e in batch)
+            groups = torch.arange(k).expand(len(batch), k)
+            ll, ok = alm_chunk_logliks(realised, boundary, s.predicted, s.chunk_ids, groups, True)
+            for b, e in enumerate(batch):
+                out.append((ll[b, :e.num_chunks].clone(), ok[b, :e.num_chunks].clone()))
+    model.train(was_training)
     return out
 
 
-def train_data(work: Path, shakespeare_bytes: int, gsm8k_rows: int) -> list[str]:
-    """A Shakespeare excerpt (.txt) and the first GSM8K train rows (.jsonl)."""
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:shakespeare_bytes]
-    (work / "shakespeare.txt").write_text(text, encoding="utf-8")
-    rows = (DATA / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:gsm8k_rows]
-    (work / "gsm8k_train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return [str(work / "shakespeare.txt"), str(work / "gsm8k_train.jsonl")]
+def mean_abs_gap(student_ll: list, teacher_ll: list) -> float:
+    total, n = 0.0, 0
+    for (s, s_ok), (t, t_ok) in zip(student_ll, teacher_ll):
+        ok = s_ok & t_ok
+        total += float((s[ok] - t[ok]).abs().sum())
+        n += int(ok.sum())
+    return round(total / max(n, 1), 5)
 
 
-def run_method(teacher: str, student: str, data: list[str], out: Path, loss: str,
-               args: argparse.Namespace) -> dict:
-    cfg = DistillConfig(teacher=teacher, student=student, data=data, out=str(out), loss=loss,
-                        steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-                        gradmag=args.gradmag,
-                        checkpoint_every=args.steps, overwrite=True, quiet=True, device="cpu")
-    began = time.perf_counter()
-    summary = distill(cfg)
-    gc.collect()
-    return {"seconds": round(time.perf_counter() - began, 1), "final_loss": summary["last"]["loss"]}
+# ----------------------------------------------------------------------------- throughput
 
 
-def train_figures(out: Path) -> dict:
-    """Mean student tokens/s and the first and last logged losses of a finished run."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens_per_s": round(sum(r["tokens_per_s"] for r in rows) / len(rows), 2),
-            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+def throughput_probe(spec: dict) -> None:
+    """Child process: train ``spec['steps']`` steps; one JSON line with CPU/wall per token
+    over the steps after the first."""
+    torch.set_num_threads(spec.get("threads", 1))
+    rows = []
+    original = training.MetricsLog.log
+
+    def log(self, **figures):
+        rows.append({**figures, "cpu": time.process_time(), "wall": time.perf_counter()})
+        return original(self, **figures)
+
+    training.MetricsLog.log = log
+    out = Path(spec["out"])
+    cfg = DistillConfig(teacher=spec["teacher"], student=spec["student"], data=spec["data"],
+                        out=str(out), loss=spec["loss"], train=spec["train"],
+                        steps=spec["steps"], batch_size=4, max_length=128, lr=1e-4,
+                        warmup_steps=1, logits=spec["logits"],
+                        teacher_cache=spec.get("teacher_cache"),
+                        checkpoint_every=10_000, overwrite=True, quiet=True, device="cpu")
+    began = time.process_time()
+    distill(cfg)
+    timed = rows[1:]
+    tokens = sum(r["student_tokens"] for r in timed)
+    cpu = timed[-1]["cpu"] - rows[0]["cpu"]
+    wall = timed[-1]["wall"] - rows[0]["wall"]
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps({**{k: v for k, v in spec.items() if k not in ("data", "out")},
+                      "timed_steps": len(timed), "tokens": tokens, "cpu_s": round(cpu, 1),
+                      "wall_s": round(wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 2),
+                      "tokens_per_wall_s": round(tokens / wall, 2),
+                      "losses": [r["loss"] for r in rows],
+                      "total_cpu_s": round(time.process_time() - began, 1),
+                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "load_avg": load_avg()}))
 
 
-def gap_closed(teacher: float, before: float, after: float) -> float:
-    return (before - after) / (before - teacher) if before != teacher else float("nan")
+def run_child(args: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def transfer_student() -> Path:
+    """SmolLM2-135M's body with Gemma-3's 262k tokenizer: the tokenizer-transfer student's
+    shape. The transplant (``tokensurgeon transplant builtin:smollm2-135m
+    builtin:gemma3-270m DIR``) when it exists; otherwise a same-shape stand-in with resized
+    embeddings (the cost of a step does not depend on the weights' values)."""
+    real = WORK / "smollm2-gemmatok"
+    if (real / "config.json").is_file():
+        return real
+    stand_in = WORK / "smollm2-gemma-vocab-standin"
+    if not (stand_in / "config.json").is_file():
+        gemma = modelio.load_tokenizer(modelio.resolve("builtin:gemma3-270m"))
+        model = modelio.load_model(modelio.resolve("builtin:smollm2-135m"))
+        model.resize_token_embeddings(len(gemma), mean_resizing=False)
+        model.config.bos_token_id = gemma.bos_token_id
+        model.config.eos_token_id = gemma.eos_token_id
+        model.config.pad_token_id = gemma.pad_token_id
+        with modelio.atomic_output_dir(stand_in, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            gemma.save_pretrained(tmp)
+    return stand_in
+
+
+def matmul_probe() -> dict:
+    """fp32 vs bf16 GFLOP/s of one lm_head-sized matmul (512 x 576 @ 576 x 49152)."""
+    torch.set_num_threads(1)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(512, 576, dtype=dtype)
+        b = torch.randn(576, 49152, dtype=dtype)
+        a @ b
+        began = time.process_time()
+        for _ in range(3):
+            a @ b
+        out[str(dtype).split(".")[-1]] = round(3 * 2 * 512 * 576 * 49152 / (time.process_time() - began) / 1e9, 1)
+    return out
+
+
+def section_throughput(args, work: Path) -> dict:
+    student = str(transfer_student())
+    teacher = str(modelio.resolve("builtin:smollm2-135m").directory)
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    data = work / "shakespeare60k.txt"
+    data.write_text(text, encoding="utf-8")
+    cache = work / "throughput-cache"
+    base = {"teacher": teacher, "student": student, "data": [str(data)], "loss": "alm+sft",
+            "steps": args.throughput_steps, "out": str(work / "tp-out")}
+    configs = [
+        ("before full", {**base, "train": "full", "logits": "checkpoint"}),
+        ("cache fill + full", {**base, "train": "full", "logits": "fused",
+                               "teacher_cache": str(cache)}),
+        ("after full", {**base, "train": "full", "logits": "fused", "teacher_cache": str(cache)}),
+        ("after lora", {**base, "train": "lora", "logits": "fused", "teacher_cache": str(cache)}),
+        ("after embeddings", {**base, "train": "embeddings", "logits": "fused",
+                              "teacher_cache": str(cache)}),
+        ("before embeddings", {**base, "train": "embeddings", "logits": "checkpoint"}),
+    ]
+    skip = set(filter(None, args.throughput_skip.split(",")))
+    results = {}
+    for name, spec in configs:
+        if name in skip:
+            continue
+        results[name] = run_child(["--throughput-probe", json.dumps(spec)])
+        print(f"throughput {name}: {results[name]}", flush=True)
+    results["matmul_gflops_1_thread"] = matmul_probe()
+    cfg = modelio.load_config(modelio.resolve(student))
+    n_vocab, hidden = cfg.vocab_size, cfg.hidden_size
+    total = sum(p.numel() for p in modelio.load_model(modelio.resolve(student)).parameters())
+    head = n_vocab * hidden
+    results["flops_per_token"] = {
+        # 6 x params; the tied embedding is used as lm_head (a matmul) and as a lookup (free).
+        "full": 6 * total,
+        "limit_note": "6 x parameters (the embedding table counted once, as the lm_head)",
+        "parameters": total, "lm_head": head}
+    return results
+
+
+# -------------------------------------------------------------------- teacher -> student
+
+
+def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
+    """First ``fraction`` of the prose file (cut at a line end) to a training file; the
+    rest is returned as held-out text."""
+    text = PROSE.read_text(encoding="utf-8")
+    cut = text.rfind("\n", 0, int(len(text) * fraction)) + 1
+    path = work / "prose-train.txt"
+    path.write_text(text[:cut], encoding="utf-8")
+    return path, text[cut:]
+
+
+def section_teacher_student(args, work: Path) -> dict:
+    teacher_ref, student_ref = modelio.resolve("builtin:gemma3-270m"), modelio.resolve(
+        "builtin:smollm2-135m")
+    train_path, heldout_text = split_prose(work, 0.8)
+    sets = {
+        "prose_heldout": segment_text([heldout_text], 2000, 0),
+        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+                                   2000, args.retention_bytes),
+        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+                                     [-200_000:]], 2000, args.retention_bytes),
+    }
+    sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
+    print(f"held-out bytes: {sizes}", flush=True)
+    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
+    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
+    gap_examples = build_examples(sets["prose_heldout"][: args.gap_segments], t_tok, s_tok,
+                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
+    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    saved = RESULTS / "teacher_student_baselines.json"
+    baselines = json.loads(saved.read_text()) if saved.is_file() else {}
+    key = json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}"
+    if baselines.get("key") != key:
+        teacher = modelio.load_model(teacher_ref)
+        baselines = {"key": key, "teacher": {n: bpb(teacher, t_tok, s) for n, s in sets.items()}}
+        teacher_ll = heldout_chunk_stats(teacher, t_tok, gap_examples, "teacher", t_bound)
+        torch.save([(a, b) for a, b in teacher_ll], work / "teacher_ll.pt")
+        baselines["teacher_ll"] = [[a.tolist(), b.tolist()] for a, b in teacher_ll]
+        del teacher
+        gc.collect()
+        student = modelio.load_model(student_ref)
+        baselines["student_before"] = {n: bpb(student, s_tok, s) for n, s in sets.items()}
+        baselines["gap_before"] = mean_abs_gap(
+            heldout_chunk_stats(student, s_tok, gap_examples, "student", s_bound), teacher_ll)
+        del student
+        gc.collect()
+        saved.write_text(json.dumps(baselines))
+    teacher_ll = [(torch.tensor(a), torch.tensor(b, dtype=torch.bool))
+                  for a, b in baselines["teacher_ll"]]
+    print(f"teacher {baselines['teacher']}\nstudent before {baselines['student_before']} "
+          f"|dL| {baselines['gap_before']}", flush=True)
+
+    cache = work / "teacher-cache" if args.cache_dir is None else Path(args.cache_dir)
+    runs_path = RESULTS / "teacher_student_runs.jsonl"
+    done = {}
+    if runs_path.is_file() and args.resume_runs:
+        for line in runs_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["method"], r["seed"], r["budget_key"])] = r
+    budget = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+              "lr": args.lr, "warmup_steps": args.warmup_steps, "train": "full"}
+    budget_key = json.dumps(budget, sort_keys=True)
+    eval_steps = sorted({int(s) for s in args.eval_steps.split(",") if s} | {args.steps})
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            if (method, seed, budget_key) in done:
+                continue
+            loss, gradmag = METHODS[method]
+            out = work / f"ts-{method.replace('+', '_').replace(' ', '_')}-{seed}"
+            curve = {}
+            original = training.save_checkpoint
+
+            def save_and_eval(root, step, model, *rest, **kw):
+                if step in eval_steps:
+                    began = time.process_time()
+                    curve[step] = {"prose_heldout": bpb(model, s_tok, sets["prose_heldout"])}
+                    if step == args.steps:
+                        for name in ("gsm8k_test", "shakespeare"):
+                            curve[step][name] = bpb(model, s_tok, sets[name])
+                        curve[step]["abs_dL"] = mean_abs_gap(heldout_chunk_stats(
+                            model, s_tok, gap_examples, "student", s_bound), teacher_ll)
+                    curve[step]["eval_cpu_s"] = round(time.process_time() - began, 1)
+                    print(f"  {method} seed {seed} step {step}: {curve[step]}", flush=True)
+                return original(root, step, model, *rest, **kw) if step == args.steps else None
+
+            training.save_checkpoint = save_and_eval
+            cfg = DistillConfig(
+                teacher=str(teacher_ref.directory), student=str(student_ref.directory),
+                data=[str(train_path)], out=str(out), loss=loss, gradmag=gradmag,
+                steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
+                teacher_cache=str(cache) if not loss.startswith("uld") else None,
+                teacher_cache_shard=1, checkpoint_every=min(eval_steps), overwrite=True,
+                quiet=True, device="cpu")
+            began_cpu, began = time.process_time(), time.perf_counter()
+            try:
+                distill(cfg)
+            finally:
+                training.save_checkpoint = original
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            record = {"method": method, "seed": seed, "budget_key": budget_key,
+                      "budget": budget, "curve": curve,
+                      "train_tokens_per_step": [m["student_tokens"] for m in metrics],
+                      "cpu_s": round(time.process_time() - began_cpu, 1),
+                      "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg(),
+                      "metrics": metrics}
+            with runs_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            done[(method, seed, budget_key)] = record
+            shutil.rmtree(out, ignore_errors=True)
+            gc.collect()
+    runs = [r for r in done.values() if r["budget_key"] == budget_key]
+    return summarise(baselines, runs, args)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def summarise(baselines: dict, runs: list[dict], args) -> dict:
+    methods = [m for m in args.methods.split(",") if any(r["method"] == m for r in runs)]
+    table = {}
+    final = str(args.steps)
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        row = {"seeds": sorted(r["seed"] for r in rs)}
+        for key in ("prose_heldout", "gsm8k_test", "shakespeare", "abs_dL"):
+            vals = [r["curve"][final][key] for r in rs if key in r["curve"].get(final, {})]
+            if vals:
+                row[key] = [round(x, 5) for x in mean_se(vals)]
+        row["train_tokens"] = sum(rs[0]["train_tokens_per_step"])
+        row["train_cpu_s_mean"] = round(sum(r["cpu_s"] for r in rs) / len(rs), 1)
+        table[m] = row
+    before, teacher = baselines["student_before"]["prose_heldout"], baselines["teacher"]["prose_heldout"]
+    for m, row in table.items():
+        if "prose_heldout" in row:
+            row["gap_closed"] = round((before - row["prose_heldout"][0]) / (before - teacher), 4)
+    print("\nTeacher Gemma-3-270M -> student SmolLM2-135M (prose held-out = last 20%)")
+    print(f"{'model':<18}{'prose BPB':>20}{'GSM8K BPB':>20}{'Shakesp. BPB':>20}{'|dL|':>18}{'gap':>8}")
+    print(f"{'teacher':<18}{teacher:>20.4f}{baselines['teacher']['gsm8k_test']:>20.4f}"
+          f"{baselines['teacher']['shakespeare']:>20.4f}")
+    sb = baselines["student_before"]
+    print(f"{'student before':<18}{before:>20.4f}{sb['gsm8k_test']:>20.4f}{sb['shakespeare']:>20.4f}"
+          f"{baselines['gap_before']:>18.4f}")
+
+    def fmt(v):
+        return f"{v[0]:.4f} ± {v[1]:.4f}" if v else ""
+    for m, row in table.items():
+        print(f"{m:<18}{fmt(row.get('prose_heldout')):>20}{fmt(row.get('gsm8k_test')):>20}"
+              f"{fmt(row.get('shakespeare')):>20}{fmt(row.get('abs_dL')):>18}"
+              f"{row.get('gap_closed', float('nan')):>8.3f}")
+    plot(baselines, runs, methods, args)
+    return {"baselines": {k: v for k, v in baselines.items() if k != "teacher_ll"},
+            "table": table, "budget": runs[0]["budget"] if runs else None}
+
+
+def plot(baselines: dict, runs: list[dict], methods: list[str], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    before = baselines["student_before"]["prose_heldout"]
+    for i, m in enumerate(methods):
+        rs = [r for r in runs if r["method"] == m]
+        steps = sorted({int(s) for r in rs for s in r["curve"]})
+        xs, ys, es = [0], [before], [0.0]
+        for s in steps:
+            vals = [r["curve"][str(s)]["prose_heldout"] for r in rs if str(s) in r["curve"]]
+            tokens = sum(rs[0]["train_tokens_per_step"][:s])
+            mean, se = mean_se(vals)
+            xs.append(tokens + i * 20)  # tiny offset so error bars do not overlap
+            ys.append(mean)
+            es.append(0.0 if math.isnan(se) else se)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.axhline(baselines["teacher"]["prose_heldout"], color="k", ls="--", lw=1,
+               label="teacher Gemma-3-270M")
+    ax.set_xlabel("student training tokens")
+    ax.set_ylabel("held-out prose bits per byte")
+    ax.set_title(f"Gemma-3-270M -> SmolLM2-135M, mean ± s.e. over {len(args.seeds.split(','))} seeds",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "heldout_bpb.png", dpi=110)
+
+
+# ----------------------------------------------------------------------------- memory
 
 
 def memory_probe(mode: str, batch: int, length: int, logit_chunk: int) -> None:
     """Child process: peak RSS of the teacher's ALM statistics, one JSON line."""
-    from distill.logprobs import naive_position_statistics, position_statistics
+    from tokensurgeon.logits import naive_position_statistics
 
     ref = modelio.resolve("builtin:gemma3-270m")
     tok = modelio.load_tokenizer(ref)
@@ -131,129 +474,69 @@ def memory_probe(mode: str, batch: int, length: int, logit_chunk: int) -> None:
                       "seconds": round(time.perf_counter() - began, 1)}))
 
 
-def measure_memory(batch: int, length: int, logit_chunk: int, mode: str, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--memory-probe", mode, "--memory-batch", str(batch),
-           "--memory-length", str(length), "--logit-chunk", str(logit_chunk),
-           "--threads", str(threads)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"mode": mode, "batch": batch, "length": length,
-                "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def section_memory(args) -> list[dict]:
+    mem = []
+    for probe in args.memory_probes.split(","):
+        mode, batch = probe.split(":")
+        mem.append(run_child(["--memory-probe", mode, "--memory-batch", batch,
+                              "--memory-length", str(args.memory_length),
+                              "--logit-chunk", str(args.logit_chunk)]))
+        print(f"memory {probe}: {mem[-1]}", flush=True)
+    return mem
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--sections", default="throughput,teacher_student")
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-bytes", type=int, default=12000)
-    p.add_argument("--methods", default="alm,alm+sft,sft,uld")
-    p.add_argument("--gradmag", action="store_true",
-                   help="GradMag loss weights (1/|grad of the last layer|) for every method; "
-                        "it only changes methods with several losses (alm+sft)")
-    p.add_argument("--skip", default="",
-                   help="comma list of: transfer, teacher_student, memory, before (the "
-                        "transfer teacher / student-before evaluations)")
-    p.add_argument("--memory-probes", default="chunked:8,chunked:2,naive:2",
-                   help="MODE:BATCH list; naive at batch 8 would hold 8 x 1024 x 262k float32 "
-                        "logits (8.6 GB) plus their log-softmax, more than this machine spares")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--eval-steps", default="",
+                   help="extra steps (besides the last) at which held-out prose is scored")
+    p.add_argument("--retention-bytes", type=int, default=8000,
+                   help="bytes of GSM8K test answers and of Shakespeare's last 200 kB scored")
+    p.add_argument("--gap-segments", type=int, default=24,
+                   help="held-out prose segments (2,000 chars) for per-chunk |dL|")
+    p.add_argument("--cache-dir", help="teacher cache directory (default: a temporary one)")
+    p.add_argument("--resume-runs", action="store_true",
+                   help="skip (method, seed, budget) runs already in the runs JSONL")
+    p.add_argument("--throughput-steps", type=int, default=3)
+    p.add_argument("--throughput-skip", default="")
+    p.add_argument("--memory-probes", default="chunked:8,chunked:2,naive:2")
     p.add_argument("--memory-batch", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; on a shared 2-core CPU one thread ran 5x faster than two")
     p.add_argument("--memory-length", type=int, default=1024)
     p.add_argument("--logit-chunk", type=int, default=128)
     p.add_argument("--memory-probe", choices=("chunked", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--throughput-probe", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
     if args.memory_probe:
         memory_probe(args.memory_probe, args.memory_batch, args.memory_length, args.logit_chunk)
         return
-    skip = set(filter(None, args.skip.split(",")))
-    sets = heldout_sets(args.eval_bytes)
-    smollm = str(modelio.resolve("builtin:smollm2-135m").directory)
-    gemma = str(modelio.resolve("builtin:gemma3-270m").directory)
-    budget = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-              "lr": args.lr, "warmup_steps": args.warmup_steps, "train": "full",
-              "gradmag": args.gradmag,
-              "seed": args.seed, "eval_bytes_per_set": args.eval_bytes}
-    result: dict = {"budget": budget, "hardware": {
+    if args.throughput_probe:
+        throughput_probe(json.loads(args.throughput_probe))
+        return
+    sections = set(filter(None, args.sections.split(",")))
+    result: dict = {"hardware": {
         "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__, "dtype": "float32"}, "seeds": [args.seed]}
+        "torch": torch.__version__, "dtype": "float32", "shared_machine": True},
+        "load_average_at_start": load_avg(), "args": vars(args)}
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
-
-    if "transfer" not in skip:
-        if not (TRANSPLANTED / "config.json").is_file():
-            sys.exit(f"{TRANSPLANTED} is missing; run: tokensurgeon transplant "
-                     f"builtin:smollm2-135m builtin:gemma3-270m {TRANSPLANTED}")
-        data = train_data(work, 300_000, 2000)
-        rows = {}
-        if "before" not in skip:  # lets several processes share the methods
-            rows["teacher"] = bpb(smollm, sets)
-            print(f"transfer teacher: {rows['teacher']}", flush=True)
-            rows["student_before"] = bpb(str(TRANSPLANTED), sets)
-            print(f"transfer student_before: {rows['student_before']}", flush=True)
-        runs = {}
-        for method in args.methods.split(","):
-            out = work / f"transfer-{method.replace('+', '_')}"
-            runs[method] = run_method(smollm, str(TRANSPLANTED), data, out, method, args)
-            rows[method] = bpb(str(out), sets)
-            runs[method].update(train_figures(out))
-            shutil.rmtree(out, ignore_errors=True)  # ~4 GB of weights and optimizer state
-            print(f"transfer {method}: {rows[method]} ({runs[method]['seconds']} s)", flush=True)
-        closed = {m: {s: round(gap_closed(rows["teacher"][s], rows["student_before"][s],
-                                          rows[m][s]), 4) for s in sets}
-                  for m in runs} if "teacher" in rows else {}
-        result["transfer"] = {"bits_per_byte": rows, "gap_closed": closed, "runs": runs}
-        print("\nTokenizer transfer (SmolLM2-135M on Gemma-3 tokenizer, teacher SmolLM2-135M)")
-        print(f"{'model':<16}{'gsm8k_test bpb':>16}{'wikitext bpb':>14}{'gap closed':>22}")
-        for name, r in rows.items():
-            gc_txt = (f"{closed[name]['gsm8k_test']:+.3f} / {closed[name]['wikitext_valid']:+.3f}"
-                      if name in closed else "")
-            print(f"{name:<16}{r['gsm8k_test']:>16.4f}{r['wikitext_valid']:>14.4f}{gc_txt:>22}")
-
-    if "teacher_student" not in skip:
-        data = train_data(work, 0, 4000)[1:]
-        gsm = {"gsm8k_test": sets["gsm8k_test"]}
-        rows = {"student_before": bpb(smollm, gsm)}
-        runs = {}
-        for method in ("alm", "sft"):
-            out = work / f"t2s-{method}"
-            runs[method] = run_method(gemma, smollm, data, out, method, args)
-            rows[method] = bpb(str(out), gsm)
-            runs[method].update(train_figures(out))
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"teacher->student {method}: {rows[method]} ({runs[method]['seconds']} s)",
-                  flush=True)
-        result["teacher_student"] = {"bits_per_byte": rows, "runs": runs}
-        print("\nTeacher -> student (Gemma-3-270M -> SmolLM2-135M, GSM8K train)")
-        print(f"{'student':<16}{'gsm8k_test bpb':>16}")
-        for name, r in rows.items():
-            print(f"{name:<16}{r['gsm8k_test']:>16.4f}")
-
-    if "memory" not in skip:
-        mem = []
-        for probe in args.memory_probes.split(","):
-            mode, batch = probe.split(":")
-            mem.append(measure_memory(int(batch), args.memory_length, args.logit_chunk, mode,
-                                      args.threads))
-            print(f"memory {probe}: {mem[-1]}", flush=True)
-        result["memory"] = mem
-        print("\nPeak RSS, Gemma-3-270M teacher ALM statistics (float32)")
-        print(f"{'mode':<9}{'batch x len':>12}{'after load MiB':>16}{'peak MiB':>10}{'s':>7}")
-        for m in mem:
-            if "error" in m:
-                print(f"{m['mode']:<9}{m['batch']:>5} x {m['length']:<5} error: {m['error']}")
-            else:
-                print(f"{m['mode']:<9}{m['batch']:>5} x {m['length']:<5}"
-                      f"{m['rss_after_load_mib']:>16}{m['peak_rss_mib']:>10}{m['seconds']:>7}")
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if "throughput" in sections:
+        result["throughput"] = section_throughput(args, work)
+        (RESULTS / "throughput.json").write_text(json.dumps(result["throughput"], indent=1))
+    if "teacher_student" in sections:
+        result["teacher_student"] = section_teacher_student(args, work)
+    if "memory" in sections:
+        result["memory"] = section_memory(args)
+    result["load_average_at_end"] = load_avg()
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 

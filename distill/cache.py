@@ -144,20 +144,26 @@ class TeacherCache:
             compute: Callable[[list[int]], list[Statistics]]) -> list[Statistics]:
         """Statistics of examples ``indices``; missing shards are computed by
         ``compute(example indices) -> statistics``, written, then served."""
-        out = []
-        for i in indices:
-            shard = i // self.shard_size
+        missing = []
+        for shard in dict.fromkeys(i // self.shard_size for i in indices):
             if shard not in self._shards:
                 stats = self._load(shard)
                 if stats is None:
-                    members = list(range(shard * self.shard_size,
-                                         min((shard + 1) * self.shard_size, self.num_examples)))
-                    stats = compute(members)
-                    self.computed_examples += len(members)
-                    self._save(shard, stats)
-                self._shards[shard] = stats
-            out.append(self._shards[shard][i % self.shard_size])
-        return out
+                    missing.append(shard)
+                else:
+                    self._shards[shard] = stats
+        if missing:  # one compute call for every missing shard's examples
+            members = [list(range(k * self.shard_size,
+                                  min((k + 1) * self.shard_size, self.num_examples)))
+                       for k in missing]
+            stats = compute([i for m in members for i in m])
+            self.computed_examples += len(stats)
+            at = 0
+            for shard, m in zip(missing, members):
+                self._save(shard, stats[at:at + len(m)])
+                self._shards[shard] = stats[at:at + len(m)]
+                at += len(m)
+        return [self._shards[i // self.shard_size][i % self.shard_size] for i in indices]
 
     def fill(self, compute: Callable[[list[int]], list[Statistics]]) -> int:
         """Compute every missing shard; return how many examples were computed."""

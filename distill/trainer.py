@@ -87,6 +87,8 @@ class DistillConfig:
         "help": "directory of the teacher's cached ALM statistics, filled on first use and "
                 "reused by later runs on the same teacher, data and options (alm and sft "
                 "only; uld, hidden and kl run the teacher online)"})
+    teacher_cache_shard: int = field(default=16, metadata={
+        "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest checkpoint under OUT"})
@@ -99,7 +101,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "logit_chunk",
-                     "checkpoint_every", "lora_rank"):
+                     "checkpoint_every", "lora_rank", "teacher_cache_shard"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length < 2:
@@ -153,7 +155,7 @@ def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
     options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
                "device": device_type}
     return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
-                        data_fingerprint(rows), options, len(examples))
+                        data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard)
 
 
 def last_layer_params(model) -> list[torch.nn.Parameter]:

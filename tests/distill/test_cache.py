@@ -80,7 +80,7 @@ def test_cache_serves_what_it_stored_and_computes_once(tmp_path):
 
     cache = TeacherCache(tmp_path / "c", "teacher", "data", {"o": 1}, 5, shard_size=2)
     got = cache.get([4, 0, 1], compute)
-    assert calls == [[4], [0, 1]]
+    assert calls == [[4, 0, 1]]  # every missing shard in one call
     for (r, b), i in zip(got, [4, 0, 1]):
         assert torch.equal(r, data[i][0]) and torch.equal(b, data[i][1])
     again = TeacherCache(tmp_path / "c", "teacher", "data", {"o": 1}, 5, shard_size=2)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tokensurgeon import progress
 from tokensurgeon.config import add_config_arguments, resolve_config
 from tokensurgeon.errors import UsageError
 
@@ -124,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries(no_progress: bool) -> None:
-    """transformers' warnings are noise for our users; its bars follow --quiet."""
+    """transformers' warnings are noise for our users; its bars follow --quiet and are off
+    when stderr is not a terminal (a log file gets our plain phase lines instead)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if no_progress:
+    if no_progress or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
     else:
         hf_logging.enable_progress_bar()
@@ -138,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = COMMANDS[args._command_name]
-    _quiet_libraries(bool(getattr(args, "quiet", False)))
     try:
         cfg = resolve_config(command.config(), args)
-        result = command.run(cfg)
+        quiet = bool(getattr(cfg, "quiet", False))  # from a flag or from --config YAML
+        _quiet_libraries(quiet)
+        with progress.use(progress.Progress(quiet=quiet)) as reporter:
+            result = command.run(cfg)
     except UsageError as exc:
         print(f"tokensurgeon {args._command_name}: error: {exc}", file=sys.stderr)
         return 2
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokensurgeon {args._command_name}: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(command.render(result))
+    if not quiet and any(ph.seconds >= reporter.delay for ph in reporter.phases):
+        print(reporter.summary(), file=sys.stderr)
     return 0
 
 

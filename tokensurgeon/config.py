@@ -137,3 +137,11 @@ def resolve_config(cls: type[C], namespace: argparse.Namespace) -> C:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain-data view of a config, for manifests and resolved-config files."""
     return dataclasses.asdict(config)
+
+
+def write_resolved_config(directory: str | Path, config: Any) -> Path:
+    """Write every resolved option of ``config`` to ``directory/config.yaml``; the file
+    loads back with ``--config`` and reproduces the run."""
+    path = Path(directory) / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from tokensurgeon import conventions, modelio, streaming
-from tokensurgeon.config import config_to_dict
+from tokensurgeon import progress
+from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
@@ -233,6 +234,7 @@ def transplant(cfg: TransplantConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     else:
         torch.set_num_threads(os.cpu_count() or 1)
+    progress.get().start("load")
     base_ref, donor_ref = modelio.resolve(cfg.base), modelio.resolve(cfg.donor)
     donor_tok = modelio.load_tokenizer(donor_ref, cfg.trust_remote_code)
     base_tok = modelio.load_tokenizer(base_ref, cfg.trust_remote_code)
@@ -252,6 +254,7 @@ def transplant(cfg: TransplantConfig) -> dict:
         check_finite(f"DONOR {donor_ref.label} lm_head", donor_out)
     t_loaded = time.perf_counter()
 
+    progress.get().start("match tokens")
     base_vocab, donor_vocab = vocabulary(base_tok), vocabulary(donor_tok)
     donor_rows = donor_in.shape[0]
     new_size = max(donor_rows, len(donor_tok))
@@ -260,17 +263,20 @@ def transplant(cfg: TransplantConfig) -> dict:
         raise UsageError(f"--k {cfg.k} is larger than the {plan.anchor_donor.numel()} shared "
                          f"anchor tokens; pass --k {plan.anchor_donor.numel()} or less")
     base_index = base_vocab.byte_index()
+    progress.get().start(f"{cfg.method} embed")
     new_embed, embed_result, embed_stats = build_matrix(
         cfg, device, plan, emb.weight, donor_in, donor_vocab, base_index, new_size, "embed")
     matrices = {"embed": (embed_result, embed_stats)}
     new_head = None
     if not tied:
+        progress.get().start(f"{cfg.method} lm_head")
         new_head, head_result, head_stats = build_matrix(
             cfg, device, plan, head.weight, donor_out if donor_out is not None else donor_in,
             donor_vocab, base_index, new_size, "lm_head")
         matrices["lm_head"] = (head_result, head_stats)
     t_math = time.perf_counter()
 
+    progress.get().start("save")
     _set_vocabulary(base, new_embed, new_head, tied)
     save_dtype = cfg.dtype if cfg.dtype != "auto" else None
     if save_dtype is None:
@@ -321,7 +327,10 @@ def transplant(cfg: TransplantConfig) -> dict:
         manifest["conventions"] = {**modelio.save_model(base, donor_tok, Path(tmp), conv, twins),
                                    "source": cfg.conventions, "added_tokens": added_tokens}
         manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        manifest["seconds"]["phases"] = progress.get().seconds()
+        write_resolved_config(Path(tmp), cfg)
         modelio.write_json(Path(tmp) / "transplant.json", manifest)
+    progress.get().finish()
     return manifest
 
 

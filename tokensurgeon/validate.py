@@ -59,6 +59,21 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     return data
 
 
+def check_json_ends(path: Path, what: str, fix: str, full_below: int = 1 << 21) -> None:
+    """Parse a JSON object file when small; a large one (a 262k-token tokenizer.json is
+    ~30 MB, seconds to parse) only has to begin with ``{`` and end with ``}``, which a
+    truncated or foreign file does not."""
+    if path.stat().st_size < full_below:
+        read_json_object(path, what, fix)
+        return
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+        f.seek(-64, 2)
+        tail = f.read().rstrip()
+    if not head.startswith(b"{") or not tail.endswith(b"}"):
+        raise UsageError(f"{path} is not a {what}: not a JSON object (truncated?); {fix}")
+
+
 def check_config_json(directory: Path, fix: str) -> dict:
     """The parsed ``config.json`` of a model directory; it must name its ``model_type``."""
     config = read_json_object(directory / "config.json", "model config",
@@ -125,8 +140,8 @@ def check_tokenizer_files(directory: Path, fix: str) -> None:
                          "vocab.json); copy the tokenizer files next to the model or run "
                          "tokenizer.save_pretrained(DIR)")
     if "tokenizer.json" in present:
-        read_json_object(directory / "tokenizer.json", "tokenizer file",
-                         "re-save the tokenizer with tokenizer.save_pretrained(DIR)")
+        check_json_ends(directory / "tokenizer.json", "tokenizer file",
+                        "re-save the tokenizer with tokenizer.save_pretrained(DIR)")
     if (directory / "tokenizer_config.json").is_file():
         read_json_object(directory / "tokenizer_config.json", "tokenizer config",
                          "re-save the tokenizer with tokenizer.save_pretrained(DIR)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(command.config(), args)
         quiet = bool(getattr(cfg, "quiet", False))  # from a flag or from --config YAML
+        quiet = quiet or os.environ.get("RANK", "0") != "0"  # one voice under torchrun
         _quiet_libraries(quiet)
         with progress.use(progress.Progress(quiet=quiet)) as reporter:
             result = command.run(cfg)

@@ -28,7 +28,7 @@ import yaml
 from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
 from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec, side_statistics
-from tokensurgeon import modelio, training
+from tokensurgeon import modelio, progress, training
 from tokensurgeon.config import config_to_dict
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import decoder_and_head
@@ -207,6 +207,7 @@ def distill(cfg: DistillConfig) -> dict:
     out = _prepare_out(cfg) if is_main else Path(cfg.out).expanduser()
     accelerator.wait_for_everyone()
 
+    progress.get().start("load")
     t_ref, s_ref = modelio.resolve(cfg.teacher), modelio.resolve(cfg.student)
     t_tok = modelio.load_tokenizer(t_ref, cfg.trust_remote_code)
     s_tok = modelio.load_tokenizer(s_ref, cfg.trust_remote_code)
@@ -294,6 +295,7 @@ def distill(cfg: DistillConfig) -> dict:
                     out.append((realised[b, :n].cpu(), boundary[b, :n].cpu()))
         return out
     gradmag_params = last_layer_params(student) if cfg.gradmag else []
+    progress.get().start("train")
     bar = training.progress(cfg.steps, start, disable=cfg.quiet or not is_main)
     last: dict = {}
     for step in range(start, cfg.steps):
@@ -371,6 +373,7 @@ def distill(cfg: DistillConfig) -> dict:
             accelerator.wait_for_everyone()
     bar.close()
 
+    progress.get().start("save")
     if is_main:
         training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer, scheduler,
                                  {"examples_seen": cfg.steps * cfg.batch_size})

@@ -25,7 +25,7 @@ from spec_decode.backends import BACKENDS, BenchPlan, backend_names, config_key
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import encode_prompt, read_examples
 from tokensurgeon import modelio
-from tokensurgeon.config import config_to_dict
+from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 
 
@@ -255,6 +255,7 @@ def bench(cfg: SpecBenchConfig) -> dict:
         (tmp / "report.md").write_text(markdown(summary))
         report["plots"] = plots(summary, tmp)
         report["seconds"] = round(time.perf_counter() - t0, 1)
+        write_resolved_config(tmp, cfg)
         modelio.write_json(tmp / "report.json", report)
     Path(plan.scratch).unlink(missing_ok=True)
     return report

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tokensurgeon import modelio
-from tokensurgeon.config import config_to_dict
+from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 
 
@@ -150,6 +150,7 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
                     "vocab_size": report["vocab_size"], "options": config_to_dict(cfg)}
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(cfg.out) / "draft.json", manifest)
+        write_resolved_config(Path(cfg.out), cfg)  # replaces the inner transplant's
         return manifest
     config = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code))
     keep = parse_layers(cfg.keep_layers, config.num_hidden_layers)
@@ -167,4 +168,5 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
         modelio.save_model(model, tokenizer, Path(tmp))
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(tmp) / "draft.json", manifest)
+        write_resolved_config(Path(tmp), cfg)
     return manifest

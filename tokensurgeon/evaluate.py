@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tokensurgeon import conventions, modelio, validate
+from tokensurgeon import conventions, modelio, progress, validate
 from tokensurgeon.errors import UsageError
 
 
@@ -266,9 +266,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not segments:
         raise UsageError(f"{cfg.text} holds no text to evaluate (or --max-bytes is smaller "
                          "than its first segment); pass a non-empty file")
+    progress.get().start("load")
     ref = modelio.resolve(cfg.model)
     tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)
     model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    progress.get().start("evaluate")
     result = bits_per_byte(model, tokenizer, segments, cfg.batch_size, cfg.logit_chunk,
                            progress=not cfg.quiet, bos=cfg.bos)
     result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tokensurgeon import validate
+from tokensurgeon import progress, validate
 from tokensurgeon.errors import UsageError
 
 BUILTIN_MODELS = {
@@ -75,7 +75,8 @@ def _builtin_gguf(name: str) -> Path:
     target = cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        gemma_pkg.assemble(target)
+        with progress.get().phase(f"assembling the builtin:{name} GGUF from its packages (once)"):
+            gemma_pkg.assemble(target)
     return target
 
 
@@ -125,14 +126,15 @@ def _builtin_hf_dir(name: str) -> Path:
         validate.check_model_dir(out, fix=f"delete {out} and it is rebuilt on the next run")
         return out
     gguf_path = _builtin_gguf(name)
-    tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
-    model = load_model(ModelRef(gguf_path.parent, gguf_path.name))
-    framing = gguf_framing(gguf_path)
-    tokenizer.add_bos_token = framing["add_bos"]
-    tokenizer.add_eos_token = framing["add_eos"]
-    model.generation_config.eos_token_id = framing["stop_ids"]
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        save_model(model, tokenizer, tmp)
+    with progress.get().phase(f"converting builtin:{name} to safetensors (once; cached in {out})"):
+        tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
+        model = load_model(ModelRef(gguf_path.parent, gguf_path.name))
+        framing = gguf_framing(gguf_path)
+        tokenizer.add_bos_token = framing["add_bos"]
+        tokenizer.add_eos_token = framing["add_eos"]
+        model.generation_config.eos_token_id = framing["stop_ids"]
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            save_model(model, tokenizer, tmp)
     return out
 
 

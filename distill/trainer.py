@@ -330,6 +330,7 @@ def distill(cfg: DistillConfig) -> dict:
         global_counts = accelerator.reduce(counts.to(device), reduction="sum").cpu().clamp(min=1)
 
         totals = torch.zeros(len(terms), dtype=torch.float64)
+        last_layer_norms = torch.zeros(len(terms), dtype=torch.float64)
         for x in inputs:
             x.student.hidden = s_dec(input_ids=x.student.ids,
                                      attention_mask=x.student.mask).last_hidden_state
@@ -341,6 +342,7 @@ def distill(cfg: DistillConfig) -> dict:
                         part, gradmag_params, retain_graph=True, allow_unused=True,
                         materialize_grads=True)])) for part in parts]
                 weights = [1.0 / max(float(n), 1e-12) for n in norms]
+                last_layer_norms += torch.tensor([float(n) for n in norms], dtype=torch.float64)
             else:
                 weights = [w for _, w in terms]
             combined = sum(w * p for w, p in zip(weights, parts)) / sum(weights)
@@ -361,6 +363,8 @@ def distill(cfg: DistillConfig) -> dict:
         last = {"step": step + 1, "loss": loss_value,
                 **{f"loss_{name}": float(per_loss[j]) for j, (name, _) in enumerate(terms)},
                 **{f"units_{name}": int(global_counts[j]) for j, (name, _) in enumerate(terms)},
+                **({f"gradmag_norm_{name}": float(last_layer_norms[j]) / len(inputs)
+                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {}),
                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                 "student_tokens": all_tokens, "tokens_per_s": all_tokens / seconds}
         metrics.log(**last)

@@ -29,7 +29,7 @@ from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from tokensurgeon import modelio, training
 from tokensurgeon.errors import UsageError
-from tokensurgeon.evaluate import model_hidden_states
+from tokensurgeon.logits import logits_at
 
 SOURCES = ("on_policy", "target", "fixed")
 
@@ -156,15 +156,6 @@ def pack(prompts: list[list[int]], conts: list[list[int]], max_length: int, pad_
         attn[r, : len(s)] = 1
         loss_mask[r, len(p) - 1 : len(s) - 1] = True
     return ids, attn, loss_mask
-
-
-def logits_at(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[N, V] full-vocabulary logits at the True entries of ``positions`` [B, L] only, so
-    [B, L, V] is never materialised."""
-    hidden = model_hidden_states(model, ids, attn)[positions]
-    logits = model.get_output_embeddings()(hidden).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float) -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tokensurgeon import conventions, modelio, progress, validate
 from tokensurgeon.errors import UsageError
+from tokensurgeon.logits import decoder_and_head, final_hidden_states, token_logprobs
 
 
 BOS_MODES = ("auto", "always", "never")
@@ -140,20 +141,12 @@ def chunked_token_logprobs(
     Returns:
         [B, T] float32 log-probabilities.
     """
-    out = []
-    for s in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        picked = logits.gather(-1, labels[:, s : s + chunk].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(logits, dim=-1))
-    return torch.cat(out, dim=1)
+    return token_logprobs(hidden, head, labels, chunk, softcap)
 
 
 def model_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] final hidden states of a causal LM (before the lm_head)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state
+    return final_hidden_states(model, input_ids, attention_mask)
 
 
 def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]:
@@ -195,8 +188,7 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
     if bos not in BOS_MODES:
         raise UsageError(f"bos must be one of {BOS_MODES} (got {bos!r})")
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    _, head, softcap = decoder_and_head(model)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     encoded = []

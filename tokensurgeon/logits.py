@@ -31,6 +31,8 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | N
     """The decoder stack, the lm_head and the final-logit softcap of a causal LM (peft too)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap is None and hasattr(base.config, "text_config"):
+        softcap = getattr(base.config.text_config, "final_logit_softcapping", None)
     return base.get_decoder(), base.get_output_embeddings(), softcap
 
 
@@ -206,7 +208,6 @@ class _RealisedBoundary(torch.autograd.Function):
                 grad_w.addmm_(grad.t(), hs.to(acc))
             if want_b:
                 grad_b += grad.sum(0)
-        ctx.kept = None
         return (grad_h, grad_w.to(weight.dtype) if want_w else None,
                 grad_b.to(weight.dtype) if want_b else None, None, None, None, None, None, None)
 

@@ -133,3 +133,107 @@ def test_refreshes_never_hurt_much_and_usually_help():
         idx, coef = omp.omp_fast(targets, atoms, 24, candidates=96, refresh=refresh)
         errs.append(float(omp.relative_error(targets, omp.reconstruct(atoms, idx, coef)).mean()))
     assert errs[2] < errs[1] < errs[0], errs
+
+
+def _unit_centred(atoms, targets):
+    mu = atoms.mean(0)
+    a = atoms - mu
+    return a / a.norm(dim=1, keepdim=True), targets - mu
+
+
+def test_ann_candidates_recover_exact_omp_selection():
+    """Stated recall: searching faiss IVF candidates at every step (the exact-search version
+    of this selects exactly what exact OMP selects, see above), at least 80% of the atoms
+    exact OMP selects are selected, and the error is within 2% of exact's."""
+    pytest.importorskip("faiss")
+    from tokensurgeon.ann import AnchorIndex
+
+    atoms, targets = _embedding_like(4000, 128, 48, seed=11)
+    unit, t = _unit_centred(atoms, targets)
+    k = 12
+    e_idx, e_coef = omp.omp_exact(t, unit, k)
+    index = AnchorIndex(unit, "faiss")
+    assert index.backend == "faiss"
+    f_idx, f_coef = omp.omp_fast(t, unit, k, candidates=24, refresh=list(range(1, k)),
+                                 search=index.search)
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(e_idx, f_idx)) / e_idx.numel()
+    assert recall >= 0.8, recall
+    e_err = omp.relative_error(t, omp.reconstruct(unit, e_idx, e_coef)).mean()
+    f_err = omp.relative_error(t, omp.reconstruct(unit, f_idx, f_coef)).mean()
+    assert f_err <= e_err * 1.02, (float(f_err), float(e_err))
+
+
+def test_ann_search_finds_the_exact_top_candidates():
+    """|correlation| search: faiss IVF returns >= 90% of the exact top-32 by |<q, a>|,
+    never an excluded atom, and no atom twice."""
+    pytest.importorskip("faiss")
+    from tokensurgeon.ann import AnchorIndex, exact_top_abs
+
+    atoms, targets = _embedding_like(3000, 64, 32, seed=12)
+    unit, t = _unit_centred(atoms, targets)
+    index = AnchorIndex(unit, "faiss")
+    exclude = exact_top_abs(t, unit, 3)
+    got = index.search(t, 32, exclude)
+    want = exact_top_abs(t, unit, 32, exclude)
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want)) / want.numel()
+    assert recall >= 0.9, recall
+    for row, ex in zip(got.tolist(), exclude.tolist()):
+        assert len(set(row)) == len(row) and not set(row) & set(ex)
+
+
+def test_missing_faiss_falls_back_to_exact_and_says_so_once(monkeypatch, capsys):
+    import sys
+
+    from tokensurgeon import ann
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    monkeypatch.setattr(ann, "_WARNED", False)
+    atoms, targets = _embedding_like(500, 8, 16, seed=2)
+    first = ann.AnchorIndex(atoms, "faiss")
+    second = ann.AnchorIndex(atoms, "faiss")
+    assert first.backend == second.backend == "exact"
+    assert capsys.readouterr().err.count("faiss is not installed") == 1
+    torch.testing.assert_close(first.search(targets, 10).sort(1).values,
+                               ann.exact_top_abs(targets, atoms, 10).sort(1).values)
+
+
+def test_softmax_coefficients_are_convex_and_rows_stay_in_the_hull():
+    from tokensurgeon.methods import TransplantProblem
+    from tokensurgeon.methods.omp import OmpOptions, omp_rows
+
+    gen = torch.Generator().manual_seed(5)
+    donor_anchors = torch.randn(300, 16, generator=gen)
+    base_anchors = torch.randn(300, 12, generator=gen) * 3 + 1
+    targets = torch.randn(40, 16, generator=gen) * 5
+    opts = OmpOptions(k=6, candidates=32, coefficients="softmax", shrink=1.0, output_shrink=0.5,
+                      search="exact")
+    result = omp_rows(TransplantProblem(targets, donor_anchors, base_anchors, base_anchors,
+                                        [None] * 40, {}, options=opts))
+    assert (result.coef >= 0).all()
+    torch.testing.assert_close(result.coef.sum(1), torch.ones(40))
+    # Convex combination of real rows: every coordinate inside the anchors' range...
+    lo, hi = base_anchors.min(0).values, base_anchors.max(0).values
+    assert (result.rows >= lo - 1e-5).all() and (result.rows <= hi + 1e-5).all()
+    # ...so every logit is bounded by the largest real logit (the leak bound).
+    h = torch.randn(64, 12, generator=gen)
+    assert ((h @ result.rows.T).max(1).values <= (h @ base_anchors.T).max(1).values + 1e-4).all()
+    # Output rows are the same rows pulled halfway to the anchor mean.
+    mu = base_anchors.mean(0)
+    torch.testing.assert_close(result.output_rows, mu + 0.5 * (result.rows - mu))
+
+
+def test_centred_lstsq_rows_are_mean_plus_combination_of_centred_anchors():
+    from tokensurgeon.methods import TransplantProblem
+    from tokensurgeon.methods.omp import OmpOptions, omp_rows
+
+    gen = torch.Generator().manual_seed(6)
+    donor_anchors = torch.randn(200, 10, generator=gen) + 4
+    base_anchors = torch.randn(200, 7, generator=gen) - 2
+    targets = torch.randn(8, 10, generator=gen) + 4
+    opts = OmpOptions(k=5, candidates=0, shrink=0.7)
+    r = omp_rows(TransplantProblem(targets, donor_anchors, base_anchors, base_anchors,
+                                   [None] * 8, {}, options=opts))
+    mu = base_anchors.mean(0)
+    raw = omp.reconstruct(base_anchors, r.anchors, r.coef) + r.mean_coef[:, None] * mu
+    torch.testing.assert_close(r.rows, mu + 0.7 * (raw - mu))
+    torch.testing.assert_close(r.mean_coef, 1 - r.coef.sum(1))

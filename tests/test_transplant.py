@@ -87,8 +87,13 @@ def test_omp_rows_are_the_manifest_combination_of_base_anchor_rows(model_dirs, t
         new_ids = f.get_tensor("new_donor_ids")
         anchors = f.get_tensor("embed.anchor_base_ids").long()
         coef = f.get_tensor("embed.coef")
+        mean_coef = f.get_tensor("embed.mean_coef")
+        mean_row = f.get_tensor("embed.mean_row")
+        shrink = f.get_tensor("embed.shrink")
     assert anchors.shape == (new_ids.numel(), 8)
-    expected = torch.einsum("bk,bkh->bh", coef, base.get_input_embeddings().weight[anchors])
+    base_w = base.get_input_embeddings().weight
+    raw = torch.einsum("bk,bkh->bh", coef, base_w[anchors]) + mean_coef[:, None] * mean_row
+    expected = mean_row + shrink * (raw - mean_row)
     torch.testing.assert_close(out.get_input_embeddings().weight[new_ids], expected)
     assert manifest["counts"]["approximated"] == {"omp": new_ids.numel()}
     stats = manifest["matrices"]["embed"]

@@ -24,7 +24,10 @@ from collections.abc import Callable
 
 import torch
 
+from tokensurgeon.ann import exact_top_abs
+
 GramColumn = Callable[[torch.Tensor], torch.Tensor]
+Search = Callable[[torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
 
 
 def batch_omp_gram(
@@ -133,6 +136,7 @@ def omp_fast(
     candidates: int = 256,
     gram: torch.Tensor | None = None,
     refresh: list[int] | None = None,
+    search: Search | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP restricted to per-target preselected candidates, optionally refreshed.
 
@@ -147,6 +151,9 @@ def omp_fast(
             again (one more GEMM) and the candidates become the support so far plus the
             atoms most correlated with the residual; the greedy search then resumes on
             them. See :func:`refresh_schedule`.
+        search: ``search(queries [B, D], width, exclude [B, s] | None) -> [B, width]`` atom
+            indices with the largest |correlation| (e.g. :meth:`tokensurgeon.ann.AnchorIndex.search`);
+            default: exact GEMM search over every atom.
     Returns:
         indices: [B, k] atom indices into ``atoms``; coef: [B, k] coefficients.
     """
@@ -156,15 +163,15 @@ def omp_fast(
     stops.append(k)
     support: torch.Tensor | None = None  # [B, t] global indices chosen so far
     residual = targets
+    if search is None:
+        def search(queries, n, exclude):
+            return exact_top_abs(queries, atoms, n, exclude)
     for stop in stops:
-        scores = (residual @ atoms.T).abs_()  # [B, N]
         if support is None:
-            cand = scores.topk(width, dim=1, sorted=False).indices  # [B, C]
-        else:
-            scores.scatter_(1, support, -1.0)  # the support leads the new candidates
-            fresh = scores.topk(width - support.shape[1], dim=1, sorted=False).indices
+            cand = search(residual, width, None)  # [B, C]
+        else:  # the support leads the new candidates
+            fresh = search(residual, width - support.shape[1], support)
             cand = torch.cat([support, fresh], dim=1)
-        del scores
         forced = None if support is None else torch.arange(
             support.shape[1], device=targets.device).expand(targets.shape[0], -1)
         local_idx, coef = _omp_on_candidates(targets, atoms, cand, stop, gram, forced)

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokensurgeon import conventions, modelio, streaming
+from tokensurgeon import conventions, diagnostics, modelio, streaming
 from tokensurgeon import progress
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
-from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names
+from tokensurgeon.methods import (METHODS, MethodResult, TransplantProblem, method_names,
+                                  options_for)
+from tokensurgeon.methods.omp import COEFFICIENTS, SEARCHES, OmpOptions
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,15 +45,42 @@ class TransplantConfig:
         "positional": True, "help": "output directory (written atomically)"})
     method: str = field(default="omp", metadata={
         "choices": method_names, "help": "how tokens BASE lacks get their embeddings"})
-    k: int = field(default=64, metadata={
+    k: int = field(default=OmpOptions.k, metadata={
         "short": "-k", "help": "OMP: at most this many anchor tokens per new token"})
-    candidates: int = field(default=256, metadata={
-        "help": "OMP: anchors preselected per token by one GEMM before the greedy search; "
+    candidates: int = field(default=OmpOptions.candidates, metadata={
+        "help": "OMP: anchors preselected per token (see --search) before the greedy search; "
                 "0 searches every anchor at every step (exact, slow)"})
-    refreshes: int = field(default=10, metadata={
-        "help": "OMP: times the candidates are re-drawn from every anchor by correlation "
-                "with the residual, at geometrically spaced steps (each costs one GEMM); "
-                "0 keeps the first preselection (fastest, least accurate)"})
+    refreshes: int = field(default=OmpOptions.refreshes, metadata={
+        "help": "OMP: times the candidates are re-drawn by correlation with the residual, at "
+                "geometrically spaced steps (each costs one search); 0 keeps the first "
+                "preselection (fastest, least accurate)"})
+    search: str = field(default=OmpOptions.search, metadata={
+        "choices": SEARCHES,
+        "help": "OMP: how candidates are found: exact (one GEMM over every anchor), faiss "
+                "(approximate inverted-file index; falls back to exact without faiss), or auto "
+                "(faiss when the exact search is large)"})
+    centre: bool = field(default=OmpOptions.centre, metadata={
+        "help": "OMP: centre both spaces on the anchor mean and select on unit-norm anchors "
+                "(--no-centre: v1, raw anchors)"})
+    coefficients: str = field(default=OmpOptions.coefficients, metadata={
+        "choices": COEFFICIENTS,
+        "help": "OMP: lstsq (least-squares weights of the selected anchors) or softmax (convex "
+                "weights softmax(cosine / --temperature) over them: rows stay in the hull of "
+                "real rows)"})
+    temperature: float = field(default=OmpOptions.temperature, metadata={
+        "help": "OMP: softmax temperature for --coefficients softmax"})
+    shrink: float = field(default=OmpOptions.shrink, metadata={
+        "help": "OMP: input rows become mean + SHRINK * (row - mean) (1 keeps them)"})
+    output_shrink: float = field(default=OmpOptions.output_shrink, metadata={
+        "help": "OMP: the same for output (lm_head) rows; used for an untied lm_head (see "
+                "--untie); a tied matrix takes the input rows"})
+    leak_check: bool = field(default=True, metadata={
+        "help": "after writing, reload OUT and report in transplant.json the leak mass (the "
+                "probability new tokens take where the gold token is a shared one) on a "
+                "small built-in text"})
+    untie: bool = field(default=False, metadata={
+        "help": "when BASE ties its lm_head to its input embeddings, write a separate lm_head "
+                "so input and output rows of new tokens can differ (loads the whole model)"})
     batch_size: int = field(default=1024, metadata={"help": "new tokens per OMP batch"})
     holdout: int = field(default=512, metadata={
         "help": "shared tokens held out and re-predicted to report reconstruction error "
@@ -80,15 +109,10 @@ class TransplantConfig:
         "help": "largest weights file written when streaming, as in transformers' save_pretrained"})
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise UsageError(f"--k must be >= 1 (got {self.k})")
-        if self.candidates < 0:
-            raise UsageError(f"--candidates must be >= 0 (got {self.candidates})")
-        if 0 < self.candidates < self.k:
-            raise UsageError(f"--candidates ({self.candidates}) must be >= --k ({self.k}), "
-                             "or 0 for exact OMP")
-        if self.refreshes < 0:
-            raise UsageError(f"--refreshes must be >= 0 (got {self.refreshes})")
+        if self.method in METHODS:
+            options = options_for(self.method, self)
+            if options is not None and hasattr(options, "validate"):
+                options.validate()
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.holdout < 0:
@@ -110,6 +134,25 @@ def check_supported(model, label: str) -> tuple[torch.nn.Embedding, torch.nn.Lin
                          "over to a new vocabulary; this architecture is not supported")
     tied = head is None or head.weight is emb.weight
     return emb, (None if tied else head), tied
+
+
+def check_untie(config, label: str) -> None:
+    """--untie needs a config switch for tied embeddings (``tie_word_embeddings``)."""
+    text = getattr(config, "text_config", None) or config
+    if not hasattr(text, "tie_word_embeddings") and not hasattr(config, "tie_word_embeddings"):
+        raise UsageError(f"{label}: its config has no tie_word_embeddings switch, so its lm_head "
+                         "cannot be untied; drop --untie")
+
+
+def untie_model(model) -> None:
+    """Give a tied model its own lm_head (a copy for now; filled by the caller)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UsageError("BASE has no separate lm_head module to untie; drop --untie")
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -167,30 +210,43 @@ def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anch
         target_bytes=[donor_vocab.token_bytes[i] if i < donor_vocab.size else None
                       for i in target_ids.tolist()],
         base_byte_index=base_index,
-        k=min(cfg.k, anchor_donor.numel()),
-        candidates=cfg.candidates,
-        refreshes=cfg.refreshes,
+        options=options_for(cfg.method, cfg),
         batch_size=cfg.batch_size,
         device=device,
         progress=None if cfg.quiet else label,
     )
 
 
+def assemble_matrix(plan: MatrixPlan, base_matrix: torch.Tensor, new_rows: torch.Tensor,
+                    new_size: int) -> torch.Tensor:
+    """[new_size, Hb]: shared rows copied from ``base_matrix`` [Vb, Hb], ``new_rows``
+    [len(plan.new_ids), Hb] for the new ids, the anchor mean for orphan ids."""
+    base_matrix = base_matrix.detach().float().cpu()
+    out = torch.empty(new_size, base_matrix.shape[1], dtype=torch.float32)
+    out[plan.copy_donor] = base_matrix[plan.copy_base]
+    out[plan.new_ids] = new_rows
+    if plan.orphan_ids.numel():
+        out[plan.orphan_ids] = base_matrix[plan.anchor_base].mean(0)
+    return out
+
+
 def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matrix: torch.Tensor,
                  donor_matrix: torch.Tensor, donor_vocab: Vocabulary, base_index: dict,
-                 new_size: int, label: str) -> tuple[torch.Tensor, MethodResult, dict]:
-    """New [new_size, Hb] matrix, the method's result for the new ids, and holdout stats."""
+                 new_size: int, label: str, output: bool = False,
+                 ) -> tuple[torch.Tensor, MethodResult, dict]:
+    """New [new_size, Hb] matrix, the method's result for the new ids, and holdout stats.
+
+    Pure: tensors in, tensors out (no files). ``output`` builds an output (lm_head) matrix
+    from the method's ``output_rows`` when it gives them; otherwise its input rows are used.
+    """
     base_matrix = base_matrix.detach().float().cpu()
     donor_matrix = donor_matrix.detach().float().cpu()
     method = METHODS[cfg.method]
-    out = torch.empty(new_size, base_matrix.shape[1], dtype=torch.float32)
-    out[plan.copy_donor] = base_matrix[plan.copy_base]
     result = method(_problem(cfg, device, donor_matrix, base_matrix, plan.anchor_donor,
                              plan.anchor_base, plan.new_ids, donor_vocab, base_index,
                              f"{cfg.method} {label}"))
-    out[plan.new_ids] = result.rows
-    if plan.orphan_ids.numel():
-        out[plan.orphan_ids] = base_matrix[plan.anchor_base].mean(0)
+    rows = result.output_rows if output and result.output_rows is not None else result.rows
+    out = assemble_matrix(plan, base_matrix, rows, new_size)
     stats: dict = {}
     if cfg.holdout and plan.anchor_donor.numel() > cfg.k:
         held = _select_holdout(plan.anchor_donor, cfg.holdout, cfg.seed)
@@ -200,11 +256,16 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
                                       plan.anchor_donor[keep], plan.anchor_base[keep],
                                       plan.anchor_donor[held], donor_vocab, base_index, None))
         truth = base_matrix[plan.anchor_base[held]]
-        rel = (held_result.rows - truth).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-12)
-        cos = torch.nn.functional.cosine_similarity(held_result.rows, truth, dim=1)
+        held_rows = (held_result.output_rows if output and held_result.output_rows is not None
+                     else held_result.rows)
+        rel = (held_rows - truth).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-12)
+        cos = torch.nn.functional.cosine_similarity(held_rows, truth, dim=1)
+        mean_rel = (truth - base_matrix[plan.anchor_base[keep]].mean(0)).norm(dim=1) \
+            / truth.norm(dim=1).clamp_min(1e-12)
         stats = {"heldout_tokens": int(held.numel()),
                  "heldout_relative_error_base": float(rel.mean()),
-                 "heldout_cosine_base": float(cos.mean())}
+                 "heldout_cosine_base": float(cos.mean()),
+                 "heldout_relative_error_base_mean_init": float(mean_rel.mean())}
         if held_result.donor_error is not None:
             stats["heldout_relative_error_donor"] = float(held_result.donor_error.mean())
     if result.donor_error is not None and result.donor_error.numel():
@@ -242,7 +303,11 @@ def transplant(cfg: TransplantConfig) -> dict:
     conv = conventions.observe(conv_tok, modelio.load_generation_config(conv_ref))
     added_tokens = conventions.add_missing(donor_tok, conv)  # rows copied from BASE below
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
-    base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
+    if cfg.untie:
+        check_untie(modelio.load_config(base_ref, cfg.trust_remote_code), base_ref.label)
+    # An untied lm_head is a tensor BASE's files do not have: build it in memory.
+    stream = cfg.stream and not cfg.untie
+    base = streaming.load_base(base_ref, cfg.trust_remote_code, stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
                                cfg.out)
     emb, head, tied = check_supported(base, base_ref.label)
@@ -259,20 +324,30 @@ def transplant(cfg: TransplantConfig) -> dict:
     donor_rows = donor_in.shape[0]
     new_size = max(donor_rows, len(donor_tok))
     plan = plan_vocabulary(base_vocab, donor_vocab, emb.weight.shape[0], donor_rows, new_size)
-    if cfg.method == "omp" and cfg.k > plan.anchor_donor.numel():
-        raise UsageError(f"--k {cfg.k} is larger than the {plan.anchor_donor.numel()} shared "
-                         f"anchor tokens; pass --k {plan.anchor_donor.numel()} or less")
+    options = options_for(cfg.method, cfg)
+    if options is not None and hasattr(options, "validate"):
+        options.validate(plan.anchor_donor.numel())
     base_index = base_vocab.byte_index()
+    emb_anchor_mean = emb.weight.detach()[plan.anchor_base].float().mean(0).cpu()
+    head_anchor_mean = (None if head is None
+                        else head.weight.detach()[plan.anchor_base].float().mean(0).cpu())
     progress.get().start(f"{cfg.method} embed")
     new_embed, embed_result, embed_stats = build_matrix(
         cfg, device, plan, emb.weight, donor_in, donor_vocab, base_index, new_size, "embed")
     matrices = {"embed": (embed_result, embed_stats)}
     new_head = None
-    if not tied:
+    untied = tied and cfg.untie
+    if untied:
+        new_head = assemble_matrix(plan, emb.weight, embed_result.output_rows
+                                   if embed_result.output_rows is not None else embed_result.rows,
+                                   new_size)
+        untie_model(base)
+        tied = False
+    elif not tied:
         progress.get().start(f"{cfg.method} lm_head")
         new_head, head_result, head_stats = build_matrix(
             cfg, device, plan, head.weight, donor_out if donor_out is not None else donor_in,
-            donor_vocab, base_index, new_size, "lm_head")
+            donor_vocab, base_index, new_size, "lm_head", output=True)
         matrices["lm_head"] = (head_result, head_stats)
     t_math = time.perf_counter()
 
@@ -294,6 +369,7 @@ def transplant(cfg: TransplantConfig) -> dict:
         "donor_tokenizer_kind": donor_vocab.kind,
         "vocab_size": new_size,
         "tied_embeddings": tied,
+        "untied": untied,
         "counts": {
             "copied": int(plan.copy_donor.numel()),
             "anchors": int(plan.anchor_donor.numel()),
@@ -310,6 +386,8 @@ def transplant(cfg: TransplantConfig) -> dict:
     tensors = {"copied_donor_ids": plan.copy_donor, "copied_base_ids": plan.copy_base,
                "new_donor_ids": new_ids, "orphan_donor_ids": plan.orphan_ids}
     method_codes = {name: i for i, name in enumerate(sorted(set(method_names()) | {"mean"}))}
+    mean_rows = {"embed": emb_anchor_mean} | ({"lm_head": head_anchor_mean} if head_anchor_mean
+                                                is not None else {})
     for name, (result, _) in matrices.items():
         tensors[f"{name}.method"] = torch.tensor([method_codes[h] for h in result.how],
                                                  dtype=torch.uint8)
@@ -317,6 +395,11 @@ def transplant(cfg: TransplantConfig) -> dict:
             # Anchors as BASE ids, so the file reads without re-deriving the anchor list.
             tensors[f"{name}.anchor_base_ids"] = plan.anchor_base[result.anchors].to(torch.int32)
             tensors[f"{name}.coef"] = result.coef.float()
+            if result.mean_coef is not None:
+                tensors[f"{name}.mean_coef"] = result.mean_coef.float()
+                tensors[f"{name}.mean_row"] = mean_rows[name]
+                tensors[f"{name}.shrink"] = torch.tensor(
+                    result.shrink[1 if name == "lm_head" else 0], dtype=torch.float32)
     manifest["method_codes"] = method_codes
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         (Path(tmp) / "transplant").mkdir()
@@ -326,12 +409,28 @@ def transplant(cfg: TransplantConfig) -> dict:
             plan.copy_donor.tolist(), plan.copy_base.tolist()))) if cfg.conventions == "base" else []
         manifest["conventions"] = {**modelio.save_model(base, donor_tok, Path(tmp), conv, twins),
                                    "source": cfg.conventions, "added_tokens": added_tokens}
+        if cfg.leak_check:
+            t_leak = time.perf_counter()
+            manifest["leak_check"] = _leak_check(Path(tmp), plan, new_size)
+            manifest["seconds"]["leak_check"] = round(time.perf_counter() - t_leak, 2)
         manifest["seconds"]["total"] = round(time.perf_counter() - t0, 2)
         manifest["seconds"]["phases"] = progress.get().seconds()
         write_resolved_config(Path(tmp), cfg)
         modelio.write_json(Path(tmp) / "transplant.json", manifest)
     progress.get().finish()
     return manifest
+
+
+def _leak_check(out_dir: Path, plan: MatrixPlan, new_size: int) -> dict:
+    """Reload the written model and measure its leak mass on the built-in text."""
+    ref = modelio.resolve(str(out_dir))
+    model = modelio.load_model(ref)
+    is_new = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+    is_new[plan.new_ids] = True
+    is_new[plan.orphan_ids] = True
+    stats = diagnostics.leak_on_text(model, modelio.load_tokenizer(ref), is_new)
+    del model
+    return stats
 
 
 def _count(how: list[str], orphans: int) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,9 +27,7 @@ class TransplantProblem:
         base_matrix: [Vb, Hb] the whole BASE matrix (subword uses arbitrary pieces).
         target_bytes: per target, the bytes it stands for (None for specials/empty ids).
         base_byte_index: BASE bytes -> BASE id, for segmenting target bytes.
-        k: sparsity (OMP).
-        candidates: OMP preselection width; 0 means exact OMP.
-        refreshes: OMP candidate refreshes (see :func:`tokensurgeon.omp.refresh_schedule`).
+        options: the method's own options dataclass (``METHODS[name].options``), or None.
         batch_size: targets per batch.
         device: torch device for the math.
         progress: label for a progress bar, or None for no bar.
@@ -40,9 +39,7 @@ class TransplantProblem:
     base_matrix: torch.Tensor
     target_bytes: list[bytes | None]
     base_byte_index: dict[bytes, int]
-    k: int = 64
-    candidates: int = 256
-    refreshes: int = 10
+    options: Any = None
     batch_size: int = 1024
     device: str = "cpu"
     progress: str | None = None
@@ -58,6 +55,12 @@ class MethodResult:
             ``subword`` -> ``mean`` when the bytes cannot be segmented).
         anchors: optional [B, k] positions into the anchor list; coef: [B, k] weights.
         donor_error: optional [B] relative reconstruction error in DONOR space.
+        output_rows: optional [B, Hb] rows meant for an output (lm_head) matrix when they
+            differ from ``rows`` (the input rows); None means the same rows serve both.
+        mean_coef: optional [B] weight of the BASE anchor mean row m: before shrinking,
+            ``raw[b] = sum_j coef[b, j] * anchor_j + mean_coef[b] * m``.
+        shrink: (input, output) factors: ``rows = m + shrink[0] * (raw - m)``, and
+            ``output_rows`` likewise with shrink[1].
     """
 
     rows: torch.Tensor
@@ -65,12 +68,40 @@ class MethodResult:
     anchors: torch.Tensor | None = None
     coef: torch.Tensor | None = None
     donor_error: torch.Tensor | None = field(default=None)
+    output_rows: torch.Tensor | None = None
+    mean_coef: torch.Tensor | None = None
+    shrink: tuple[float, float] = (1.0, 1.0)
 
 
 Method = Callable[[TransplantProblem], MethodResult]
 METHODS: Registry[Method] = Registry("transplant method")
 register = METHODS.register
 method_names = METHODS.names
+
+
+def register_method(name: str, options: type | None = None) -> Callable[[Method], Method]:
+    """Register a method with its options dataclass (``fn.options``; None: it takes none).
+
+    The orchestrator builds the options from same-named fields of its config, so it never
+    tests method names.
+    """
+    def wrap(fn: Method) -> Method:
+        fn.options = options  # type: ignore[attr-defined]
+        return METHODS.register(name)(fn)
+
+    return wrap
+
+
+def options_for(name: str, values: Any) -> Any:
+    """The options dataclass of method ``name`` filled from same-named attributes of
+    ``values`` (a config); None for methods without options."""
+    cls = getattr(METHODS[name], "options", None)
+    if cls is None:
+        return None
+    import dataclasses
+
+    return cls(**{f.name: getattr(values, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(values, f.name)})
 
 
 # Importing the modules registers them.

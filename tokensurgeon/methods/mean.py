@@ -1,9 +1,9 @@
 """``mean``: new tokens get the mean of BASE's anchor rows (a baseline)."""
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register
+from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
 
 
-@register("mean")
+@register_method("mean")
 def mean_rows(problem: TransplantProblem) -> MethodResult:
     """Every target row is mean(base_anchors) [Hb]."""
     n = problem.donor_targets.shape[0]

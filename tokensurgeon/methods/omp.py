@@ -2,73 +2,148 @@
 
 Each new token's DONOR row is written as a sparse combination of at most k anchor rows in
 DONOR's space; the same coefficients applied to BASE's rows of those anchors give its BASE
-row. The math is in :mod:`tokensurgeon.omp`; this module batches it and moves it to the
-chosen device.
+row. The math is in :mod:`tokensurgeon.omp`; this module batches it, retrieves candidates
+(:mod:`tokensurgeon.ann`) and moves it to the chosen device.
+
+Defaults (v2), all reachable back to the v1 behaviour by options:
+- ``centre``: both spaces are centred on their anchor mean, and selection runs on
+  unit-norm centred anchors. The shared component every embedding carries then no longer
+  dominates the first picks, and a new row is ``mean + sum_j c_j (anchor_j - mean)``.
+- ``shrink`` / ``output_shrink``: a new row is pulled toward the anchor mean,
+  ``mu + lambda (row - mu)``; input rows and output (lm_head) rows get their own lambda,
+  because an output row takes probability mass from every real token wherever its logit is
+  high, while an input row only matters where the token occurs. v1: both 1.0.
+- ``coefficients``: ``lstsq`` (OMP's least-squares weights, signed and unbounded) or
+  ``softmax`` (a convex combination over the selected anchors, weights
+  ``softmax(cos(target, anchor) / temperature)``, WECHSEL-style), which keeps every new
+  row inside the convex hull of real rows.
 """
 
 from __future__ import annotations
 
-import psutil
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
 from tokensurgeon import omp as omp_math
-from tokensurgeon.methods import MethodResult, TransplantProblem, register
-
-# Keep the shared [N, N] anchor Gram matrix only when it takes at most this share of the
-# available memory; otherwise each batch builds per-token candidate Grams instead.
-GRAM_MEMORY_SHARE = 0.4
+from tokensurgeon.ann import AnchorIndex
+from tokensurgeon.errors import UsageError
+from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
 
 
-def use_shared_gram(n_targets: int, n_atoms: int, candidates: int, free_bytes: int) -> bool:
-    """The shared Gram costs N²·D once; per-token candidate Grams cost B·C²·D. Pick the
-    cheaper one, if the shared one fits in memory."""
-    fits = n_atoms * n_atoms * 4 <= GRAM_MEMORY_SHARE * free_bytes
-    return fits and n_atoms * n_atoms < n_targets * candidates * candidates
+@dataclass
+class OmpOptions:
+    """Options of the ``omp`` method (the single source of their defaults)."""
+
+    k: int = 64
+    candidates: int = 256
+    refreshes: int = 10
+    search: str = "auto"
+    centre: bool = True
+    coefficients: str = "lstsq"
+    temperature: float = 0.1
+    shrink: float = 1.0
+    output_shrink: float = 1.0
+
+    def validate(self, n_anchors: int | None = None) -> None:
+        if self.k < 1:
+            raise UsageError(f"--k must be >= 1 (got {self.k})")
+        if self.candidates < 0:
+            raise UsageError(f"--candidates must be >= 0 (got {self.candidates})")
+        if 0 < self.candidates < self.k:
+            raise UsageError(f"--candidates ({self.candidates}) must be >= --k ({self.k}), "
+                             "or 0 for exact OMP")
+        if self.refreshes < 0:
+            raise UsageError(f"--refreshes must be >= 0 (got {self.refreshes})")
+        if self.search not in SEARCHES:
+            raise UsageError(f"--search must be one of {SEARCHES} (got {self.search!r})")
+        if self.coefficients not in COEFFICIENTS:
+            raise UsageError(f"--coefficients must be one of {COEFFICIENTS} "
+                             f"(got {self.coefficients!r})")
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature must be > 0 (got {self.temperature})")
+        if n_anchors is not None and self.k > n_anchors:
+            raise UsageError(f"--k {self.k} is larger than the {n_anchors} shared anchor "
+                             f"tokens; pass --k {n_anchors} or less")
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return psutil.virtual_memory().available
+SEARCHES = ("auto", "faiss", "exact")
+COEFFICIENTS = ("lstsq", "softmax")
 
 
-@register("omp")
+def softmax_weights(targets: torch.Tensor, unit_atoms: torch.Tensor, idx: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """[B, k] convex weights softmax(cos(target_b, atom_j) / temperature) over idx [B, k].
+
+    ``unit_atoms`` [N, D] are unit-norm; ``targets`` [B, D] any norm.
+    """
+    unit_t = targets / targets.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = torch.bmm(unit_atoms[idx], unit_t.unsqueeze(-1)).squeeze(-1)  # [B, k]
+    return torch.softmax(cos / temperature, dim=1)
+
+
+def shrink_rows(rows: torch.Tensor, mean: torch.Tensor, factor: float) -> torch.Tensor:
+    """[B, H] rows pulled toward ``mean`` [H]: mean + factor * (rows - mean)."""
+    if factor == 1.0:
+        return rows
+    return mean + factor * (rows - mean)
+
+
+@register_method("omp", OmpOptions)
 def omp_rows(problem: TransplantProblem) -> MethodResult:
     """OMP coefficients in DONOR space, applied to BASE anchors. Rows [B, Hb]."""
+    opts: OmpOptions = problem.options
     device = torch.device(problem.device)
     anchors = problem.donor_anchors.to(device, torch.float32)
     base_anchors = problem.base_anchors.to(device, torch.float32)
     n_targets, n_atoms = problem.donor_targets.shape[0], anchors.shape[0]
-    k = min(problem.k, n_atoms)
-    exact = problem.candidates <= 0 or problem.candidates >= n_atoms
-    gram = None
-    # Each refresh rebuilds the candidate Grams, so count them in the comparison.
-    width = n_atoms if exact else problem.candidates
-    passes = 1 + len(omp_math.refresh_schedule(k, problem.refreshes))
-    if use_shared_gram(n_targets * passes, n_atoms, width, _free_bytes(device)):
-        gram = omp_math.gram_matrix(anchors)
+    k = min(opts.k, n_atoms)
+    exact = opts.candidates <= 0 or opts.candidates >= n_atoms
+    zero_d = torch.zeros(anchors.shape[1], device=device)
+    mu_d = anchors.mean(0) if opts.centre else zero_d
+    mu_b = base_anchors.mean(0)
+    atoms = anchors - mu_d
+    norms = atoms.norm(dim=1).clamp_min(1e-12) if opts.centre else torch.ones(n_atoms, device=device)
+    unit = atoms / norms.unsqueeze(1)
+    base_atoms = base_anchors - mu_b if opts.centre else base_anchors
+    index = None if exact else AnchorIndex(unit, opts.search, n_queries=n_targets)
+    schedule = omp_math.refresh_schedule(k, opts.refreshes)
     rows = torch.empty(n_targets, base_anchors.shape[1], dtype=torch.float32)
+    out_rows = torch.empty_like(rows)
     all_idx = torch.empty(n_targets, k, dtype=torch.long)
     all_coef = torch.empty(n_targets, k, dtype=torch.float32)
+    all_mean_coef = torch.empty(n_targets, dtype=torch.float32)
     errors = torch.empty(n_targets, dtype=torch.float32)
-    schedule = omp_math.refresh_schedule(k, problem.refreshes)
     batch = problem.batch_size
     bar = tqdm(total=n_targets, desc=problem.progress, unit="tok", disable=problem.progress is None)
     for start in range(0, n_targets, batch):
-        targets = problem.donor_targets[start : start + batch].to(device, torch.float32)
+        targets = problem.donor_targets[start : start + batch].to(device, torch.float32) - mu_d
         if exact:
-            idx, coef = omp_math.omp_exact(targets, anchors, k, gram=gram)
+            idx, coef = omp_math.omp_exact(targets, unit, k)
         else:
-            idx, coef = omp_math.omp_fast(targets, anchors, k, problem.candidates, gram=gram,
-                                          refresh=schedule)
-        approx = omp_math.reconstruct(anchors, idx, coef)
+            idx, coef = omp_math.omp_fast(targets, unit, k, opts.candidates, refresh=schedule,
+                                          search=index.search)
+        coef = coef / norms[idx]  # weights of the (centred) anchors themselves
+        if opts.coefficients == "softmax":
+            coef = softmax_weights(targets, unit, idx, opts.temperature)
+            raw = omp_math.reconstruct(base_anchors, idx, coef)  # convex: inside the hull
+            approx = omp_math.reconstruct(anchors, idx, coef) - mu_d
+            mean_coef = torch.zeros(coef.shape[0], device=device)
+        else:
+            raw = omp_math.reconstruct(base_atoms, idx, coef) + (mu_b if opts.centre else 0.0)
+            approx = omp_math.reconstruct(atoms, idx, coef)
+            mean_coef = 1.0 - coef.sum(1) if opts.centre else torch.zeros(coef.shape[0], device=device)
         end = start + targets.shape[0]
-        errors[start:end] = omp_math.relative_error(targets, approx).cpu()
-        rows[start:end] = omp_math.reconstruct(base_anchors, idx, coef).cpu()
+        errors[start:end] = omp_math.relative_error(targets + mu_d, approx + mu_d).cpu()
+        rows[start:end] = shrink_rows(raw, mu_b, opts.shrink).cpu()
+        out_rows[start:end] = shrink_rows(raw, mu_b, opts.output_shrink).cpu()
         all_idx[start:end] = idx.cpu()
+        # Before shrinking, row = sum_j coef_j B_j + mean_coef * mean(B anchors).
         all_coef[start:end] = coef.cpu()
+        all_mean_coef[start:end] = mean_coef.cpu()
         bar.update(targets.shape[0])
     bar.close()
-    return MethodResult(rows, ["omp"] * n_targets, all_idx, all_coef, errors)
+    return MethodResult(rows, ["omp"] * n_targets, all_idx, all_coef, errors,
+                        output_rows=out_rows, mean_coef=all_mean_coef,
+                        shrink=(opts.shrink, opts.output_shrink))

@@ -7,11 +7,11 @@ with no bytes (a special token) or bytes BASE cannot spell falls back to ``mean`
 
 import torch
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register
+from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
 from tokensurgeon.token_identity import encode_bytes_greedy
 
 
-@register("subword")
+@register_method("subword")
 def subword_rows(problem: TransplantProblem) -> MethodResult:
     """Row b = mean of base_matrix[pieces(target_bytes[b])] ([B, Hb])."""
     index = problem.base_byte_index

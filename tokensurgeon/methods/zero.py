@@ -2,10 +2,10 @@
 
 import torch
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register
+from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
 
 
-@register("zero")
+@register_method("zero")
 def zero_rows(problem: TransplantProblem) -> MethodResult:
     """[B, Hb] zeros."""
     n = problem.donor_targets.shape[0]

@@ -1,0 +1,86 @@
+"""Where a transplanted model's probability goes: leak mass and loss by gold-token kind.
+
+Boundary: :func:`leak_stats` is pure tensor math. :func:`leak_on_text` runs a loaded model
+on a text (no files).
+
+Leak mass: at positions whose gold token is one BASE already had (shared), the probability
+that all new tokens together take. Rows of new tokens that score high against ordinary
+hidden states steal mass from the real tokens everywhere; mean-initialised rows have a bound
+on it (Hewitt 2021: by Jensen, ``exp(h . mean) <= mean(exp(h . w))``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# A short built-in text (prose and arithmetic, written for this check) so that every
+# transplant can report its leak mass without data files.
+BUILTIN_TEXT = (
+    "The harbour town woke slowly. Fishing boats came in before sunrise, and by seven the "
+    "market stalls were covered with crates of mackerel, crabs and bright orange mussels. "
+    "Most visitors never noticed the old lighthouse keeper, who still climbed the tower every "
+    "evening although the lamp had been automatic for thirty years.\n"
+    "A baker sells 48 loaves in the morning and half as many in the afternoon. In the morning "
+    "she sells 48 loaves, and in the afternoon she sells 48 / 2 = 24 loaves. Altogether she "
+    "sells 48 + 24 = 72 loaves. Each loaf costs $3, so she earns 72 * 3 = $216.\n"
+    "In 1851 the railway reached the valley, and within a decade the population had doubled. "
+    "The new station, built of local granite, replaced a coaching inn that had served "
+    "travellers between the two cities since the early eighteenth century.\n"
+)
+
+
+def leak_stats(hidden: torch.Tensor, head: torch.Tensor, gold: torch.Tensor,
+               is_new: torch.Tensor, softcap: float | None = None) -> dict:
+    """Leak mass and NLL by gold kind for one sequence.
+
+    Args:
+        hidden: [T, H] final hidden states at the positions that predict ``gold``.
+        head: [V, H] output matrix.
+        gold: [T] the token that follows each position.
+        is_new: [V] bool, True for tokens BASE did not have.
+        softcap: optional final-logit soft-capping.
+    Returns:
+        sums (not means): leak (probability on new tokens, summed over shared-gold
+        positions), nll_shared / nll_new (nats), n_shared / n_new (positions).
+    """
+    logits = (hidden.float() @ head.float().T)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logz = torch.logsumexp(logits, 1)
+    new_cols = logits[:, is_new]
+    lz_new = torch.logsumexp(new_cols, 1) if new_cols.shape[1] else torch.full_like(logz, -math.inf)
+    lp = logits.gather(1, gold.unsqueeze(1)).squeeze(1) - logz
+    new_gold = is_new[gold]
+    return {"leak": float((lz_new - logz)[~new_gold].exp().double().sum()),
+            "nll_shared": float(-lp[~new_gold].double().sum()),
+            "nll_new": float(-lp[new_gold].double().sum()),
+            "n_shared": int((~new_gold).sum()), "n_new": int(new_gold.sum())}
+
+
+def leak_on_text(model, tokenizer, is_new: torch.Tensor, text: str = BUILTIN_TEXT,
+                 chunk: int = 128) -> dict:
+    """Leak mass (mean over shared-gold positions) and bits per byte split by gold kind, on
+    ``text`` with the tokenizer's BOS (or EOS) prepended."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([prefix] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    head = model.get_output_embeddings().weight.detach()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap is None and getattr(model.config, "text_config", None) is not None:
+        softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids.unsqueeze(0)).last_hidden_state[0, :-1]
+        total: dict = {}
+        for s in range(0, hidden.shape[0], chunk):
+            part = leak_stats(hidden[s:s + chunk], head, ids[1:][s:s + chunk],
+                              is_new.to(head.device), softcap)
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+    n_bytes = len(text.encode("utf-8")) * math.log(2)
+    return {"leak_mass": round(total["leak"] / max(1, total["n_shared"]), 5),
+            "bpb": round((total["nll_shared"] + total["nll_new"]) / n_bytes, 4),
+            "bpb_shared_gold": round(total["nll_shared"] / n_bytes, 4),
+            "bpb_new_gold": round(total["nll_new"] / n_bytes, 4),
+            "tokens_shared_gold": total["n_shared"], "tokens_new_gold": total["n_new"],
+            "text_bytes": len(text.encode("utf-8"))}

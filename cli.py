@@ -99,10 +99,17 @@ GROUP_HELP: dict[str, str] = {
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per COMMANDS entry; a two-word name ("spec train") becomes a
     subcommand of a group ("spec")."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="tokensurgeon",
         description="Move knowledge between language models that do not share a tokenizer.",
     )

@@ -39,3 +39,90 @@ def test_unknown_yaml_option_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["transplant", "a", "b", "c", "--config", str(cfg_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown options ['kay']" in err and len(err.splitlines()) == 1
+
+
+def _resolve(argv, cls):
+    return resolve_config(cls, cli.build_parser().parse_args(argv))
+
+
+def test_yaml_values_are_converted_like_flags(tmp_path, capsys):
+    from distill.trainer import DistillConfig
+
+    good = tmp_path / "good.yaml"
+    good.write_text("data: x.txt\nlr: 1e-4\nsteps: 30\nquiet: true\n")
+    cfg = _resolve(["distill", "--teacher", "t", "--student", "s", "--out", "o",
+                    "--config", str(good)], DistillConfig)
+    assert cfg.data == ["x.txt"] and cfg.lr == 1e-4 and cfg.steps == 30 and cfg.quiet is True
+    for text, needle in [("steps: '300'\n", "steps: 300"), ("steps: 2.5\n", "an integer"),
+                         ("train: nope\n", "not one of"), ("lr: [1, 2]\n", "one value"),
+                         ("pack: 'yes'\n", "true or false"), ("steps:\n", "empty"),
+                         ("steps: 3\n  x: : y\n", "line 2")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        code = cli.main(["distill", "--teacher", "t", "--student", "s", "--out", "o",
+                         "--config", str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, (text, err)
+
+
+def test_comma_options_are_real_lists(tmp_path):
+    from spec_decode.bench import SpecBenchConfig
+
+    base = ["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt"]
+    cfg = _resolve(base + ["--gamma", "2,3", "--temperature", "0,0.5", "--batch-size", "4"],
+                   SpecBenchConfig)
+    assert (cfg.gamma, cfg.temperature, cfg.batch_size) == ([2, 3], [0.0, 0.5], [4])
+    y = tmp_path / "b.yaml"
+    y.write_text("gamma: [2, 5]\ntemperature: '0,1'\nbatch_size: 8\n")
+    cfg = _resolve(base + ["--config", str(y)], SpecBenchConfig)
+    assert (cfg.gamma, cfg.temperature, cfg.batch_size) == ([2, 5], [0.0, 1.0], [8])
+    assert SpecBenchConfig(target="T").gamma == [2, 3, 4]
+
+
+def test_usage_errors_are_one_line(capsys):
+    for argv in (["spec", "bench", "T", "--gamma", "2,x"], ["transplant", "--k", "x"],
+                 ["nope"], ["distill", "--draft-sample", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "--help" in err
+
+
+def test_quiet_from_yaml_is_honoured(tmp_path, monkeypatch):
+    from tokensurgeon import progress
+
+    seen = []
+
+    class Spy(progress.Progress):
+        def __init__(self, quiet=False, **kw):
+            seen.append(quiet)
+            super().__init__(quiet=quiet, **kw)
+
+    monkeypatch.setattr(progress, "Progress", Spy)
+    y = tmp_path / "q.yaml"
+    y.write_text("quiet: true\n")
+    assert cli.main(["eval", str(tmp_path / "none"), str(tmp_path / "none.txt"),
+                     "--config", str(y)]) == 2
+    assert seen == [True]
+
+
+def test_one_logit_chunk_default():
+    from distill.losses import LossSettings
+    from distill.trainer import DistillConfig
+    from tokensurgeon.evaluate import EvalConfig
+    from tokensurgeon.logits import LOGIT_CHUNK
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    assert defaults["logit_chunk"] == LossSettings().logit_chunk == LOGIT_CHUNK
+    assert {f.name: f.default for f in dataclasses.fields(EvalConfig)}["logit_chunk"] == LOGIT_CHUNK
+
+
+def test_loss_help_lists_the_registry(capsys):
+    from distill.losses import LOSSES
+
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in LOSSES.names():
+        assert name in out.split("[names:")[1], name

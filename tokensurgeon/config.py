@@ -7,8 +7,19 @@ becomes ``--help``, and ``--config run.yaml`` supplies values that explicit flag
 Field metadata keys:
 - ``help``: the option's help text (required; the default is appended automatically).
 - ``positional``: the field is a positional argument (optional when it has a default).
-- ``choices``: a sequence, or a zero-argument callable returning one (e.g. a registry).
+- ``choices``: a sequence, or a zero-argument callable returning one (e.g. a registry's
+  ``names``), so ``--help`` lists what is registered and never needs editing.
+- ``names``: a zero-argument callable (a registry's ``names``) listed in ``--help`` for an
+  option whose value is built from those names (``--loss alm+sft``).
 - ``short``: an extra short flag such as ``-k``.
+- ``comma``: a list field given on the command line as one comma list (``--gamma 2,3,4``)
+  rather than by repeating the flag.
+
+YAML values go through the same conversion and checks as flags: an ``int`` option must be a
+YAML integer (``steps: '300'`` is refused), a list option takes one value or a list
+(``data: x.txt`` becomes ``[x.txt]``), a comma option also takes ``"2,3,4"``, and
+``choices`` apply. ``1e-4`` reads as a float (YAML 1.2), not as the string PyYAML's YAML 1.1
+makes of it.
 """
 
 from __future__ import annotations
@@ -59,7 +70,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = _default_of(field)
         help_text = meta["help"]
         if default is not dataclasses.MISSING and default is not None and default != []:
-            help_text += f" (default: {default})"
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+        if "names" in meta:  # a registry whose names the value is built from (e.g. alm+sft)
+            help_text += f" [names: {', '.join(sorted(meta['names']()))}]"
         choices = meta.get("choices")
         if callable(choices):
             choices = sorted(choices())
@@ -73,7 +87,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs["type"] = tp
             kwargs["metavar"] = field.name.upper()
-            if is_list:
+            if is_list and meta.get("comma"):
+                kwargs["type"] = _comma_list(tp, "--" + field.name.replace("_", "-"))
+                kwargs.pop("choices", None)  # checked per element in resolve_config
+            elif is_list:
                 kwargs["action"] = "append"
         if meta.get("positional"):
             kwargs.pop("metavar", None)
@@ -94,21 +111,114 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     )
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float, as YAML 1.2 and every user expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", __import__("re").X),
+    list("-+0123456789."))
+
+
+def _comma_list(tp: type, flag: str):
+    """argparse ``type=`` for a comma option: ``"2,3,4"`` -> ``[2, 3, 4]``."""
+    def parse(text: str) -> list:
+        parts = [x for x in text.replace(" ", "").split(",") if x]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{flag} is empty; give at least one value")
+        try:
+            return [tp(x) for x in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma list of {tp.__name__} values, e.g. 2,3,4") from None
+    parse.__name__ = f"comma list of {tp.__name__}"
+    return parse
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
+    """One YAML value as the field's type, with the checks a flag's ``type=`` would make."""
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    )
+    if not ok:
+        shown = f"{value!r}" if not isinstance(value, str) else f"'{value}'"
+        hint = ""
+        if isinstance(value, str) and tp in (int, float):
+            hint = f"; write it without quotes: {where.split(': ')[-1]}: {value}"
+        raise UsageError(f"{where} is {shown} ({type(value).__name__}), but the option takes "
+                         f"{_KIND.get(tp, tp.__name__)}{hint}")
+    return tp(value)
+
+
+def _coerce(cls: type, name: str, value: Any, path: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    tp, is_list = _field_type(cls, field)
+    where = f"config file {path}: {name}"
+    if value is None:
+        if _default_of(field) is None:
+            return None
+        raise UsageError(f"{where} is empty; give a value or delete the line")
+    if is_list:
+        if isinstance(value, str) and field.metadata.get("comma"):
+            try:  # "2,3,4" reads as the flag would read it
+                value = _comma_list(tp, name)(value)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+        items = value if isinstance(value, list) else [value]
+        out = [_coerce_scalar(v, tp, where) for v in items]
+    else:
+        if isinstance(value, (list, dict)):
+            raise UsageError(f"{where} is a {type(value).__name__}, but the option takes one "
+                             f"value ({_KIND.get(tp, tp.__name__)})")
+        out = _coerce_scalar(value, tp, where)
+    _check_choices(cls, field, out if is_list else [out], where)
+    return out
+
+
+def _check_choices(cls: type, field: dataclasses.Field, values: list, where: str) -> None:
+    choices = field.metadata.get("choices")
+    if choices is None:
+        return
+    allowed = list(choices() if callable(choices) else choices)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UsageError(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, sorted(allowed)))}")
+
+
 def _load_yaml(path: str, cls: type) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"config file {path} does not exist; pass an existing YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte offset {exc.start}); "
+                         "save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path} is not valid YAML ({exc.__class__.__name__})")
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise UsageError(f"config file {path} is not valid YAML{at} ({problem}); fix that line"
+                         ) from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of option: value")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted({k.replace("-", "_") for k in data} - names)
+    unknown = sorted({str(k).replace("-", "_") for k in data} - names)
     if unknown:
         raise UsageError(f"config file {path} has unknown options {unknown}; known: {sorted(names)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): _coerce(cls, str(k).replace("-", "_"), v, path)
+            for k, v in data.items()}
 
 
 def resolve_config(cls: type[C], namespace: argparse.Namespace) -> C:
@@ -120,6 +230,9 @@ def resolve_config(cls: type[C], namespace: argparse.Namespace) -> C:
     for field in dataclasses.fields(cls):
         if hasattr(namespace, field.name):
             values[field.name] = getattr(namespace, field.name)
+            if field.metadata.get("comma"):
+                _check_choices(cls, field, values[field.name],
+                               "--" + field.name.replace("_", "-"))
     missing = [
         f.name
         for f in dataclasses.fields(cls)

@@ -26,6 +26,7 @@ import torch
 
 from tokensurgeon.logits import (apply_softcap, checkpointed_position_statistics, map_logit_chunks,
                                  position_statistics)
+from tokensurgeon.logits import LOGIT_CHUNK
 from tokensurgeon.registry import Registry
 
 # ---------------------------------------------------------------------------- pure math
@@ -201,7 +202,7 @@ class LossSettings:
     tau: float = 100.0
     theta: float = 0.1
     debias: bool = True
-    logit_chunk: int = 256
+    logit_chunk: int = LOGIT_CHUNK
     recompute: bool = True
     fused: bool = True
     student_boundary: bool = True

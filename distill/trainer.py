@@ -31,7 +31,7 @@ from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_sp
 from tokensurgeon import modelio, progress, training
 from tokensurgeon.config import config_to_dict
 from tokensurgeon.errors import UsageError
-from tokensurgeon.logits import decoder_and_head
+from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
 from tokensurgeon.token_identity import vocabulary
 
 TRAINABLE = ("full", "lora", "embeddings")
@@ -54,8 +54,8 @@ class DistillConfig:
         "help": ".txt or .jsonl (text / question+answer / messages); repeat for several"})
     out: str = field(metadata={"help": "output HF model directory; checkpoints go under it"})
     loss: str = field(default="alm+sft", metadata={
-        "help": "losses joined by + with optional :weight, e.g. alm+sft or alm:1+sft:0.5; "
-                "from alm, sft, hidden, uld, kl, kl_reverse"})
+        "names": LOSSES.names,
+        "help": "losses joined by + with optional :weight, e.g. alm+sft or alm:1+sft:0.5"})
     train: str = field(default="full", metadata={
         "help": "what is trained", "choices": TRAINABLE})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (--train lora)"})
@@ -77,7 +77,7 @@ class DistillConfig:
         "help": "ALM append-space debiasing (boundary-set log-prob at chunk ends)"})
     gradmag: bool = field(default=False, metadata={
         "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
-    logit_chunk: int = field(default=128, metadata={
+    logit_chunk: int = field(default=LOGIT_CHUNK, metadata={
         "help": "positions per lm_head call (bounds memory for large vocabularies)"})
     logits: str = field(default="fused", metadata={
         "help": "student log-prob gradients: fused (closed-form backward, logits kept when "

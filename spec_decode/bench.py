@@ -29,14 +29,22 @@ from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 
 
-def parse_list(text: str, kind: type, flag: str) -> list:
+def parse_list(text: str | list, kind: type, flag: str) -> list:
+    """A comma option's values (the CLI and --config already give a list; a string is
+    split at commas for callers that build a config by hand)."""
+    items = text if isinstance(text, list) else str(text).replace(" ", "").split(",")
     try:
-        values = [kind(x) for x in str(text).replace(" ", "").split(",") if x]
+        values = [kind(x) for x in items if x != ""]
     except ValueError:
         raise UsageError(f"{flag} {text!r} is not a comma list of {kind.__name__}s, e.g. 2,3,4") from None
     if not values:
         raise UsageError(f"{flag} is empty; give at least one value")
     return values
+
+
+def _comma(values: str | list) -> str:
+    """A comma option as the user typed it: ``[2, 3]`` -> ``2,3``."""
+    return ",".join(map(str, values)) if isinstance(values, list) else str(values)
 
 
 @dataclass
@@ -54,10 +62,12 @@ class SpecBenchConfig:
     backend: str = field(default="vllm", metadata={
         "choices": backend_names,
         "help": "vllm: measured speed and acceptance; hf: exact per-token acceptance, no vLLM"})
-    gamma: str = field(default="2,3,4", metadata={
-        "help": "comma list of num_speculative_tokens"})
-    temperature: str = field(default="0,1", metadata={"help": "comma list of temperatures"})
-    batch_size: str = field(default="1,8", metadata={"help": "comma list of batch sizes"})
+    gamma: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={
+        "comma": True, "help": "comma list of num_speculative_tokens"})
+    temperature: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={
+        "comma": True, "help": "comma list of temperatures"})
+    batch_size: list[int] = field(default_factory=lambda: [1, 8], metadata={
+        "comma": True, "help": "comma list of batch sizes"})
     num_prompts: int = field(default=50, metadata={"help": "use the first N prompts (0 = all)"})
     prompt_offset: int = field(default=0, metadata={"help": "skip this many prompts first"})
     timed_prompts: int = field(default=0, metadata={
@@ -82,13 +92,14 @@ class SpecBenchConfig:
     def validate(self) -> None:
         gammas = parse_list(self.gamma, int, "--gamma")
         if min(gammas) < 1:
-            raise UsageError(f"--gamma {self.gamma}: every gamma must be >= 1 (it is the number "
+            raise UsageError(f"--gamma {_comma(self.gamma)}: "
+                             "every gamma must be >= 1 (it is the number "
                              "of drafted tokens per target step)")
         temps = parse_list(self.temperature, float, "--temperature")
         if min(temps) < 0:
-            raise UsageError(f"--temperature {self.temperature}: temperatures must be >= 0")
+            raise UsageError(f"--temperature {_comma(self.temperature)}: temperatures must be >= 0")
         if min(parse_list(self.batch_size, int, "--batch-size")) < 1:
-            raise UsageError(f"--batch-size {self.batch_size}: batch sizes must be >= 1")
+            raise UsageError(f"--batch-size {_comma(self.batch_size)}: batch sizes must be >= 1")
         if not self.draft:
             raise UsageError("no --draft given; pass --draft DIR (repeat for several drafts)")
         if not self.prompts:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tokensurgeon import conventions, modelio, progress, validate
 from tokensurgeon.errors import UsageError
-from tokensurgeon.logits import decoder_and_head, final_hidden_states, token_logprobs
+from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head, final_hidden_states, token_logprobs
 
 
 BOS_MODES = ("auto", "always", "never")
@@ -47,7 +47,7 @@ class EvalConfig:
     segment_chars: int = field(default=2000, metadata={
         "help": "split the text into segments of about this many characters at line ends"})
     batch_size: int = field(default=4, metadata={"help": "segments per forward pass"})
-    logit_chunk: int = field(default=256, metadata={
+    logit_chunk: int = field(default=LOGIT_CHUNK, metadata={
         "help": "positions per lm_head chunk (bounds memory for large vocabularies)"})
     bos: str = field(default="auto", metadata={
         "choices": BOS_MODES,
@@ -178,7 +178,7 @@ def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]
 
 
 def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
-                  logit_chunk: int = 256, progress: bool = False, bos: str = "auto") -> dict:
+                  logit_chunk: int = LOGIT_CHUNK, progress: bool = False, bos: str = "auto") -> dict:
     """Total NLL of every scored token of every segment, in bits per scored UTF-8 byte.
 
     ``bos`` is ``auto`` (the tokenizer's own defaults, as clients encode), ``always`` (a BOS

@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 # Keep a chunk's logits for the backward pass (instead of recomputing them) below this size.
 DEFAULT_KEEP_BYTES = 1 << 30
+# Positions per lm_head call: the one default of eval, distill and the distill losses.
+LOGIT_CHUNK = 256
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:

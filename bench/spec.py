@@ -123,9 +123,9 @@ def main() -> None:
                                    keep_layers=args.keep_layers, overwrite=True, quiet=True))
         common = {"target": args.target, "draft": str(drafts["cut"]),
                   "data": str(DATA / "gsm8k" / "train.jsonl"), "steps": args.steps,
-                  "batch_size": args.batch_size, "lr": args.lr, "warmup": max(1, args.steps // 10),
+                  "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": max(1, args.steps // 10),
                   "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "heldout": 8,
-                  "eval_every": args.steps, "save_every": args.steps,
+                  "eval_every": args.steps, "checkpoint_every": args.steps,
                   "seed": args.seed, "overwrite": True, "quiet": True}
         for name, extra in (("distillspec", {"divergence": args.divergence, "on_policy": 1.0}),
                             ("fkl-fixed", {"divergence": "fkl", "on_policy": 0.0})):

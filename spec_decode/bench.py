@@ -24,6 +24,7 @@ from pathlib import Path
 from spec_decode.backends import BACKENDS, BenchPlan, backend_names, config_key
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import encode_prompt, read_examples
+from spec_decode.speculative import DRAFT_SAMPLE_METHODS
 from tokensurgeon import modelio
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
@@ -66,6 +67,11 @@ class SpecBenchConfig:
         "comma": True, "help": "comma list of num_speculative_tokens"})
     temperature: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={
         "comma": True, "help": "comma list of temperatures"})
+    draft_sample: list[str] = field(default_factory=lambda: ["greedy", "probabilistic"], metadata={
+        "comma": True,
+        "help": "comma list of drafting rules run at temperature > 0 (vLLM draft_sample_method): "
+                "greedy (vLLM's default: argmax drafts, accepted with p(argmax q)) and "
+                "probabilistic (sampled drafts, accepted with 1 - TVD); they coincide at T=0"})
     batch_size: list[int] = field(default_factory=lambda: [1, 8], metadata={
         "comma": True, "help": "comma list of batch sizes"})
     num_prompts: int = field(default=50, metadata={"help": "use the first N prompts (0 = all)"})
@@ -98,6 +104,10 @@ class SpecBenchConfig:
         temps = parse_list(self.temperature, float, "--temperature")
         if min(temps) < 0:
             raise UsageError(f"--temperature {_comma(self.temperature)}: temperatures must be >= 0")
+        bad = set(parse_list(self.draft_sample, str, "--draft-sample")) - set(DRAFT_SAMPLE_METHODS)
+        if bad:
+            raise UsageError(f"--draft-sample {_comma(self.draft_sample)}: unknown {sorted(bad)}; "
+                             f"choose from {','.join(DRAFT_SAMPLE_METHODS)}")
         if min(parse_list(self.batch_size, int, "--batch-size")) < 1:
             raise UsageError(f"--batch-size {_comma(self.batch_size)}: batch sizes must be >= 1")
         if not self.draft:
@@ -158,17 +168,19 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 def markdown(summary: dict) -> str:
     lines = [
-        "| draft | T | batch | gamma | alpha | tau | accept/pos | tok/s | ms/tok | speedup | c | predicted |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| draft | T | rule | batch | gamma | alpha | tau | accept/pos | tok/s | ms/tok | speedup | c | predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, t in sorted(summary["target_alone"].items()):
         temp, b = key[1:].split("/b")
-        lines.append(f"| (target alone) | {temp} | {b} | - | - | - | - | {t['tokens_per_s']:.1f} "
+        lines.append(f"| (target alone) | {temp} | - | {b} | - | - | - | - | {t['tokens_per_s']:.1f} "
                      f"| {t['tpot_ms']:.1f} | 1.00 | - | - |")
-    for r in sorted(summary["rows"], key=lambda r: (r["draft"], r["temperature"], r["batch_size"], r["gamma"])):
+    for r in sorted(summary["rows"], key=lambda r: (r["draft"], r["temperature"],
+                                                   r.get("draft_sample", ""), r["batch_size"], r["gamma"])):
         pos = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+        rule = r.get("draft_sample", "-") if r["temperature"] > 0 else "argmax"
         lines.append(
-            f"| {r['draft']} | {r['temperature']:g} | {r['batch_size']} | {r['gamma']} | "
+            f"| {r['draft']} | {r['temperature']:g} | {rule} | {r['batch_size']} | {r['gamma']} | "
             f"{_fmt(r['alpha'], '.3f')} | {_fmt(r['tau'])} | {pos} | {_fmt(r.get('tokens_per_s'), '.1f')} | "
             f"{_fmt(r.get('tpot_ms'), '.1f')} | {_fmt(r.get('speedup'))} | {_fmt(r.get('cost_ratio'), '.3f')} | "
             f"{_fmt(r.get('predicted_speedup'))} |")
@@ -192,7 +204,8 @@ def plots(summary: dict, out: Path) -> list[str]:
     for r in rows:
         if r["gamma"] == gmax and r["batch_size"] == b_min and r["acceptance_per_position"]:
             ax.plot(range(1, len(r["acceptance_per_position"]) + 1), r["acceptance_per_position"],
-                    marker="o", label=f"{r['draft']} T={r['temperature']:g}")
+                    marker="o", label=f"{r['draft']} T={r['temperature']:g}"
+                    + (f" {r.get('draft_sample')}" if r["temperature"] > 0 else ""))
     ax.set(xlabel="draft position", ylabel="P(accepted)", ylim=(0, 1),
            title=f"acceptance per position (gamma={gmax})")
     ax.legend(fontsize=7)
@@ -205,12 +218,13 @@ def plots(summary: dict, out: Path) -> list[str]:
         series: dict[tuple, list] = {}
         for r in rows:
             if r.get("speedup") is not None:
-                series.setdefault((r["draft"], r["temperature"], r["batch_size"]), []).append(
+                rule = r.get("draft_sample", "") if r["temperature"] > 0 else ""
+                series.setdefault((r["draft"], r["temperature"], rule, r["batch_size"]), []).append(
                     (r["gamma"], r["speedup"]))
-        for (name, temp, b), pts in sorted(series.items()):
+        for (name, temp, rule, b), pts in sorted(series.items()):
             pts.sort()
             ax.plot([g for g, _ in pts], [s for _, s in pts], marker="o",
-                    label=f"{name} T={temp:g} b={b}")
+                    label=f"{name} T={temp:g} {rule} b={b}".replace("  ", " "))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel="gamma (drafted tokens per step)", ylabel="speedup over target alone",
                title="measured speedup")
@@ -252,7 +266,8 @@ def bench(cfg: SpecBenchConfig) -> dict:
         max_tokens=cfg.max_tokens, timed_prompts=cfg.timed_prompts, seed=cfg.seed,
         device=modelio.resolve_device(cfg.device), vllm_memory=cfg.vllm_memory,
         max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet,
-        enforce_eager=cfg.enforce_eager, scratch=str(Path(cfg.out)) + ".partial.jsonl")
+        enforce_eager=cfg.enforce_eager, scratch=str(Path(cfg.out)) + ".partial.jsonl",
+        draft_samples=tuple(dict.fromkeys(parse_list(cfg.draft_sample, str, "--draft-sample"))))
     raw = BACKENDS[cfg.backend](plan)
     summary = summarise(raw, gammas)
     report = {

@@ -38,7 +38,7 @@ def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Exa
             continue
         if p.suffix == ".jsonl":
             try:
-                row = json.loads(line)
+                row = validate.check_unicode(json.loads(line), f"{path}:{n}")
             except json.JSONDecodeError:
                 raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
             prompt = next((row[k] for k in PROMPT_KEYS if isinstance(row, dict) and k in row), None)

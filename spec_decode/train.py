@@ -10,14 +10,26 @@ Each step draws ``batch_size`` prompts and, per prompt, one data source by the l
 - fixed (the rest): the file's own continuation (GSM8K ``answer``).
 The loss is the chosen divergence between the target's and the draft's next-token
 distributions over the full vocabulary at ``--temperature``, averaged over continuation
-positions (with ``--greedy-target`` at temperature 0, p is a one-hot on the target argmax).
-Every ``--eval-every`` steps it logs the acceptance estimate mean(1 - TVD) (and argmax
-agreement) of the draft on target continuations of held-out prompts.
+positions. ``--verify`` names the rule the draft will be verified with (vLLM's
+``draft_sample_method``; see :mod:`spec_decode.speculative`):
+- ``probabilistic``: drafts are sampled and accepted with probability 1 - TVD(p, q), so the
+  loss compares p and q at the temperature;
+- ``greedy`` (vLLM's default): the draft proposes argmax q, accepted with p(argmax q), so
+  only argmax agreement matters: p is replaced by a one-hot on the target's argmax.
+Every ``--eval-every`` steps it logs, on target continuations of held-out prompts, the exact
+acceptance under each rule (``heldout_acceptance`` is 1 - TVD, ``heldout_greedy_acceptance``
+is p(argmax q)), argmax agreement, and ``heldout_rule_acceptance``, the one ``--verify`` names.
+
+OUT is written like ``distill``'s: checkpoints and metrics.jsonl go to OUT as training runs,
+the finished draft replaces OUT atomically, and ``--resume`` refuses options that differ
+from the checkpointed run's.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +39,15 @@ import torch
 from spec_decode.divergences import DIVERGENCES, distributions, divergence_names
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import Example, encode_prompt, read_examples
+from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
+from tokensurgeon.config import config_to_dict
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import logits_at
 
 SOURCES = ("on_policy", "target", "fixed")
+# Options that may change between a run and its --resume without changing the result.
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
 
 
 @dataclass
@@ -60,12 +76,15 @@ class SpecTrainConfig:
     temperature: float = field(default=1.0, metadata={
         "help": "decoding temperature the draft is trained for (0 = greedy); also the "
                 "sampling temperature of generated continuations"})
-    greedy_target: bool = field(default=False, metadata={
-        "help": "at temperature 0, train towards a one-hot on the target's argmax"})
+    verify: str = field(default="probabilistic", metadata={
+        "choices": list(DRAFT_SAMPLE_METHODS),
+        "help": "the rule the draft will be verified with (vLLM draft_sample_method): "
+                "probabilistic trains the divergence at the temperature (acceptance 1 - TVD); "
+                "greedy trains towards a one-hot on the target's argmax (acceptance p(argmax q))"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per step (per process)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=10, metadata={"help": "learning-rate warmup steps"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear learning-rate warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens per generated continuation"})
     max_length: int = field(default=384, metadata={"help": "truncate prompt+continuation to this"})
@@ -73,7 +92,7 @@ class SpecTrainConfig:
     heldout: int = field(default=16, metadata={
         "help": "rows at the end of --data held out for the acceptance estimate (0 = none)"})
     eval_every: int = field(default=25, metadata={"help": "steps between held-out estimates"})
-    save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     chat: bool = field(default=True, metadata={
         "help": "wrap prompts in the tokenizer's chat template when it has one"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's newest checkpoint"})
@@ -90,14 +109,15 @@ class SpecTrainConfig:
             raise UsageError("--on-policy and --target-generated must be in [0, 1] and sum to <= 1")
         if self.temperature < 0:
             raise UsageError(f"--temperature must be >= 0 (got {self.temperature})")
-        if self.greedy_target and self.temperature != 0:
-            raise UsageError("--greedy-target needs --temperature 0")
-        if self.greedy_target and self.divergence == "rkl":
-            raise UsageError("reverse KL to a one-hot target is infinite; with --greedy-target "
+        if self.verify == "greedy" and self.divergence == "rkl":
+            raise UsageError("reverse KL to a one-hot target is infinite; with --verify greedy "
                              "use --divergence fkl, tvd or jsd")
+        if self.warmup_steps < 0:
+            raise UsageError("--warmup-steps must be >= 0")
         if not 0 < self.beta < 1:
             raise UsageError(f"--beta must be in (0, 1) (got {self.beta})")
-        for name in ("steps", "batch_size", "max_new_tokens", "max_length", "eval_every", "save_every"):
+        for name in ("steps", "batch_size", "max_new_tokens", "max_length", "eval_every",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.resume and self.overwrite:
@@ -158,27 +178,45 @@ def pack(prompts: list[list[int]], conts: list[list[int]], max_length: int, pad_
     return ids, attn, loss_mask
 
 
-def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float) -> dict:
-    """mean(1 - TVD) and argmax agreement of the draft on fixed held-out sequences."""
+def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float,
+                       verify: str = "probabilistic") -> dict:
+    """Exact per-token acceptance of the draft on fixed held-out sequences, under each rule
+    (at temperature 0 both are argmax agreement), and the one ``verify`` names."""
     ids, attn, mask = batch
     with torch.inference_mode():
         q = logits_at(draft, ids, attn, mask)
-    logp, logq = distributions(target_logits, q, temperature)
-    tvd = DIVERGENCES["tvd"](logp, logq)
-    return {"heldout_acceptance": float((1 - tvd).mean()),
-            "heldout_argmax_agreement": float((q.argmax(-1) == target_logits.argmax(-1)).float().mean())}
+    rules = rule_acceptance(target_logits, q, temperature)
+    out = {"heldout_acceptance": float(rules["probabilistic"].mean()),
+           "heldout_greedy_acceptance": float(rules["greedy"].mean()),
+           "heldout_argmax_agreement": float((q.argmax(-1) == target_logits.argmax(-1)).float().mean())}
+    out["heldout_rule_acceptance"] = float(rules[verify].mean())
+    return out
+
+
+def prepare_out(cfg: SpecTrainConfig) -> Path:
+    """Check OUT before any work: fresh (or --overwrite), or a --resume of the same options."""
+    out = Path(cfg.out).expanduser()
+    if not cfg.resume:
+        return modelio.check_output_dir(out, cfg.overwrite)
+    if not training.latest_checkpoint(out / "checkpoints"):
+        raise UsageError(f"--resume: {out}/checkpoints holds no complete checkpoint; "
+                         "drop --resume to start fresh")
+    import yaml
+
+    saved_path = out / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    now = config_to_dict(cfg)
+    changed = sorted(k for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k])
+    if changed:
+        raise UsageError(f"--resume with options that differ from the checkpointed run "
+                         f"({', '.join(changed)}); pass the original options")
+    return out
 
 
 def train(cfg: SpecTrainConfig) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
-    out = Path(cfg.out)
-    if cfg.resume:
-        if not training.latest_checkpoint(out / "checkpoints"):
-            raise UsageError(f"--resume: {out}/checkpoints holds no complete checkpoint; "
-                             "drop --resume to start fresh")
-    else:
-        modelio.check_output_dir(out, cfg.overwrite)
+    out = prepare_out(cfg)
     target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
     check_shared_vocabulary(target_ref, draft_ref)
     examples = read_examples(cfg.data, cfg.num_examples)
@@ -192,6 +230,10 @@ def train(cfg: SpecTrainConfig) -> dict:
                          "pass more data or a smaller --heldout")
 
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
+    per_process, rest = divmod(cfg.batch_size, accelerator.num_processes)
+    if rest or not per_process:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
+                         f"{accelerator.num_processes} processes")
     device = accelerator.device
     tokenizer = modelio.load_tokenizer(target_ref)
     target = modelio.load_model(target_ref, device=str(device))
@@ -207,18 +249,17 @@ def train(cfg: SpecTrainConfig) -> dict:
 
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
-    scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup, cfg.steps)
+    scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     step = 0
     if cfg.resume:
         step, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
                                            draft, optimizer, scheduler)
-    if not cfg.resume and out.exists():  # --overwrite: replaced only once the inputs loaded
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     main = accelerator.is_main_process
     if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # --overwrite: the old draft stays until the new one replaces it
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         training.write_resolved_config(out, cfg)
     log = training.MetricsLog(out / "metrics.jsonl", enabled=main)
     if cfg.resume:
@@ -234,18 +275,19 @@ def train(cfg: SpecTrainConfig) -> dict:
         with torch.inference_mode():
             held_target = logits_at(target, *held_batch)
         if step == 0:
-            log.log(step=0, **heldout_acceptance(draft, held_target, held_batch, cfg.temperature))
+            log.log(step=0, **heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
+                                                 cfg.verify))
 
     # Data order: a seeded permutation; step s of process r reads a fixed slice of it.
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
-    per_step = cfg.batch_size * accelerator.num_processes
+    per_step = cfg.batch_size
     bar = training.progress(cfg.steps, step, disable=cfg.quiet or not main)
     last: dict = {}
     while step < cfg.steps:
         t0 = time.perf_counter()
-        start = step * per_step + accelerator.process_index * cfg.batch_size
-        rows = [train_rows[order[(start + i) % len(order)]] for i in range(cfg.batch_size)]
+        start = step * per_step + accelerator.process_index * per_process
+        rows = [train_rows[order[(start + i) % len(order)]] for i in range(per_process)]
         rng = random.Random(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
         sources = pick_sources(rng, len(rows), on_policy_share(cfg, step), cfg.target_generated)
         prompts = encode(rows)
@@ -268,7 +310,8 @@ def train(cfg: SpecTrainConfig) -> dict:
             p_logits = logits_at(target, ids, attn, mask)
         draft.train()
         q_logits = logits_at(draft, ids, attn, mask)
-        logp, logq = distributions(p_logits, q_logits, cfg.temperature, cfg.greedy_target)
+        logp, logq = distributions(p_logits, q_logits, cfg.temperature,
+                                   greedy_target=cfg.verify == "greedy")
         per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
         loss = per_pos.mean()
         optimizer.zero_grad(set_to_none=True)
@@ -279,7 +322,7 @@ def train(cfg: SpecTrainConfig) -> dict:
         scheduler.step()
         step += 1
         with torch.no_grad():
-            accept = float((1 - DIVERGENCES["tvd"](logp, logq.detach())).mean())
+            accept = float(rule_acceptance(p_logits, q_logits.detach(), cfg.temperature)[cfg.verify].mean())
         tokens = int(mask.sum())
         last = {"step": step, "loss": loss.item(), "train_acceptance": accept,
                 "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
@@ -287,20 +330,28 @@ def train(cfg: SpecTrainConfig) -> dict:
                 **{f"n_{s}": sources.count(s) for s in SOURCES}}
         if held_batch is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             draft.eval()
-            last.update(heldout_acceptance(draft, held_target, held_batch, cfg.temperature))
+            last.update(heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
+                                           cfg.verify))
         log.log(**last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{accept:.3f}", tok_s=f"{last['tok_s']:.0f}")
         bar.update(1)
-        if main and (step % cfg.save_every == 0 or step == cfg.steps):
+        if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             training.save_checkpoint(out / "checkpoints", step, draft, optimizer, scheduler,
                                      extra={"data_position": step * per_step})
     bar.close()
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
-               "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature}
+               "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
+               "verify": cfg.verify}
     if main:
         draft.eval()
-        modelio.save_model(draft, tokenizer, out)
-        modelio.write_json(out / "train.json", summary)
+        with modelio.atomic_output_dir(out, overwrite=True) as tmp:
+            modelio.save_model(draft, tokenizer, tmp)
+            training.write_resolved_config(tmp, cfg)
+            modelio.write_json(tmp / "train.json", summary)
+            # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
+            for name in ("metrics.jsonl", "checkpoints"):
+                if (out / name).exists():
+                    os.replace(out / name, tmp / name)
     return summary
 
 

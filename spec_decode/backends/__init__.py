@@ -8,6 +8,7 @@ turns those into alpha, tau, speedups, tables and plots. Backends never format o
       "target": {config_key: Timing}          # target alone
       "drafts_alone": {draft: {config_key: Timing}}   # for the cost ratio c (may be empty)
       "speculative": [Measurement, ...]       # one per draft x gamma x temperature x batch
+                                              # x draft_sample (temperature > 0 only)
     where config_key = f"T{temperature}/b{batch_size}" and Timing, Measurement are dicts
     (see each backend's docstring). Acceptance counts follow vLLM's meaning: a "draft" is
     one verification step of gamma proposed tokens.
@@ -41,6 +42,9 @@ class BenchPlan:
     quiet: bool
     enforce_eager: bool = False  # vLLM: skip compilation and CUDA graphs (faster start)
     scratch: str = ""  # vLLM: JSONL of finished engine runs; a rerun skips those (resume)
+    # Drafting rules measured at temperature > 0 (vLLM draft_sample_method; see
+    # spec_decode.speculative). At temperature 0 they coincide: only the first is run.
+    draft_samples: tuple[str, ...] = ("greedy", "probabilistic")
 
     def prompts_for(self, batch_size: int) -> list[list[int]]:
         """Every prompt at the largest batch size; ``timed_prompts`` of them below it."""

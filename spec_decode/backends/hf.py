@@ -7,9 +7,12 @@ position t it records:
 - greedy: whether argmax q_t = argmax p_t. Greedy speculative decoding emits exactly the
   target's greedy text, so replaying the blocks over this agreement vector gives the exact
   accepted counts vLLM would report (:func:`greedy_block_acceptance`).
-- temperature > 0: alpha_t = 1 - TVD(p_t, q_t), the exact probability that a token drafted
-  at t is accepted. Block counts are then the expectation under independent positions:
-  per-position acceptance alpha^k and tau = (1 - alpha^(gamma+1)) / (1 - alpha).
+- temperature > 0: alpha_t, the exact probability that a token drafted at t is accepted,
+  under each drafting rule of :func:`spec_decode.speculative.rule_acceptance`:
+  ``probabilistic`` 1 - TVD(p_t, q_t), ``greedy`` (vLLM's default) p_t(argmax q_t). One
+  measurement per rule, labelled ``draft_sample``. Block counts are then the expectation
+  under independent positions: per-position acceptance alpha^k and
+  tau = (1 - alpha^(gamma+1)) / (1 - alpha).
 Batch size does not change acceptance, so each batch size repeats the same figures.
 """
 
@@ -19,8 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spec_decode.backends import BenchPlan, config_key, register
-from spec_decode.divergences import DIVERGENCES, distributions
-from spec_decode.speculative import greedy_block_acceptance
+from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
 
 
@@ -52,15 +54,6 @@ def position_logits(model, prompt: list[int], generated: list[int], device: str)
     with torch.inference_mode():
         logits = model(input_ids=ids).logits[0]
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)].float().cpu()
-
-
-def acceptance_rows(target_logits: torch.Tensor, draft_logits: torch.Tensor,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position ([T] 1 - TVD at the temperature, [T] argmax agreement as float)."""
-    logp, logq = distributions(target_logits, draft_logits, temperature)
-    accept = 1.0 - DIVERGENCES["tvd"](logp, logq)
-    agree = (target_logits.argmax(-1) == draft_logits.argmax(-1)).float()
-    return accept, agree
 
 
 def block_counts(per_token: list[torch.Tensor], gamma: int, temperature: float) -> dict:
@@ -102,19 +95,25 @@ def run_hf(plan: BenchPlan) -> dict:
     for name, path in plan.drafts.items():
         draft = modelio.load_model(modelio.resolve(path), device=device)
         for temp in plan.temperatures:
-            rows = []
+            per_rule: dict[str, list[torch.Tensor]] = {m: [] for m in plan.draft_samples}
             for p, g, tl in zip(plan.prompts, texts[temp], target_logits[temp]):
-                accept, agree = acceptance_rows(tl, position_logits(draft, p, g, device), temp)
-                rows.append(agree if temp == 0 else accept)
-            token_acceptance = float(torch.cat(rows).mean())
-            for gamma in plan.gammas:
-                counts = block_counts(rows, gamma, temp)
-                for b in plan.batch_sizes:
-                    measurements.append({
-                        "draft": name, "gamma": gamma, "temperature": temp, "batch_size": b,
-                        "config": config_key(temp, b), **counts,
-                        "token_acceptance": token_acceptance, "output_tokens": None,
-                        "seconds": None,
-                    })
+                rules = rule_acceptance(tl, position_logits(draft, p, g, device), temp)
+                for method in per_rule:
+                    per_rule[method].append(rules[method])
+            # Both rules reduce to argmax agreement at temperature 0: report it once.
+            methods = plan.draft_samples[:1] if temp == 0 else plan.draft_samples
+            for method in methods:
+                rows = per_rule[method]
+                token_acceptance = float(torch.cat(rows).mean())
+                for gamma in plan.gammas:
+                    counts = block_counts(rows, gamma, temp)
+                    for b in plan.batch_sizes:
+                        measurements.append({
+                            "draft": name, "gamma": gamma, "temperature": temp,
+                            "batch_size": b, "draft_sample": method,
+                            "config": config_key(temp, b), **counts,
+                            "token_acceptance": token_acceptance, "output_tokens": None,
+                            "seconds": None,
+                        })
         del draft
     return {"target": {}, "drafts_alone": {}, "speculative": measurements}

@@ -9,6 +9,9 @@ only way to free it between configurations.
 Each draft architecture (config.json) is timed alone once; drafts that only differ in
 their weights share that timing.
 
+Each draft x gamma runs once per drafting rule (``draft_sample_method``: ``greedy``, vLLM's
+default, and ``probabilistic``, exact speculative sampling) at temperature > 0.
+
 Timing = {"output_tokens", "seconds", "requests"} for one temperature x batch size; a
 Measurement adds the vLLM spec-decode counters for that run (deltas of ``llm.get_metrics()``:
 num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_position).
@@ -79,9 +82,10 @@ def architecture_key(model_dir: str) -> str:
 
 
 def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
-         temperatures: list[float]) -> dict:
+         temperatures: list[float], draft_sample: str = "greedy") -> dict:
     return {
         "label": label, "model": model, "draft": draft, "gamma": gamma,
+        "draft_sample": draft_sample,
         "temperatures": temperatures, "batch_sizes": plan.batch_sizes,
         "prompts": {str(b): plan.prompts_for(b) for b in plan.batch_sizes},
         "max_tokens": plan.max_tokens, "seed": plan.seed, "memory": plan.vllm_memory,
@@ -108,8 +112,14 @@ def run_vllm(plan: BenchPlan) -> dict:
                 plan.scratch)["timings"]
         result["drafts_alone"][name] = alone_by_arch[arch]
         for gamma in plan.gammas:
-            res = run_cached(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
-                                  plan.temperatures), plan.quiet, plan.scratch)
-            for m in res["runs"]:
-                result["speculative"].append({"draft": name, "gamma": gamma, **m})
+            for i, method in enumerate(plan.draft_samples):
+                # The rules coincide at temperature 0: only the first one runs there.
+                temps = [t for t in plan.temperatures if i == 0 or t > 0]
+                if not temps:
+                    continue
+                res = run_cached(_job(plan, f"{name} gamma={gamma} {method}", plan.target,
+                                      path, gamma, temps, method), plan.quiet, plan.scratch)
+                for m in res["runs"]:
+                    result["speculative"].append(
+                        {"draft": name, "gamma": gamma, "draft_sample": method, **m})
     return result

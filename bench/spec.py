@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spec_decode.bench import SpecBenchConfig, bench, markdown
+from spec_decode.bench import SpecBenchConfig, bench, compare_backends, markdown
 from spec_decode.draft import MakeDraftConfig, make_draft
 from spec_decode.train import SpecTrainConfig, train
 from tokensurgeon import modelio
@@ -109,6 +109,14 @@ def main() -> None:
                     help="drafts to benchmark, in this order; with --models-dir any "
                          "subdirectory names")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation")
+    ap.add_argument("--draft-sample", default="greedy,probabilistic",
+                    help="vLLM drafting rules run at T > 0 (draft_sample_method)")
+    ap.add_argument("--anchors", default="ngram",
+                    help="comma list of vLLM proposers without a model benchmarked beside the "
+                         "drafts ('' for none)")
+    ap.add_argument("--hf-check", action="store_true",
+                    help="also run the HF backend on the same prompts and print vLLM's measured "
+                         "acceptance beside the exact rule's, per drafting rule")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -148,9 +156,11 @@ def main() -> None:
                 training[name]["config"] = {k: cfg[k] for k in (
                     "divergence", "on_policy", "target_generated", "schedule", "steps",
                     "batch_size", "lr", "max_new_tokens", "temperature", "seed")}
+    anchors = [a for a in args.anchors.split(",") if a] if args.backend == "vllm" else []
     report = bench(SpecBenchConfig(
         target=args.target,
-        draft=[f"{n}={drafts[n]}" for n in names],
+        draft=[f"{n}={drafts[n]}" for n in names] + [f"{a}={a}" for a in anchors],
+        draft_sample=args.draft_sample,
         prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report"),
         backend=args.backend, gamma=args.gamma, temperature=args.temperature,
         batch_size=args.batch_sizes, num_prompts=args.num_prompts,
@@ -158,6 +168,22 @@ def main() -> None:
         vllm_memory=args.vllm_memory, dtype=args.dtype, enforce_eager=args.enforce_eager,
         overwrite=True, quiet=True))
     print(markdown(report))
+    agreement = []
+    if args.hf_check:
+        exact = bench(SpecBenchConfig(
+            target=args.target, draft=[f"{n}={drafts[n]}" for n in names],
+            prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report_hf"),
+            backend="hf", gamma=args.gamma, temperature=args.temperature,
+            draft_sample=args.draft_sample, batch_size="1", num_prompts=args.num_prompts,
+            max_tokens=args.max_tokens, seed=args.seed, device="cpu", overwrite=True, quiet=True))
+        agreement = compare_backends(report["rows"], exact["rows"])
+        print("| draft | T | rule | gamma | vLLM pos-1 acceptance (± se) | exact per-token | rel. diff "
+              "| vLLM alpha | exact alpha (indep.) |\n|---|---|---|---|---|---|---|---|---|")
+        for r in agreement:
+            print(f"| {r['draft']} | {r['temperature']:g} | {r['draft_sample']} | {r['gamma']} | "
+                  f"{r['first_position']:.3f} ± {r['first_position_se']:.3f} | "
+                  f"{r['token_acceptance']:.3f} | {r['first_position_rel_diff']:+.1%} | "
+                  f"{r['alpha']:.3f} | {r['alpha_exact']:.3f} |")
     for name in training:
         curve = training.get(name, {}).get("heldout", [])
         if curve:
@@ -168,10 +194,13 @@ def main() -> None:
         "args": vars(args), "training": training,
         "target_alone": report["target_alone"],
         "rows": [{k: r.get(k) for k in (
-            "draft", "gamma", "temperature", "batch_size", "alpha", "tau",
+            "draft", "gamma", "temperature", "draft_sample", "batch_size", "alpha", "tau",
             "acceptance_per_position", "tokens_per_s", "tpot_ms", "speedup", "cost_ratio",
             "predicted_speedup", "num_drafts", "num_draft_tokens", "num_accepted_tokens")}
             for r in report["rows"]],
+        "vllm_vs_exact": agreement,
+        "load_average": Path("/proc/loadavg").read_text().split()[:3]
+        if Path("/proc/loadavg").is_file() else None,
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spec_decode.backends import BACKENDS, BenchPlan, backend_names, config_key
+from spec_decode.backends import BACKENDS, PROPOSERS, BenchPlan, backend_names, config_key
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
@@ -56,7 +56,8 @@ class SpecBenchConfig:
 
     target: str = field(metadata={"positional": True, "help": "target model (HF directory)"})
     draft: list[str] = field(default_factory=list, metadata={
-        "help": "draft model directory; repeat for several (NAME=DIR sets the table label)"})
+        "help": "draft model directory; repeat for several (NAME=DIR sets the table label); "
+                "'ngram' is vLLM's prompt-lookup proposer (no model, vllm backend only)"})
     prompts: str = field(default="", metadata={
         "help": ".jsonl (question/prompt/text field) or .txt (one prompt per line)"})
     out: str = field(default="out/spec-bench", metadata={"help": "report directory"})
@@ -162,6 +163,45 @@ def summarise(raw: dict, gammas: list[int]) -> dict:
     return {"target_alone": targets, "rows": rows, "gammas": gammas}
 
 
+def compare_backends(measured: list[dict], exact: list[dict]) -> list[dict]:
+    """Measured (vLLM) acceptance beside the exact rule's prediction (HF backend), per draft x
+    temperature x drafting rule x gamma (pure: summary rows in, rows out).
+
+    ``first_position`` is vLLM's acceptance at draft position 1, whose expectation is the
+    exact per-token acceptance (``token_acceptance``) with no independence assumption;
+    ``alpha`` compares vLLM's accepted / drafted with the HF backend's block estimate.
+    Measured rows of all batch sizes are pooled (batch size does not change acceptance).
+    """
+    pooled: dict[tuple, dict] = {}
+    for r in measured:
+        key = (r["draft"], r["temperature"], r.get("draft_sample", "greedy"), r["gamma"])
+        acc = pooled.setdefault(key, {"drafts": 0, "draft_tokens": 0, "accepted": 0, "first": 0})
+        acc["drafts"] += r["num_drafts"]
+        acc["draft_tokens"] += r["num_draft_tokens"]
+        acc["accepted"] += r["num_accepted_tokens"]
+        acc["first"] += r["accepted_per_position"][0] if r["accepted_per_position"] else 0
+    predicted = {(r["draft"], r["temperature"], r.get("draft_sample", "greedy"), r["gamma"]): r
+                 for r in exact}
+    out = []
+    for key, acc in sorted(pooled.items()):
+        hf = predicted.get(key)
+        if hf is None or not acc["drafts"]:
+            continue
+        first = acc["first"] / acc["drafts"]
+        alpha = acc["accepted"] / acc["draft_tokens"]
+        out.append({
+            "draft": key[0], "temperature": key[1], "draft_sample": key[2], "gamma": key[3],
+            "drafts": acc["drafts"], "first_position": first,
+            "token_acceptance": hf["token_acceptance"],
+            "first_position_rel_diff": (first - hf["token_acceptance"]) / hf["token_acceptance"]
+            if hf["token_acceptance"] else None,
+            # binomial standard error of the measured first-position rate
+            "first_position_se": (first * (1 - first) / acc["drafts"]) ** 0.5,
+            "alpha": alpha, "alpha_exact": hf["alpha"],
+        })
+    return out
+
+
 def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -252,14 +292,16 @@ def bench(cfg: SpecBenchConfig) -> dict:
                          "(convert with: tokensurgeon spec make-draft or save_pretrained)")
     drafts = cfg.draft_dirs()
     for path in drafts.values():
-        check_shared_vocabulary(target_ref, modelio.resolve(path))
+        if path not in PROPOSERS:
+            check_shared_vocabulary(target_ref, modelio.resolve(path))
     examples = read_examples(cfg.prompts, cfg.num_prompts, cfg.prompt_offset)
     tokenizer = modelio.load_tokenizer(target_ref)
     prompts = [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in examples]
     gammas = parse_list(cfg.gamma, int, "--gamma")
     plan = BenchPlan(
         target=str(target_ref.directory),
-        drafts={n: str(modelio.resolve(p).directory) for n, p in drafts.items()},
+        drafts={n: p if p in PROPOSERS else str(modelio.resolve(p).directory)
+                for n, p in drafts.items()},
         prompts=prompts, gammas=gammas,
         temperatures=parse_list(cfg.temperature, float, "--temperature"),
         batch_sizes=parse_list(cfg.batch_size, int, "--batch-size"),

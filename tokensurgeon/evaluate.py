@@ -79,7 +79,7 @@ def jsonl_rows(path: Path, encoding: str = "utf-8", option: str | None = None):
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line)
+            yield n, validate.check_unicode(json.loads(line), f"{path}:{n}")
         except json.JSONDecodeError:
             raise UsageError(f"{path}:{n} is not valid JSON; fix the line") from None
 

@@ -57,6 +57,12 @@ def config_key(temperature: float, batch_size: int) -> str:
     return f"T{temperature:g}/b{batch_size}"
 
 
+# Draft names that are vLLM proposers without a model: the value of a --draft entry and the
+# speculative_config they run with (gamma is added). Greedy-only: no draft probabilities.
+PROPOSERS: dict[str, dict] = {
+    "ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+}
+
 register = BACKENDS.register
 backend_names = BACKENDS.names
 

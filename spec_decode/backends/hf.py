@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from spec_decode.backends import BenchPlan, config_key, register
+from spec_decode.backends import PROPOSERS, BenchPlan, config_key, register
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
 
@@ -93,6 +93,8 @@ def run_hf(plan: BenchPlan) -> dict:
     del target
     measurements = []
     for name, path in plan.drafts.items():
+        if path in PROPOSERS:  # a vLLM proposer, not a model: nothing to score here
+            continue
         draft = modelio.load_model(modelio.resolve(path), device=device)
         for temp in plan.temperatures:
             per_rule: dict[str, list[torch.Tensor]] = {m: [] for m in plan.draft_samples}

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from spec_decode.backends import BenchPlan, register
+from spec_decode.backends import PROPOSERS, BenchPlan, register
 from tokensurgeon.errors import UsageError
 
 VLLM_MISSING = ('vLLM is not installed; pip install "tokensurgeon[vllm]" (GPU) or '
@@ -104,6 +104,15 @@ def run_vllm(plan: BenchPlan) -> dict:
         plan.scratch)["timings"]
     alone_by_arch: dict[str, dict] = {}
     for name, path in plan.drafts.items():
+        if path in PROPOSERS:  # no model to time alone; no draft probabilities: one rule
+            for gamma in plan.gammas:
+                res = run_cached(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
+                                      plan.temperatures, plan.draft_samples[0]),
+                                 plan.quiet, plan.scratch)
+                for m in res["runs"]:
+                    result["speculative"].append(
+                        {"draft": name, "gamma": gamma, "draft_sample": "greedy", **m})
+            continue
         # Drafts with the same architecture cost the same per token: time one of them.
         arch = architecture_key(path)
         if arch not in alone_by_arch:

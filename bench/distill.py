@@ -57,8 +57,7 @@ from tokensurgeon.logits import decoder_and_head, position_statistics  # noqa: E
 from tokensurgeon.token_identity import vocabulary  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
 RESULTS = ROOT / "bench" / "results" / "distill"
 WORK = modelio.cache_dir() / "work"
 PROSE = DATA / "wikitext2-valid-prose.txt"

@@ -45,8 +45,7 @@ from spec_decode.train import SpecTrainConfig, train
 from tokensurgeon import modelio
 
 DATA = ROOT.parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
 TARGET = modelio.cache_dir() / "models" / "smollm2-135m"
 
 

@@ -14,8 +14,8 @@ Runnable example (CPU; the full run takes about an hour on 2 cores):
     python bench/transplant.py --workdir bench/runs/transplant
     python bench/transplant.py --directions 1 --eval-bytes 20000   # quicker
 mergekit runs from its own environment (it pins other packages):
-    python3 -m venv /work/venv-mergekit && /work/venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
-and is found through --mergekit-env (default /work/venv-mergekit). Results already in the
+    python3 -m venv ../venv-mergekit && ../venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
+and is found through --mergekit-env (default ../venv-mergekit, beside the repository). Results already in the
 workdir are reused, so an interrupted run resumes. The last stdout line is one JSON object.
 """
 
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--directions", default="1,2")
     ap.add_argument("--methods", default="omp,mean,zero,subword")
     ap.add_argument("--eval-bytes", type=int, default=40_000, help="bytes of each held-out text")
-    ap.add_argument("--mergekit-env", default="/work/venv-mergekit")
+    ap.add_argument("--mergekit-env", default=str(Path(__file__).resolve().parents[2] / "venv-mergekit"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--mergekit-subset", type=int, default=1024)
     ap.add_argument("--exact-subset", type=int, default=256)

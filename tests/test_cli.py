@@ -126,3 +126,14 @@ def test_loss_help_lists_the_registry(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name in LOSSES.names():
         assert name in out.split("[names:")[1], name
+
+
+def test_no_bench_script_hard_codes_a_machine_path():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in sorted((root / "bench").glob("*.py")) + sorted((root / "bench").glob("*.sh")):
+        text = script.read_text()
+        found = re.findall(r"""["'\s(=](/work/|/root/|/home/\w+/)""", text)
+        assert not found, f"{script.name} names a machine path {found}; use ROOT-relative paths"

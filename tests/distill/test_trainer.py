@@ -154,6 +154,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # torchrun / a killed process; fast in-process twin below
 def test_two_processes_match_one_with_the_same_global_batch(model_dirs, data_file, tmp_path):
     common = ["--steps", "3", "--loss", "alm+sft", "--lr", "1e-2"]
     one = tmp_path / "one"
@@ -174,6 +175,7 @@ def test_two_processes_match_one_with_the_same_global_batch(model_dirs, data_fil
         torch.testing.assert_close(weights(two)[k], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun / a killed process; fast in-process twin below
 def test_sigkill_then_resume_reaches_the_same_final_loss(model_dirs, data_file, tmp_path):
     common = ["--steps", "60", "--checkpoint-every", "10", "--loss", "alm+sft", "--lr", "5e-3"]
     reference = tmp_path / "reference"
@@ -197,6 +199,39 @@ def test_sigkill_then_resume_reaches_the_same_final_loss(model_dirs, data_file, 
     assert done.returncode == 0, done.stderr[-2000:]
     resumed, expected = metrics(out), metrics(reference)
     assert [r["step"] for r in resumed] == list(range(1, 61))
+    assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-6, abs=1e-7)
+    for k, v in weights(reference).items():
+        torch.testing.assert_close(weights(out)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_matches_one_micro_batch(model_dirs, data_file, tmp_path):
+    """Fast twin of the 2-process test: the same global batch split into 2 micro-batches
+    (each loss divided by the whole batch's unit count) gives the same losses and update."""
+    common = ["--steps", "3", "--loss", "alm+sft", "--lr", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "accum"
+    assert cli.main(args(model_dirs, data_file, one, *common)) == 0
+    assert cli.main(args(model_dirs, data_file, two, *common, "--grad-accum", "2")) == 0
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert b["units_alm"] == a["units_alm"] and b["student_tokens"] == a["student_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for k, v in weights(one).items():
+        torch.testing.assert_close(weights(two)[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_from_an_earlier_checkpoint_reaches_the_same_final_loss(model_dirs, data_file,
+                                                                      tmp_path):
+    """Fast twin of the SIGKILL test: drop the last checkpoint, as if the run had died after
+    step 3, and --resume; steps 4-6 are redone and the result is bit-for-bit the same."""
+    common = ["--steps", "6", "--checkpoint-every", "3", "--loss", "alm+sft", "--lr", "5e-3"]
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    assert cli.main(args(model_dirs, data_file, reference, *common)) == 0
+    assert cli.main(args(model_dirs, data_file, out, *common)) == 0
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-6")
+    assert cli.main(args(model_dirs, data_file, out, *common, "--resume")) == 0
+    resumed, expected = metrics(out), metrics(reference)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
     assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-6, abs=1e-7)
     for k, v in weights(reference).items():
         torch.testing.assert_close(weights(out)[k], v, rtol=1e-5, atol=1e-6)

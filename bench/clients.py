@@ -89,6 +89,8 @@ def run_vllm(python: str, model_dir: Path, args, chat: bool) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.run([python, __file__, "--vllm-worker", str(job), str(out)], env=env,
                               capture_output=True, text=True, timeout=args.vllm_timeout)
+        log = Path(args.runs) / f"vllm-{model_dir.name}.log"
+        log.write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"skipped": f"vLLM failed (rc {proc.returncode}): {' | '.join(tail)}"}
@@ -245,7 +247,7 @@ def build_models(args) -> dict[str, Path]:
                   f"{time.process_time() - c0:.0f} s CPU (load {os.getloadavg()[0]:.1f})", flush=True)
         models[name] = out
     if args.only:
-        models = {k: v for k, v in models.items() if k in args.only}
+        models = {k: models[k] for k in args.only if k in models}
     return models
 
 
@@ -261,14 +263,33 @@ def main() -> None:
     parser.add_argument("--chat-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vllm-python", default=str(ROOT.parent / "venv-vllm" / "bin" / "python"))
-    parser.add_argument("--vllm-memory", type=float, default=0.1)
+    parser.add_argument("--vllm-memory", type=float, default=0.15,
+                        help="share of RAM vLLM reserves (Gemma-3-270M in float32 needs 3.1 GiB "
+                             "besides its KV cache: 0.1 of 24 GiB fails)")
     parser.add_argument("--vllm-timeout", type=int, default=900)
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--before-hf-only", action="store_true",
                         help="measure the --before models with transformers only (saves time)")
+    parser.add_argument("--vllm-rerun", nargs="*",
+                        help="re-run only the vLLM side for these models, against their stored "
+                             "transformers results in --results")
     parser.add_argument("--summarize", action="store_true",
                         help="only print the table and JSON from --results (last row per model)")
     args = parser.parse_args()
+    if args.vllm_rerun:
+        latest = {}
+        for line in Path(args.results).read_text().splitlines():
+            row = json.loads(line)
+            latest[row["model"]] = row
+        for name in args.vllm_rerun:
+            row = latest[name]
+            vllm = run_vllm(args.vllm_python, Path(row["dir"]), args, row["chat_template"])
+            row.update(compare(row, vllm))
+            row["vllm_rerun"] = {"memory": args.vllm_memory, "loadavg": os.getloadavg()[0]}
+            with Path(args.results).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(name, row.get("agree_count", row.get("vllm")), flush=True)
+        return
     if args.summarize:
         latest: dict[str, dict] = {}
         for line in Path(args.results).read_text().splitlines():
@@ -318,7 +339,16 @@ def print_summary(rows: list[dict], args) -> None:
         print(f"{r['model']:26s} {r['adds_bos']!s:8s} {b['auto']:8.4f} {b.get('always', float('nan')):8.4f} "
               f"{b.get('never', float('nan')):8.4f}  {str(r.get('agree_count', '-')):7s} "
               f"{sum(r['degenerate_hf'])}/{len(r['degenerate_hf'])}         {r['hf_generate'][0]!r}")
-    summary = {"bench": "clients", "method": args.method, "eval_bytes_each": args.eval_bytes,
+    by_name = {r["model"]: r for r in rows}
+    new_loops = {}
+    for out, base in (("gemma+smoltok", "gemma3-270m"), ("smol+gemmatok", "smollm2-135m")):
+        if out in by_name and base in by_name:
+            o, b = by_name[out], by_name[base]
+            flags = [x or y for x, y in zip(o["degenerate_hf"], o.get("degenerate_vllm", o["degenerate_hf"]))]
+            base_flags = b["degenerate_hf"]
+            new_loops[out] = [PROMPTS[i] for i, (x, y) in enumerate(zip(flags, base_flags)) if x and not y]
+            print(f"{out}: degenerate where {base} is not: {new_loops[out] or 'none'}")
+    summary = {"bench": "clients", "new_degenerate_prompts": new_loops, "method": args.method, "eval_bytes_each": args.eval_bytes,
                "max_new_tokens": args.max_new_tokens, "threads": args.threads,
                "machine": "shared 2-core CPU", "models": {
                    r["model"]: {"adds_bos": r["adds_bos"], "bpb": r["bpb"]["pooled"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -224,7 +225,13 @@ def _gguf_checkpoint(ref: modelio.ModelRef, skeleton) -> Checkpoint:
             weights = dequantize(tensor.data, tensor.tensor_type)
             weights = processor.process(weights=weights, name=name, tensor_key_mapping=mapping,
                                         parsed_parameters=parsed).weights
-            return torch.from_numpy(np.copy(weights)).float()
+            out = torch.from_numpy(np.copy(weights)).float()
+            # The file stays memory-mapped; drop the pages read so far so that they do not
+            # add up in RSS over a large GGUF (they are re-read from the page cache if needed).
+            mapped = getattr(reader.data, "_mmap", None)
+            if mapped is not None and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED)
+            return out
 
         if hf_name in shapes and shapes[hf_name] != shape:
             raise UsageError(f"{ref.label}: {name} has shape {list(shape)} but the GGUF's "

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokensurgeon import omp
 from tokensurgeon.methods import METHODS, TransplantProblem
+from tokensurgeon.methods.omp import OmpOptions
 
 
 def sync(device: str) -> None:
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--refreshes", default="0,10")
+    ap.add_argument("--search", default="exact", help="candidate search: exact, faiss, auto")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--exact-subset", type=int, default=2048)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +64,8 @@ def main() -> None:
         problem = TransplantProblem(
             donor_targets=donor_targets, donor_anchors=donor_anchors, base_anchors=base_anchors,
             base_matrix=base_anchors, target_bytes=[None] * args.targets, base_byte_index={},
-            k=args.k, candidates=args.candidates, refreshes=refreshes,
+            options=OmpOptions(k=args.k, candidates=args.candidates, refreshes=refreshes,
+                               search=args.search),
             batch_size=args.batch_size, device=args.device, progress=None)
         sync(args.device)
         t = time.perf_counter()

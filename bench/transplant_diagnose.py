@@ -162,6 +162,45 @@ def rows_omp_old(s: Setup, refreshes: int, k: int = 64, candidates: int = 256) -
     return torch.cat(out)
 
 
+def rows_v2(s: Setup, **options) -> dict[str, torch.Tensor]:
+    """The v2 method's raw rows (shrink 1) for the needed ids, from the registered method."""
+    from tokensurgeon.methods import TransplantProblem
+    from tokensurgeon.methods.omp import OmpOptions, omp_rows
+
+    A, B = s.anchors()
+    problem = TransplantProblem(s.donor[s.needed], A, B, s.base, [None] * s.needed.numel(), {},
+                                options=OmpOptions(**options), batch_size=512)
+    return omp_rows(problem).rows
+
+
+def shrunk(rows: torch.Tensor, mu: torch.Tensor, lam: float) -> torch.Tensor:
+    return mu + lam * (rows - mu)
+
+
+def tune(s: Setup, cache: Path, tag: str, search: str) -> dict:
+    """Output rows mu + lambda (row - mu) for v2 rows (lstsq and softmax), on training text."""
+    mu = s.base[s.plan.anchor_base].mean(0)
+    raw = {}
+    for coefficients in ("lstsq", "softmax"):
+        t = time.time()
+        raw[coefficients] = cached_rows(
+            cache / f"v2-{coefficients}-{tag}.pt",
+            lambda c=coefficients: rows_v2(s, k=32, candidates=128, refreshes=3, search=search,
+                                           coefficients=c))
+        print(f"v2 {coefficients}: {time.time() - t:.0f}s", flush=True)
+    results = {}
+    hidden = {"mean": s.hidden(rows_mean(s)), "lstsq": s.hidden(raw["lstsq"])}
+    for in_name, h in hidden.items():
+        for coefficients, rows in raw.items():
+            for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
+                if lam == 0.0 and coefficients == "softmax":
+                    continue
+                key = f"in={in_name} out={coefficients} lambda={lam}"
+                results[key] = s.score(h, shrunk(rows, mu, lam))
+                print(key, json.dumps(results[key]), flush=True)
+    return results
+
+
 def cached_rows(path: Path, fn) -> torch.Tensor:
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -176,8 +215,12 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=12_000)
     ap.add_argument("--sample", type=int, default=2048)
     ap.add_argument("--cache", default="/tmp/tokensurgeon-diagnose")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "transplant_diagnose.json"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--grid", action="store_true", help="the v1 diagnosis grid")
+    ap.add_argument("--tune", action="store_true", help="v2 output shrink on these texts")
+    ap.add_argument("--search", default="exact", help="v2 candidate search for --tune")
     args = ap.parse_args()
+    out = Path(args.out or ROOT / "bench" / "results" / f"transplant_diagnose_{args.texts}.json")
     torch.set_num_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -186,6 +229,15 @@ def main() -> None:
     tag = f"{args.texts}-{args.bytes}-{args.sample}"
     print(f"setup {time.time() - t0:.0f}s: {s.in_text.numel()} new tokens in the texts, "
           f"sample {s.sample.numel()} (weight {s.sample_weight:.1f})", flush=True)
+    result = {"texts": args.texts, "bytes": s.bytes, "sample": s.sample.numel(),
+              "in_text_new_tokens": s.in_text.numel(), "bos": "prepended by hand (tokenizer bos)"}
+    if args.tune:
+        result["tune"] = tune(s, cache, tag, args.search)
+    if not args.grid:
+        result["seconds"] = round(time.time() - t0)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return
     rows = {"mean": rows_mean(s)}
     for r in (0, 10):
         t = time.time()
@@ -200,10 +252,8 @@ def main() -> None:
             key = f"in={in_name} out={out_name}"
             grid[key] = s.score(h, rows[out_name])
             print(key, json.dumps(grid[key]), flush=True)
-    result = {"texts": args.texts, "bytes": s.bytes, "sample": s.sample.numel(),
-              "in_text_new_tokens": s.in_text.numel(), "bos": "prepended by hand (tokenizer bos)",
-              "grid": grid, "seconds": round(time.time() - t0)}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    result.update({"grid": grid, "seconds": round(time.time() - t0)})
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

@@ -152,7 +152,7 @@ def test_ann_candidates_recover_exact_omp_selection():
     unit, t = _unit_centred(atoms, targets)
     k = 12
     e_idx, e_coef = omp.omp_exact(t, unit, k)
-    index = AnchorIndex(unit, "faiss")
+    index = AnchorIndex(unit, "faiss", nprobe=48)
     assert index.backend == "faiss"
     f_idx, f_coef = omp.omp_fast(t, unit, k, candidates=24, refresh=list(range(1, k)),
                                  search=index.search)

@@ -50,7 +50,8 @@ def test_shared_tokens_copied_bit_exactly(model_dirs, tmp_path, base_name, donor
     assert torch.equal(out.get_output_embeddings().weight[donor_ids],
                        base.get_output_embeddings().weight[base_ids])
     tied = base.config.tie_word_embeddings
-    assert out.config.tie_word_embeddings == tied
+    # The default omp writes mean output rows for new tokens, so a tied BASE is untied.
+    assert out.config.tie_word_embeddings == (tied and not manifest["untied"])
     if not tied:
         assert not torch.equal(out.get_output_embeddings().weight, out.get_input_embeddings().weight)
     # Everything outside the embeddings is BASE, untouched.
@@ -159,3 +160,54 @@ def test_overwrite_replaces_and_leaves_no_temporaries(model_dirs, tmp_path):
     run(model_dirs["gemma_spm"], model_dirs["llama_bpe"], out, overwrite=True, method="mean")
     assert json.loads((out / "transplant.json").read_text())["options"]["method"] == "mean"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_untie_writes_a_separate_lm_head_that_reloads(model_dirs, tmp_path):
+    base_dir, donor_dir = model_dirs["llama_bpe"], model_dirs["gemma_spm"]  # tied base
+    manifest = run(base_dir, donor_dir, tmp_path / "out", untie=True, shrink=1.0,
+                   output_shrink=0.25)
+    assert manifest["untied"] and not manifest["tied_embeddings"]
+    base, _ = load(base_dir)
+    out, tok = load(tmp_path / "out")
+    assert not out.config.tie_word_embeddings
+    emb, head = out.get_input_embeddings().weight, out.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr()
+    with safe_open(str(tmp_path / "out" / manifest["per_token"]), "pt") as f:
+        new_ids, copied = f.get_tensor("new_donor_ids"), f.get_tensor("copied_donor_ids")
+        copied_base, mean_row = f.get_tensor("copied_base_ids"), f.get_tensor("embed.mean_row")
+    base_w = base.get_input_embeddings().weight
+    assert torch.equal(emb[copied], base_w[copied_base])
+    assert torch.equal(head[copied], base_w[copied_base])
+    torch.testing.assert_close(head[new_ids], mean_row + 0.25 * (emb[new_ids] - mean_row))
+    ids = tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    generated = out.generate(ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
+def test_untie_refuses_a_model_without_an_lm_head_module():
+    from tokensurgeon.errors import UsageError
+    from tokensurgeon.transplant import untie_model
+
+    class NoHead(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(UsageError, match="drop --untie"):
+        untie_model(NoHead())
+
+
+def test_leak_mass_is_reported_and_default_leaks_no_more_than_mean(model_dirs, tmp_path):
+    """The default's output rows of new tokens are the anchor mean (output_shrink 0), so its
+    leak is mean-init's up to the effect of its input rows on the context (equal here: the
+    built-in text's tiny-tokenizer inputs hold no new token); a tied v1 leaks more."""
+    base_dir, donor_dir = model_dirs["gemma_spm"], model_dirs["llama_bpe"]
+    leak = {}
+    runs = {"omp": {}, "mean": {"method": "mean"},
+            "omp-tied-v1": {"untie": False, "output_shrink": 1.0, "centre": False}}
+    for name, options in runs.items():
+        manifest = run(base_dir, donor_dir, tmp_path / name, **options)
+        check = manifest["leak_check"]
+        assert 0 <= check["leak_mass"] <= 1 and check["tokens_shared_gold"] > 0
+        leak[name] = check["leak_mass"]
+    assert leak["omp"] <= leak["mean"] + 1e-6, leak
+    assert leak["omp-tied-v1"] > leak["omp"], leak

@@ -78,9 +78,12 @@ class TransplantConfig:
         "help": "after writing, reload OUT and report in transplant.json the leak mass (the "
                 "probability new tokens take where the gold token is a shared one) on a "
                 "small built-in text"})
-    untie: bool = field(default=False, metadata={
+    untie: bool | None = field(default=None, metadata={
         "help": "when BASE ties its lm_head to its input embeddings, write a separate lm_head "
-                "so input and output rows of new tokens can differ (loads the whole model)"})
+                "so input and output rows of new tokens can differ (loads the whole model; "
+                "an error if the architecture cannot be untied). Unset: untie when the method "
+                "makes different output rows (omp with --output-shrink != --shrink) and the "
+                "architecture allows it"})
     batch_size: int = field(default=1024, metadata={"help": "new tokens per OMP batch"})
     holdout: int = field(default=512, metadata={
         "help": "shared tokens held out and re-predicted to report reconstruction error "
@@ -142,6 +145,21 @@ def check_untie(config, label: str) -> None:
     if not hasattr(text, "tie_word_embeddings") and not hasattr(config, "tie_word_embeddings"):
         raise UsageError(f"{label}: its config has no tie_word_embeddings switch, so its lm_head "
                          "cannot be untied; drop --untie")
+
+
+def _wants_untie(cfg: TransplantConfig, config, label: str) -> bool:
+    """--untie: yes (checked), --no-untie: no; unset: when the method's output rows differ."""
+    if cfg.untie:
+        check_untie(config, label)
+        return True
+    if cfg.untie is False:
+        return False
+    options = options_for(cfg.method, cfg)
+    differs = options is not None and getattr(options, "output_shrink", None) not in (
+        None, getattr(options, "shrink", None))
+    text = getattr(config, "text_config", None) or config
+    return differs and bool(getattr(text, "tie_word_embeddings", getattr(
+        config, "tie_word_embeddings", False)))
 
 
 def untie_model(model) -> None:
@@ -303,10 +321,10 @@ def transplant(cfg: TransplantConfig) -> dict:
     conv = conventions.observe(conv_tok, modelio.load_generation_config(conv_ref))
     added_tokens = conventions.add_missing(donor_tok, conv)  # rows copied from BASE below
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
-    if cfg.untie:
-        check_untie(modelio.load_config(base_ref, cfg.trust_remote_code), base_ref.label)
+    want_untie = _wants_untie(cfg, modelio.load_config(base_ref, cfg.trust_remote_code),
+                              base_ref.label)
     # An untied lm_head is a tensor BASE's files do not have: build it in memory.
-    stream = cfg.stream and not cfg.untie
+    stream = cfg.stream and not want_untie
     base = streaming.load_base(base_ref, cfg.trust_remote_code, stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
                                cfg.out)
@@ -336,7 +354,9 @@ def transplant(cfg: TransplantConfig) -> dict:
         cfg, device, plan, emb.weight, donor_in, donor_vocab, base_index, new_size, "embed")
     matrices = {"embed": (embed_result, embed_stats)}
     new_head = None
-    untied = tied and cfg.untie
+    untied = tied and want_untie and base.get_output_embeddings() is not None
+    if tied and cfg.untie and not untied:
+        raise UsageError(f"{base_ref.label} has no separate lm_head module to untie; drop --untie")
     if untied:
         new_head = assemble_matrix(plan, emb.weight, embed_result.output_rows
                                    if embed_result.output_rows is not None else embed_result.rows,

@@ -36,15 +36,15 @@ from tokensurgeon.methods import MethodResult, TransplantProblem, register_metho
 class OmpOptions:
     """Options of the ``omp`` method (the single source of their defaults)."""
 
-    k: int = 64
-    candidates: int = 256
-    refreshes: int = 10
+    k: int = 16
+    candidates: int = 32
+    refreshes: int = 0
     search: str = "auto"
     centre: bool = True
     coefficients: str = "lstsq"
     temperature: float = 0.1
     shrink: float = 1.0
-    output_shrink: float = 1.0
+    output_shrink: float = 0.0
 
     def validate(self, n_anchors: int | None = None) -> None:
         if self.k < 1:
@@ -68,7 +68,7 @@ class OmpOptions:
                              f"tokens; pass --k {n_anchors} or less")
 
 
-SEARCHES = ("auto", "faiss", "exact")
+SEARCHES = ("auto", "faiss", "exact", "pca")
 COEFFICIENTS = ("lstsq", "softmax")
 
 

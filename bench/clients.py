@@ -348,7 +348,8 @@ def print_summary(rows: list[dict], args) -> None:
             base_flags = b["degenerate_hf"]
             new_loops[out] = [PROMPTS[i] for i, (x, y) in enumerate(zip(flags, base_flags)) if x and not y]
             print(f"{out}: degenerate where {base} is not: {new_loops[out] or 'none'}")
-    summary = {"bench": "clients", "new_degenerate_prompts": new_loops, "method": args.method, "eval_bytes_each": args.eval_bytes,
+    summary = {"bench": "clients", "new_degenerate_prompts": new_loops, "method": sorted({r["method"] for r in rows}),
+               "eval_bytes_each": sorted({r["eval_bytes_each"] for r in rows}),
                "max_new_tokens": args.max_new_tokens, "threads": args.threads,
                "machine": "shared 2-core CPU", "models": {
                    r["model"]: {"adds_bos": r["adds_bos"], "bpb": r["bpb"]["pooled"],

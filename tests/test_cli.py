@@ -137,3 +137,21 @@ def test_no_bench_script_hard_codes_a_machine_path():
         text = script.read_text()
         found = re.findall(r"""["'\s(=](/work/|/root/|/home/\w+/)""", text)
         assert not found, f"{script.name} names a machine path {found}; use ROOT-relative paths"
+
+
+def test_transplant_and_make_draft_write_their_resolved_options(tmp_path, model_dirs):
+    """OUT/config.yaml holds every resolved option and reproduces the run via --config."""
+    import yaml
+
+    out = tmp_path / "t"
+    assert cli.main(["transplant", str(model_dirs["gemma_spm"]), str(model_dirs["llama_bpe"]),
+                     str(out), "-k", "4", "--holdout", "0", "--quiet"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["k"] == 4 and saved["out"] == str(out)
+    again = resolve_config(TransplantConfig, cli.build_parser().parse_args(
+        ["transplant", "--config", str(out / "config.yaml")]))
+    assert dataclasses.asdict(again) == saved
+    draft = tmp_path / "d"
+    assert cli.main(["spec", "make-draft", str(model_dirs["llama_bpe"]), "--keep-layers", "0",
+                     "--out", str(draft), "--quiet"]) == 0
+    assert yaml.safe_load((draft / "config.yaml").read_text())["keep_layers"] == "0"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokensurgeon import modelio, validate
+from tokensurgeon import modelio, progress, validate
 from tokensurgeon.token_identity import shared_token_map, vocabulary
 
 
@@ -26,6 +26,7 @@ class InspectConfig:
 
 
 def describe(ref_str: str, trust_remote_code: bool) -> tuple[dict, object]:
+    progress.get().start(f"reading {ref_str}")
     ref = modelio.resolve(ref_str)
     config = modelio.load_config(ref, trust_remote_code)
     if ref.gguf_file is None:  # the same weight checks as every loading command
@@ -58,4 +59,5 @@ def inspect(cfg: InspectConfig) -> dict:
             "other_tokens_new_to_model": other_vocab.size - len(shared),
             "share_of_other": round(len(shared) / max(other_vocab.size, 1), 4),
         }
+    progress.get().finish()
     return report

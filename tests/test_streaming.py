@@ -28,6 +28,18 @@ def run(base, donor, out, **kw):
     return transplant(cfg)
 
 
+def run_both(base, donor, tmp_path, monkeypatch, **kw) -> tuple[Path, Path]:
+    """OUT of the in-memory path and of the streamed path (checked to have streamed)."""
+    writes = []
+    real = streaming._write_shard
+    monkeypatch.setattr(streaming, "_write_shard", lambda *a: writes.append(a[0]) or real(*a))
+    run(base, donor, tmp_path / "memory", stream=False, **kw)
+    assert writes == []
+    run(base, donor, tmp_path / "streamed", **kw)
+    assert writes, "the streamed run fell back to the in-memory path"
+    return tmp_path / "memory", tmp_path / "streamed"
+
+
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(Path(directory).glob("*.safetensors")):
@@ -76,14 +88,22 @@ PAIRS = [
 
 
 @pytest.mark.parametrize("base_name,donor_name", PAIRS)
-def test_streamed_equals_in_memory(model_dirs, tmp_path, base_name, donor_name, capfd):
-    base, donor = model_dirs[base_name], model_dirs[donor_name]
-    run(base, donor, tmp_path / "memory", stream=False)
-    capfd.readouterr()
-    run(base, donor, tmp_path / "streamed")
-    assert "cannot stream" not in capfd.readouterr().err
-    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
-    assert_generates(tmp_path / "streamed")
+def test_streamed_equals_in_memory(model_dirs, tmp_path, base_name, donor_name, monkeypatch):
+    memory, streamed = run_both(model_dirs[base_name], model_dirs[donor_name], tmp_path,
+                                monkeypatch)
+    assert_same_model(memory, streamed)
+    assert_generates(streamed)
+
+
+@pytest.mark.parametrize("method", ["mean", "omp"])
+def test_untied_output_of_tied_base_streams_too(model_dirs, tmp_path, monkeypatch, method):
+    """--untie gives a tied BASE its own lm_head: one more computed tensor when streaming."""
+    memory, streamed = run_both(model_dirs["llama_bpe"], model_dirs["gemma_spm"], tmp_path,
+                                monkeypatch, untie=True, method=method)
+    assert_same_model(memory, streamed)
+    assert "lm_head.weight" in tensors(streamed)
+    assert json.loads((streamed / "config.json").read_text())["tie_word_embeddings"] is False
+    assert_generates(streamed)
 
 
 def test_streamed_model_is_mostly_on_meta(model_dirs):
@@ -109,10 +129,10 @@ def sharded_base(tmp_path_factory, bpe_tokenizer):
     return root / "base"
 
 
-def test_multi_shard_equals_in_memory_and_index_is_correct(sharded_base, model_dirs, tmp_path):
-    run(sharded_base, model_dirs["gemma_spm"], tmp_path / "memory", stream=False)
-    run(sharded_base, model_dirs["gemma_spm"], tmp_path / "streamed", max_shard_size="20KB")
-    out = tmp_path / "streamed"
+def test_multi_shard_equals_in_memory_and_index_is_correct(sharded_base, model_dirs, tmp_path,
+                                                           monkeypatch):
+    _, out = run_both(sharded_base, model_dirs["gemma_spm"], tmp_path, monkeypatch,
+                      max_shard_size="20KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
@@ -137,12 +157,11 @@ def test_multi_shard_equals_in_memory_and_index_is_correct(sharded_base, model_d
     assert_generates(out)
 
 
-def test_explicit_dtype_casts_every_float_tensor(model_dirs, tmp_path):
-    base, donor = model_dirs["llama_bpe_untied"], model_dirs["gemma_spm"]
-    run(base, donor, tmp_path / "memory", stream=False, dtype="bfloat16")
-    run(base, donor, tmp_path / "streamed", dtype="bfloat16")
-    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
-    assert {t.dtype for t in tensors(tmp_path / "streamed").values()} == {torch.bfloat16}
+def test_explicit_dtype_casts_every_float_tensor(model_dirs, tmp_path, monkeypatch):
+    memory, streamed = run_both(model_dirs["llama_bpe_untied"], model_dirs["gemma_spm"],
+                                tmp_path, monkeypatch, dtype="bfloat16")
+    assert_same_model(memory, streamed)
+    assert {t.dtype for t in tensors(streamed).values()} == {torch.bfloat16}
 
 
 def test_bf16_base_is_copied_in_bf16(model_dirs, bpe_tokenizer, tmp_path):
@@ -225,16 +244,14 @@ def write_tiny_gguf(path: Path, tok, tied: bool, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_gguf_base_streamed_equals_in_memory(tmp_path, model_dirs, bpe_tokenizer, tied, capfd):
+def test_gguf_base_streamed_equals_in_memory(tmp_path, model_dirs, bpe_tokenizer, tied,
+                                            monkeypatch):
     (tmp_path / "gguf").mkdir()
     write_tiny_gguf(tmp_path / "gguf" / "tiny.gguf", bpe_tokenizer, tied=tied)
-    base = tmp_path / "gguf" / "tiny.gguf"
-    run(base, model_dirs["gemma_spm"], tmp_path / "memory", stream=False)
-    capfd.readouterr()
-    run(base, model_dirs["gemma_spm"], tmp_path / "streamed")
-    assert "cannot stream" not in capfd.readouterr().err
-    assert_same_model(tmp_path / "memory", tmp_path / "streamed")
-    assert_generates(tmp_path / "streamed")
+    memory, streamed = run_both(tmp_path / "gguf" / "tiny.gguf", model_dirs["gemma_spm"],
+                                tmp_path, monkeypatch)
+    assert_same_model(memory, streamed)
+    assert_generates(streamed)
 
 
 # --- bad input: one line, no partial OUT ---------------------------------------------------

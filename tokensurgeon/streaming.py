@@ -90,6 +90,7 @@ class Checkpoint:
     head_key: str | None  # None when tied
     dropped: list[str] = field(default_factory=list)  # tied lm_head copies: not written
     force_dtype: torch.dtype | None = None  # cast every float tensor (explicit --dtype)
+    untie_name: str | None = None  # where a tied lm_head goes if the caller unties it
     max_shard_size: int | str = "50GB"
 
 
@@ -292,6 +293,11 @@ def _streamed_model(ref, trust_remote_code, dtype, max_shard_size, out_dir):
     if dtype is not None:
         checkpoint.force_dtype = getattr(torch, dtype)
     stored = {t.name: t for t in checkpoint.tensors}
+    if checkpoint.head_key is None and skeleton.get_output_embeddings() is not None:
+        head_weight = skeleton.get_output_embeddings().weight
+        checkpoint.untie_name = next(
+            (n for n, p in skeleton.named_parameters(remove_duplicate=False)
+             if p is head_weight and n != _embedding_names(skeleton)[0]), None)
     emb = skeleton.get_input_embeddings()
     emb.weight = torch.nn.Parameter(_read(stored[checkpoint.embed_key]), requires_grad=False)
     if checkpoint.head_key is None:
@@ -337,18 +343,28 @@ def _save_streamed(model, save_directory, **kwargs) -> None:
     # Configs (and generation config) exactly as transformers writes them; no weights.
     type(model).save_pretrained(model, out, state_dict={})
     embed = model.get_input_embeddings().weight.detach()
-    head = None if checkpoint.head_key is None else model.get_output_embeddings().weight.detach()
+    head_module = model.get_output_embeddings()
+    # The caller may have untied a tied BASE: its new lm_head is one more computed tensor.
+    untied = (checkpoint.head_key is None and head_module is not None
+              and head_module.weight is not model.get_input_embeddings().weight)
+    head_key = checkpoint.untie_name if untied else checkpoint.head_key
+    head = None if head_key is None else head_module.weight.detach()
     items: list[tuple[StoredTensor, torch.Tensor | None]] = []
     for t in checkpoint.tensors:
         if t.name == checkpoint.embed_key:
             items.append((_computed(t.name, embed), embed))
-        elif t.name == checkpoint.head_key:
+        elif t.name == head_key:
             items.append((_computed(t.name, head), head))
         else:
             dtype = t.dtype
             if checkpoint.force_dtype is not None and t.dtype in FLOAT_CODES:
                 dtype = TORCH_TO_SAFETENSORS[checkpoint.force_dtype]
             items.append((StoredTensor(t.name, dtype, t.shape, t.path, t.offset, t.make), None))
+    if untied:
+        if head_key is None:
+            raise UsageError(f"{checkpoint.label}: cannot name the untied lm_head; "
+                             "pass --no-stream")
+        items.append((_computed(head_key, head), head))
     by_name = {s.name: (s, value) for s, value in items}
     split = split_state_dict_into_shards_factory(
         {s.name: s for s, _ in items}, get_storage_size=lambda s: s.nbytes,

@@ -242,9 +242,12 @@ def read_text(path: str | Path, encoding: str = "utf-8", option: str | None = No
     except UnicodeDecodeError as exc:
         bad = raw[exc.start : exc.start + 1].hex()
         line = raw.count(b"\n", 0, exc.start) + 1
+        binary = b"\x00" in raw[:8192]
         how = (f"pass {option} with its encoding (e.g. {option} latin-1) or convert it to UTF-8"
                if option else "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-        kind = "binary, not text" if b"\x00" in raw[:8192] else f"not {encoding} text"
+        if binary:
+            how = "pass a text file"
+        kind = "binary, not text" if binary else f"not {encoding} text"
         raise UsageError(f"{path} is {kind}: byte 0x{bad} at offset {exc.start} (line {line}) "
                          f"cannot be decoded; {how}") from None
 

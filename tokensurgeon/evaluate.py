@@ -264,7 +264,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
     progress.get().start("evaluate")
     result = bits_per_byte(model, tokenizer, segments, cfg.batch_size, cfg.logit_chunk,
-                           progress=not cfg.quiet, bos=cfg.bos)
+                           progress=not cfg.quiet and sys.stderr.isatty(), bos=cfg.bos)
     result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments),
                    "adds_bos": bool(conventions.framing(tokenizer)[0])})
     if cfg.bos == "auto" and cfg.bos_probe_bytes:

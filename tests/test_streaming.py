@@ -310,6 +310,16 @@ def test_too_little_free_space_is_refused_before_writing(model_dirs, tmp_path, m
     assert leftovers(tmp_path, "out") == []
 
 
+def test_bad_max_shard_size_is_one_line(model_dirs, tmp_path):
+    assert streaming.shard_size_bytes("2GB") == 2_000_000_000
+    for bad in ("banana", "0"):
+        with pytest.raises(UsageError, match="max-shard-size") as err:
+            run(model_dirs["llama_bpe"], model_dirs["gemma_spm"], tmp_path / "out",
+                max_shard_size=bad)
+        assert "\n" not in str(err.value)
+    assert leftovers(tmp_path, "out") == []
+
+
 def test_unstreamable_base_falls_back_once(model_dirs, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(model_dirs["llama_bpe"], base)

@@ -271,12 +271,30 @@ def load_base(ref: modelio.ModelRef, trust_remote_code: bool = False, stream: bo
         be streamed.
     """
     if stream:
+        max_shard_size = shard_size_bytes(max_shard_size)
         try:
             return _streamed_model(ref, trust_remote_code, dtype, max_shard_size, out_dir)
         except CannotStream as why:
             print(f"tokensurgeon: cannot stream {ref.label} ({why}); loading the whole model "
                   "into memory instead", file=sys.stderr)
     return modelio.load_model(ref, trust_remote_code=trust_remote_code)
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """``--max-shard-size`` as transformers reads it ("5GB", "200MB", or bytes)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(size, int) or str(size).isdigit():
+        value = int(size)
+    else:
+        try:
+            value = parse_size_to_int(str(size))
+        except ValueError:
+            raise UsageError(f"--max-shard-size {size!r} is not a size; write it like 5GB, "
+                             "200MB or 1000000 (bytes)") from None
+    if value < 1:
+        raise UsageError(f"--max-shard-size must be positive (got {size!r})")
+    return value
 
 
 def _streamed_model(ref, trust_remote_code, dtype, max_shard_size, out_dir):

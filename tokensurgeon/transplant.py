@@ -323,9 +323,7 @@ def transplant(cfg: TransplantConfig) -> dict:
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
     want_untie = _wants_untie(cfg, modelio.load_config(base_ref, cfg.trust_remote_code),
                               base_ref.label)
-    # An untied lm_head is a tensor BASE's files do not have: build it in memory.
-    stream = cfg.stream and not want_untie
-    base = streaming.load_base(base_ref, cfg.trust_remote_code, stream,
+    base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
                                cfg.out)
     emb, head, tied = check_supported(base, base_ref.label)

@@ -237,3 +237,18 @@ def test_centred_lstsq_rows_are_mean_plus_combination_of_centred_anchors():
     raw = omp.reconstruct(base_anchors, r.anchors, r.coef) + r.mean_coef[:, None] * mu
     torch.testing.assert_close(r.rows, mu + 0.7 * (raw - mu))
     torch.testing.assert_close(r.mean_coef, 1 - r.coef.sum(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_method_on_cuda_matches_cpu():
+    from tokensurgeon.methods import TransplantProblem
+    from tokensurgeon.methods.omp import OmpOptions, omp_rows
+
+    atoms, targets = _embedding_like(3000, 64, 32, seed=9)
+    base = torch.randn(3000, 24, generator=torch.Generator().manual_seed(1))
+    rows = {}
+    for device in ("cpu", "cuda"):
+        problem = TransplantProblem(targets, atoms, base, base, [None] * 64, {},
+                                    options=OmpOptions(search="exact"), device=device)
+        rows[device] = omp_rows(problem).rows
+    torch.testing.assert_close(rows["cuda"], rows["cpu"], rtol=1e-3, atol=1e-3)

@@ -5,14 +5,19 @@ DONOR's space; the same coefficients applied to BASE's rows of those anchors giv
 row. The math is in :mod:`tokensurgeon.omp`; this module batches it, retrieves candidates
 (:mod:`tokensurgeon.ann`) and moves it to the chosen device.
 
-Defaults (v2), all reachable back to the v1 behaviour by options:
+Defaults (v2) come from the direction-2 diagnosis (bench/transplant_diagnose.py): OMP rows
+help as *input* rows, but as *output* rows of a tied model their probability leaks away
+from the real tokens, so new tokens get OMP input rows and anchor-mean output rows (a tied
+BASE is untied). The v1 behaviour is ``--no-centre --search exact -k 64 --candidates 256
+--refreshes 10 --output-shrink 1 --no-untie``. The options:
 - ``centre``: both spaces are centred on their anchor mean, and selection runs on
   unit-norm centred anchors. The shared component every embedding carries then no longer
   dominates the first picks, and a new row is ``mean + sum_j c_j (anchor_j - mean)``.
 - ``shrink`` / ``output_shrink``: a new row is pulled toward the anchor mean,
   ``mu + lambda (row - mu)``; input rows and output (lm_head) rows get their own lambda,
   because an output row takes probability mass from every real token wherever its logit is
-  high, while an input row only matters where the token occurs. v1: both 1.0.
+  high, while an input row only matters where the token occurs. Default 1 (input) and 0
+  (output: the anchor mean, which has Hewitt's Jensen bound on the leak); v1: both 1.
 - ``coefficients``: ``lstsq`` (OMP's least-squares weights, signed and unbounded) or
   ``softmax`` (a convex combination over the selected anchors, weights
   ``softmax(cos(target, anchor) / temperature)``, WECHSEL-style), which keeps every new
@@ -107,7 +112,9 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     norms = atoms.norm(dim=1).clamp_min(1e-12) if opts.centre else torch.ones(n_atoms, device=device)
     unit = atoms / norms.unsqueeze(1)
     base_atoms = base_anchors - mu_b if opts.centre else base_anchors
-    index = None if exact else AnchorIndex(unit, opts.search, n_queries=n_targets)
+    # On a GPU one exact GEMM pass is cheap; faiss here is a CPU index.
+    search = "exact" if opts.search == "auto" and device.type == "cuda" else opts.search
+    index = None if exact else AnchorIndex(unit, search, n_queries=n_targets)
     schedule = omp_math.refresh_schedule(k, opts.refreshes)
     rows = torch.empty(n_targets, base_anchors.shape[1], dtype=torch.float32)
     out_rows = torch.empty_like(rows)

@@ -324,7 +324,7 @@ def main() -> None:
         b = row["bpb"]["pooled"]
         agree = row.get("agree_count", "-")
         print(f"{name:26s} adds_bos={row['adds_bos']!s:5s} bpb auto {b['auto']:.4f} always "
-              f"{b['always']:.4f} never {b['never']:.4f}  hf/vllm agree {agree}/{len(PROMPTS)}  "
+              f"{b.get('always', float('nan')):.4f} never {b.get('never', float('nan')):.4f}  hf/vllm agree {agree}/{len(PROMPTS)}  "
               f"degenerate hf {sum(row['degenerate_hf'])}  | {PROMPTS[0]!r} -> {row['hf_generate'][0]!r}",
               flush=True)
     print_summary(rows, args)

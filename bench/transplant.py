@@ -213,6 +213,9 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=12_000, help="bytes of each held-out text")
     ap.add_argument("--mergekit-env", default=str(Path(__file__).resolve().parents[2] / "venv-mergekit"))
     ap.add_argument("--mergekit-subset", type=int, default=1024)
+    ap.add_argument("--texts", default="gsm8k_test,prose_heldout,wikitext_raw")
+    ap.add_argument("--eval-models", default="",
+                    help="comma-separated models to evaluate (default: base and every method)")
     ap.add_argument("--exact-subset", type=int, default=0,
                     help="new tokens for the fast-vs-exact OMP check (0 skips it)")
     args = ap.parse_args()
@@ -248,15 +251,19 @@ def main() -> None:
                                         lambda d=d: fast_vs_exact(d, args.exact_subset))
         results["directions"][d] = r
 
-    segments = eval_segments(args.eval_bytes)
+    segments = {k: v for k, v in eval_segments(args.eval_bytes).items()
+                if k in args.texts.split(",")}
     for d in directions:
         r = results["directions"][d]
         models = {"base": DIRECTIONS[d][0]}
         models.update({m: str(work / f"d{d}-{m}") for m in r["methods"]})
         if d == 1 and have_mergekit:
             models["mergekit"] = str(work / "d1-mergekit")
+        if args.eval_models:
+            models = {m: p for m, p in models.items() if m in args.eval_models.split(",")}
+        tag = "-".join(sorted(segments))
         for name, path in models.items():
-            r["bpb"][name] = cached(work / f"d{d}-{name}.bpb-{args.eval_bytes}.json",
+            r["bpb"][name] = cached(work / f"d{d}-{name}.bpb-{args.eval_bytes}-{tag}.json",
                                     lambda p=path: eval_model(p, segments))
             print(f"direction {d} bpb {name}: {r['bpb'][name]}", flush=True)
 
@@ -282,13 +289,17 @@ def print_table(results: dict, directions: list[int]) -> None:
         print("| model | wall s | CPU s | peak RSS MB | load | leak mass | GSM8K BPB | prose BPB | "
               "raw WikiText BPB |")
         print("|---|---|---|---|---|---|---|---|---|")
-        base = r["bpb"]["base"]
-        print("| original BASE | - | - | - | - | - | " + " | ".join(str(base[t]) for t in texts) + " |")
+        texts = [t for t in texts if any(t in b for b in r["bpb"].values())]
+        if "base" in r["bpb"]:
+            base = r["bpb"]["base"]
+            print("| original BASE | - | - | - | - | - | "
+                  + " | ".join(str(base.get(t, "-")) for t in texts) + " |")
         for m in r["methods"]:
-            t, b = r["ours"][m], r["bpb"][m]
+            t, b = r["ours"][m], r["bpb"].get(m, {})
             leak = (t.get("leak_check") or {}).get("leak_mass", "-")
             print(f"| tokensurgeon {m} | {t['wall_s']} | {t['cpu_s']} | {t['peak_rss_mb']} | "
-                  f"{t['loadavg_at_start']} | {leak} | " + " | ".join(str(b[x]) for x in texts) + " |")
+                  f"{t['loadavg_at_start']} | {leak} | " + " | ".join(str(b.get(x, "-")) for x in texts)
+                  + " |")
         mk = r["mergekit"]
         b = r["bpb"].get("mergekit")
         print(f"| mergekit 0.1.5 | {mk.get('wall_s', mk.get('extrapolated_wall_s'))} | - | "

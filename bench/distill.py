@@ -441,8 +441,9 @@ def plot(baselines: dict, runs: list[dict], methods: list[str], args) -> None:
                label="teacher Gemma-3-270M")
     ax.set_xlabel("student training tokens")
     ax.set_ylabel("held-out prose bits per byte")
-    ax.set_title(f"Gemma-3-270M -> SmolLM2-135M, mean ± s.e. over {len(args.seeds.split(','))} seeds",
-                 fontsize=9)
+    seeds = {m: len({r["seed"] for r in runs if r["method"] == m}) for m in methods}
+    ax.set_title("Gemma-3-270M -> SmolLM2-135M, mean ± s.e. over seeds ("
+                 + ", ".join(f"{m}: {n}" for m, n in seeds.items()) + ")", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "heldout_bpb.png", dpi=110)

@@ -211,3 +211,17 @@ def test_leak_mass_is_reported_and_default_leaks_no_more_than_mean(model_dirs, t
         leak[name] = check["leak_mass"]
     assert leak["omp"] <= leak["mean"] + 1e-6, leak
     assert leak["omp-tied-v1"] > leak["omp"], leak
+
+
+def test_leak_check_is_skipped_above_its_memory_bound(model_dirs, tmp_path, monkeypatch):
+    """The leak check reloads OUT whole; above the bound it must not (streaming's memory
+    promise), and the manifest says why."""
+    import tokensurgeon.transplant as transplant_module
+
+    monkeypatch.setattr(transplant_module, "LEAK_CHECK_MAX_BYTES", 1024)
+    monkeypatch.setattr(transplant_module, "_leak_check",
+                        lambda *a, **k: pytest.fail("reloaded OUT above the bound"))
+    manifest = run(model_dirs["gemma_spm"], model_dirs["llama_bpe"], tmp_path / "out")
+    assert "above the 0 GiB bound" in manifest["leak_check"]["skipped"]
+    on_disk = json.loads((tmp_path / "out" / "transplant.json").read_text())
+    assert on_disk["leak_check"] == manifest["leak_check"]

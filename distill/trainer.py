@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
 from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec, side_statistics
 from tokensurgeon import modelio, progress, training
-from tokensurgeon.config import config_to_dict
+from tokensurgeon.config import check_resume_options
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
 from tokensurgeon.token_identity import vocabulary
@@ -171,12 +170,7 @@ def _prepare_out(cfg: DistillConfig) -> Path:
         if training.latest_checkpoint(out / "checkpoints") is None:
             raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
                              "run without --resume first")
-        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
-        now = config_to_dict(cfg)
-        changed = sorted(k for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k])
-        if changed:
-            raise UsageError(f"--resume with options that differ from the checkpointed run "
-                             f"({', '.join(changed)}); pass the original options")
+        check_resume_options(out, cfg, RESUME_FREE_OPTIONS)
         return out
     return modelio.check_output_dir(out, cfg.overwrite)
 

@@ -41,7 +41,7 @@ from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
-from tokensurgeon.config import config_to_dict
+from tokensurgeon.config import check_resume_options
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import logits_at
 
@@ -201,15 +201,7 @@ def prepare_out(cfg: SpecTrainConfig) -> Path:
     if not training.latest_checkpoint(out / "checkpoints"):
         raise UsageError(f"--resume: {out}/checkpoints holds no complete checkpoint; "
                          "drop --resume to start fresh")
-    import yaml
-
-    saved_path = out / "config.yaml"
-    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
-    now = config_to_dict(cfg)
-    changed = sorted(k for k in now if k not in RESUME_FREE_OPTIONS and saved.get(k) != now[k])
-    if changed:
-        raise UsageError(f"--resume with options that differ from the checkpointed run "
-                         f"({', '.join(changed)}); pass the original options")
+    check_resume_options(out, cfg, RESUME_FREE_OPTIONS)
     return out
 
 

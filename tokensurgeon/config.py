@@ -258,3 +258,15 @@ def write_resolved_config(directory: str | Path, config: Any) -> Path:
     path = Path(directory) / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+def check_resume_options(out: Path, config: Any, free: set[str]) -> None:
+    """Refuse a ``--resume`` whose options differ from those saved in ``out/config.yaml``
+    (except the ``free`` ones, which do not change the result)."""
+    saved_path = Path(out) / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    now = config_to_dict(config)
+    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    if changed:
+        raise UsageError(f"--resume with options that differ from the checkpointed run "
+                         f"({', '.join(changed)}); pass the original options")

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokensurgeon import conventions, diagnostics, modelio, streaming
-from tokensurgeon import progress
+from tokensurgeon import conventions, diagnostics, modelio, progress, streaming
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
-from tokensurgeon.methods import (METHODS, MethodResult, TransplantProblem, method_names,
-                                  options_for)
+from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names, options_for
 from tokensurgeon.methods.omp import COEFFICIENTS, SEARCHES, OmpOptions
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
 
@@ -457,7 +455,7 @@ def _leak_check_too_big(out_dir: Path) -> str | None:
     params = 0
     for shard in out_dir.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
-            params += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+            params += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118 (safe_open is not a dict)
     float32_bytes = 4 * params
     if float32_bytes <= LEAK_CHECK_MAX_BYTES:
         return None

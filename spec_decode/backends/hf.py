@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from spec_decode.backends import PROPOSERS, BenchPlan, config_key, register
+from spec_decode.backends.base import PROPOSERS, BenchPlan, config_key, register
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
 

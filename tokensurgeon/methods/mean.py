@@ -1,6 +1,6 @@
 """``mean``: new tokens get the mean of BASE's anchor rows (a baseline)."""
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
 
 
 @register_method("mean")

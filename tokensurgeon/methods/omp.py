@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from tokensurgeon import omp as omp_math
 from tokensurgeon.ann import AnchorIndex
 from tokensurgeon.errors import UsageError
-from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
 
 
 @dataclass

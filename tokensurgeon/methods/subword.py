@@ -7,7 +7,7 @@ with no bytes (a special token) or bytes BASE cannot spell falls back to ``mean`
 
 import torch
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
 from tokensurgeon.token_identity import encode_bytes_greedy
 
 

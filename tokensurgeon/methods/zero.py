@@ -2,7 +2,7 @@
 
 import torch
 
-from tokensurgeon.methods import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
 
 
 @register_method("zero")

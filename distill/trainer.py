@@ -28,7 +28,7 @@ from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
 from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec, side_statistics
 from tokensurgeon import modelio, progress, training
-from tokensurgeon.config import check_resume_options
+from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
 from tokensurgeon.token_identity import vocabulary
@@ -252,7 +252,7 @@ def distill(cfg: DistillConfig) -> dict:
     if is_main:
         if not cfg.resume:
             _create_out(out)
-        training.write_resolved_config(out, cfg)
+        write_resolved_config(out, cfg)
     metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
     if cfg.resume:
         metrics.drop_after(start)
@@ -379,7 +379,7 @@ def distill(cfg: DistillConfig) -> dict:
         final.eval()
         with modelio.atomic_output_dir(out, overwrite=True) as tmp:
             modelio.save_model(final, s_tok, tmp)
-            training.write_resolved_config(tmp, cfg)
+            write_resolved_config(tmp, cfg)
             # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
             for name in ("metrics.jsonl", "checkpoints"):
                 if (out / name).exists():

@@ -41,7 +41,7 @@ from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
-from tokensurgeon.config import check_resume_options
+from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import logits_at
 
@@ -252,7 +252,7 @@ def train(cfg: SpecTrainConfig) -> dict:
         if not cfg.resume:  # --overwrite: the old draft stays until the new one replaces it
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        training.write_resolved_config(out, cfg)
+        write_resolved_config(out, cfg)
     log = training.MetricsLog(out / "metrics.jsonl", enabled=main)
     if cfg.resume:
         log.drop_after(step)
@@ -338,7 +338,7 @@ def train(cfg: SpecTrainConfig) -> dict:
         draft.eval()
         with modelio.atomic_output_dir(out, overwrite=True) as tmp:
             modelio.save_model(draft, tokenizer, tmp)
-            training.write_resolved_config(tmp, cfg)
+            write_resolved_config(tmp, cfg)
             modelio.write_json(tmp / "train.json", summary)
             # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
             for name in ("metrics.jsonl", "checkpoints"):

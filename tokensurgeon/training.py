@@ -26,7 +26,6 @@ API (all functions are small; read them):
   too, and unpickles with ``weights_only=True`` only.
 - ``MetricsLog(path)``: append one JSON object per step (``log(step=..., **figures)``).
 - ``progress(total, initial, disable)``: a tqdm bar; ``bar.set_postfix(loss=..., tok_s=...)``.
-- ``write_resolved_config(directory, config)``: ``config.yaml`` with every resolved option.
 """
 
 from __future__ import annotations
@@ -44,11 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-
-from tokensurgeon.config import config_to_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "complete"
@@ -252,12 +248,7 @@ class MetricsLog:
 
 def progress(total: int, initial: int = 0, disable: bool = False, desc: str = "train") -> tqdm:
     """A step progress bar; trainers set ``loss`` and ``tok_s`` as postfix."""
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+    # disable=None: tqdm stays off when stderr is not a terminal (the phase lines speak there).
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable or None,
                 dynamic_ncols=True)
 
-
-def write_resolved_config(directory: str | Path, config: Any) -> Path:
-    """Write every resolved option of ``config`` (a dataclass) to ``directory/config.yaml``."""
-    path = Path(directory) / "config.yaml"
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return path

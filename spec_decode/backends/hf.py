@@ -85,7 +85,7 @@ def run_hf(plan: BenchPlan) -> dict:
     texts: dict[float, list[list[int]]] = {}
     target_logits: dict[float, list[torch.Tensor]] = {}
     for temp in plan.temperatures:
-        bar = tqdm(plan.prompts, desc=f"target T={temp:g}", disable=plan.quiet)
+        bar = tqdm(plan.prompts, desc=f"target T={temp:g}", disable=plan.quiet or None)
         texts[temp] = [continuation(target, p, plan.max_tokens, temp, plan.seed + i, device)
                        for i, p in enumerate(bar)]
         target_logits[temp] = [position_logits(target, p, g, device)

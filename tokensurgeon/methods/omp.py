@@ -123,7 +123,7 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     all_mean_coef = torch.empty(n_targets, dtype=torch.float32)
     errors = torch.empty(n_targets, dtype=torch.float32)
     batch = problem.batch_size
-    bar = tqdm(total=n_targets, desc=problem.progress, unit="tok", disable=problem.progress is None)
+    bar = tqdm(total=n_targets, desc=problem.progress, unit="tok", disable=True if problem.progress is None else None)
     for start in range(0, n_targets, batch):
         targets = problem.donor_targets[start : start + batch].to(device, torch.float32) - mu_d
         if exact:

@@ -9,7 +9,8 @@ Boundary: model surgery and saving only. Two ways to get a draft:
   vocabulary).
 
 Also holds :func:`check_shared_vocabulary`, the check that ``spec train`` and ``spec bench``
-run before anything else.
+run before anything else (it loads both tokenizers; the comparison itself is
+:func:`tokensurgeon.token_identity.vocabulary_mismatch`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from tokensurgeon import modelio
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
+from tokensurgeon.token_identity import vocabulary_mismatch
 
 
 @dataclass
@@ -120,14 +122,12 @@ def vocabulary_of(ref: modelio.ModelRef, trust_remote_code: bool = False) -> tup
 def check_shared_vocabulary(target: modelio.ModelRef, draft: modelio.ModelRef,
                             trust_remote_code: bool = False) -> None:
     """One-line UsageError unless DRAFT uses exactly TARGET's tokenizer and vocabulary size."""
-    t_vocab, t_rows = vocabulary_of(target, trust_remote_code)
-    d_vocab, d_rows = vocabulary_of(draft, trust_remote_code)
-    if t_vocab != d_vocab or t_rows != d_rows:
-        differ = len(set(t_vocab.items()) ^ set(d_vocab.items()))
+    mismatch = vocabulary_mismatch(*vocabulary_of(target, trust_remote_code),
+                                   *vocabulary_of(draft, trust_remote_code))
+    if mismatch:
         raise UsageError(
             f"draft {draft.label} and target {target.label} have different vocabularies "
-            f"({len(d_vocab)} vs {len(t_vocab)} tokens, {differ} entries differ, "
-            f"{d_rows} vs {t_rows} rows); run: tokensurgeon spec make-draft {target.label} "
+            f"({mismatch}); run: tokensurgeon spec make-draft {target.label} "
             f"--from {draft.label} --out DRAFT")
 
 

@@ -96,3 +96,12 @@ def test_greedy_segmentation_covers_bytes(bpe_tokenizer):
     ids = encode_bytes_greedy(data, index, max(len(b) for b in index))
     assert b"".join(vocab.token_bytes[i] for i in ids) == data
     assert encode_bytes_greedy(b"\xff", {b"a": 0}, 1) is None
+
+
+def test_vocabulary_mismatch_names_the_difference_and_is_none_when_equal():
+    from tokensurgeon.token_identity import vocabulary_mismatch
+
+    vocab = {"a": 0, "b": 1}
+    assert vocabulary_mismatch(vocab, 2, dict(vocab), 2) is None
+    assert "1 entries differ" in vocabulary_mismatch(vocab, 2, {"a": 0}, 2)
+    assert "3 vs 2 rows" in vocabulary_mismatch(vocab, 2, dict(vocab), 3)

@@ -249,3 +249,14 @@ def encode_bytes_greedy(data: bytes, index: dict[bytes, int], max_len: int) -> l
         else:
             return None
     return ids
+
+
+def vocabulary_mismatch(target_vocab: dict[str, int], target_rows: int,
+                        draft_vocab: dict[str, int], draft_rows: int) -> str | None:
+    """Why two models cannot share one token stream (speculative decoding needs the exact
+    same token -> id map and embedding rows), or None when they can."""
+    if target_vocab == draft_vocab and target_rows == draft_rows:
+        return None
+    differ = len(set(target_vocab.items()) ^ set(draft_vocab.items()))
+    return (f"{len(draft_vocab)} vs {len(target_vocab)} tokens, {differ} entries differ, "
+            f"{draft_rows} vs {target_rows} rows")

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from tokensurgeon.logits import apply_softcap, decoder_and_head, final_hidden_states
+
 # A short built-in text (prose and arithmetic, written for this check) so that every
 # transplant can report its leak mass without data files.
 BUILTIN_TEXT = (
@@ -45,9 +47,7 @@ def leak_stats(hidden: torch.Tensor, head: torch.Tensor, gold: torch.Tensor,
         sums (not means): leak (probability on new tokens, summed over shared-gold
         positions), nll_shared / nll_new (nats), n_shared / n_new (positions).
     """
-    logits = (hidden.float() @ head.float().T)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = apply_softcap(hidden.float() @ head.float().T, softcap)
     logz = torch.logsumexp(logits, 1)
     new_cols = logits[:, is_new]
     lz_new = torch.logsumexp(new_cols, 1) if new_cols.shape[1] else torch.full_like(logz, -math.inf)
@@ -65,12 +65,11 @@ def leak_on_text(model, tokenizer, is_new: torch.Tensor, text: str = BUILTIN_TEX
     ``text`` with the tokenizer's BOS (or EOS) prepended."""
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([prefix] + tokenizer(text, add_special_tokens=False)["input_ids"])
-    head = model.get_output_embeddings().weight.detach()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is None and getattr(model.config, "text_config", None) is not None:
-        softcap = getattr(model.config.text_config, "final_logit_softcapping", None)
+    _, head_module, softcap = decoder_and_head(model)
+    head = head_module.weight.detach()
     with torch.inference_mode():
-        hidden = model.base_model(input_ids=ids.unsqueeze(0)).last_hidden_state[0, :-1]
+        batch = ids.unsqueeze(0)
+        hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
         total: dict = {}
         for s in range(0, hidden.shape[0], chunk):
             part = leak_stats(hidden[s:s + chunk], head, ids[1:][s:s + chunk],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tokensurgeon import modelio
+from tokensurgeon import modelio, validate
 from tokensurgeon.errors import UsageError
 
 # safetensors dtype codes of the torch dtypes we write.
@@ -99,12 +100,11 @@ class CannotStream(Exception):
 
 
 def _header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, absolute offset of the data section) of a safetensors file."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+    """(tensor entries, absolute offset of the data section) of a safetensors file, checked
+    by :func:`validate.safetensors_header` (which proves the data section ends the file)."""
+    header = validate.safetensors_header(path, "re-download or re-save the model")
+    data_bytes = max((e["data_offsets"][1] for e in header.values()), default=0)
+    return header, path.stat().st_size - data_bytes
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -401,17 +401,10 @@ def _save_streamed(model, save_directory, **kwargs) -> None:
         raise UsageError(f"cannot write {out} ({exc.strerror}); check the disk and run "
                          "again (nothing was written to OUT)") from None
     if split.is_sharded:
-        params = sum(_numel(s.shape) for s, _ in items)
+        params = sum(math.prod(s.shape) for s, _ in items)
         index = {"metadata": {"total_parameters": params, "total_size": total},
                  "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _computed(name: str, tensor: torch.Tensor) -> StoredTensor:

@@ -66,7 +66,7 @@ def main() -> None:
             base_matrix=base_anchors, target_bytes=[None] * args.targets, base_byte_index={},
             options=OmpOptions(k=args.k, candidates=args.candidates, refreshes=refreshes,
                                search=args.search),
-            batch_size=args.batch_size, device=args.device, progress=None)
+            batch_size=args.batch_size, device=args.device)
         sync(args.device)
         t = time.perf_counter()
         result = METHODS["omp"](problem)

@@ -89,3 +89,30 @@ def test_cli_bad_input_prints_one_line_without_quiet(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path), str(text)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "offset 3" in err, err
+
+
+def test_omp_batches_count_tokens_on_the_callers_phase(monkeypatch):
+    """The OMP loop reports after every batch through the running phase (no bar of its own),
+    so a long "omp embed" line moves batch by batch."""
+    import torch
+
+    from tokensurgeon.methods import TransplantProblem
+    from tokensurgeon.methods.omp import OmpOptions, omp_rows
+
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randn(200, 16, generator=gen)
+    problem = TransplantProblem(torch.randn(40, 16, generator=gen), anchors, anchors, anchors,
+                                [None] * 40, {}, options=OmpOptions(k=4, search="exact"),
+                                batch_size=8)
+    seen: list[int] = []
+    p = Progress(quiet=True)
+    original = p.report
+    monkeypatch.setattr(p, "report", lambda done, *a: (seen.append(done), original(done, *a)))
+    with progress.use(p), p.phase("omp embed") as ph:
+        omp_rows(problem)
+    assert seen == [0, 8, 16, 24, 32, 40]
+    assert (ph.done, ph.total, ph.unit) == (40, 40, "tok")
+
+
+def test_report_outside_any_phase_is_a_no_op():
+    Progress(quiet=True).report(3, 10, "tok")

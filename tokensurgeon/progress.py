@@ -20,6 +20,10 @@ Progress callback API (for loops such as OMP batches)::
         for batch in ...:
             ...
             bar.update(len(batch))      # or bar.set(done)
+
+A loop deep inside a phase that its caller began (e.g. the OMP batches inside
+``transplant``'s "omp embed") sets that phase's counter with
+``progress.get().report(done, total, unit)`` instead of drawing a bar of its own.
 """
 
 from __future__ import annotations
@@ -133,6 +137,15 @@ class Progress:
             if ok and ph.total:
                 ph.done = max(ph.done, ph.total)
             self._write(f"{ph.line()} done" if ok else f"{ph.line()} stopped", final=True)
+
+    def report(self, done: int, total: int | None = None, unit: str | None = None) -> None:
+        """Set the counter of the innermost running phase; a no-op outside any phase."""
+        with self._lock:
+            ph = self._active[-1] if self._active else None
+        if ph is not None:
+            ph(done, total)
+            if unit is not None:
+                ph.unit = unit
 
     def summary(self) -> str:
         """Wall seconds per phase (phases with one name are added up) and the total."""

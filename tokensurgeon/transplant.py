@@ -219,7 +219,7 @@ def plan_vocabulary(base: Vocabulary, donor: Vocabulary, base_rows: int, donor_r
 
 
 def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anchor_donor,
-             anchor_base, target_ids, donor_vocab: Vocabulary, base_index, label):
+             anchor_base, target_ids, donor_vocab: Vocabulary, base_index):
     return TransplantProblem(
         donor_targets=donor_matrix[target_ids],
         donor_anchors=donor_matrix[anchor_donor],
@@ -231,7 +231,6 @@ def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anch
         options=options_for(cfg.method, cfg),
         batch_size=cfg.batch_size,
         device=device,
-        progress=None if cfg.quiet else label,
     )
 
 
@@ -261,8 +260,7 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
     donor_matrix = donor_matrix.detach().float().cpu()
     method = METHODS[cfg.method]
     result = method(_problem(cfg, device, donor_matrix, base_matrix, plan.anchor_donor,
-                             plan.anchor_base, plan.new_ids, donor_vocab, base_index,
-                             f"{cfg.method} {label}"))
+                             plan.anchor_base, plan.new_ids, donor_vocab, base_index))
     rows = result.output_rows if output and result.output_rows is not None else result.rows
     out = assemble_matrix(plan, base_matrix, rows, new_size)
     stats: dict = {}
@@ -270,9 +268,10 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
         held = _select_holdout(plan.anchor_donor, cfg.holdout, cfg.seed)
         keep = torch.ones(plan.anchor_donor.numel(), dtype=torch.bool)
         keep[held] = False
-        held_result = method(_problem(cfg, device, donor_matrix, base_matrix,
-                                      plan.anchor_donor[keep], plan.anchor_base[keep],
-                                      plan.anchor_donor[held], donor_vocab, base_index, None))
+        with progress.get().phase(f"{cfg.method} {label} fake-new check"):
+            held_result = method(_problem(cfg, device, donor_matrix, base_matrix,
+                                          plan.anchor_donor[keep], plan.anchor_base[keep],
+                                          plan.anchor_donor[held], donor_vocab, base_index))
         truth = base_matrix[plan.anchor_base[held]]
         held_rows = (held_result.output_rows if output and held_result.output_rows is not None
                      else held_result.rows)

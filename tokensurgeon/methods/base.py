@@ -28,7 +28,6 @@ class TransplantProblem:
         options: the method's own options dataclass (``METHODS[name].options``), or None.
         batch_size: targets per batch.
         device: torch device for the math.
-        progress: label for a progress bar, or None for no bar.
     """
 
     donor_targets: torch.Tensor
@@ -40,7 +39,6 @@ class TransplantProblem:
     options: Any = None
     batch_size: int = 1024
     device: str = "cpu"
-    progress: str | None = None
 
 
 @dataclass

@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from tokensurgeon import omp as omp_math
+from tokensurgeon import progress
 from tokensurgeon.ann import AnchorIndex
 from tokensurgeon.errors import UsageError
 from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
@@ -123,7 +123,8 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     all_mean_coef = torch.empty(n_targets, dtype=torch.float32)
     errors = torch.empty(n_targets, dtype=torch.float32)
     batch = problem.batch_size
-    bar = tqdm(total=n_targets, desc=problem.progress, unit="tok", disable=True if problem.progress is None else None)
+    report = progress.get().report  # the caller's phase line counts tokens done
+    report(0, n_targets, "tok")
     for start in range(0, n_targets, batch):
         targets = problem.donor_targets[start : start + batch].to(device, torch.float32) - mu_d
         if exact:
@@ -149,8 +150,7 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
         # Before shrinking, row = sum_j coef_j B_j + mean_coef * mean(B anchors).
         all_coef[start:end] = coef.cpu()
         all_mean_coef[start:end] = mean_coef.cpu()
-        bar.update(targets.shape[0])
-    bar.close()
+        report(end)
     return MethodResult(rows, ["omp"] * n_targets, all_idx, all_coef, errors,
                         output_rows=out_rows, mean_coef=all_mean_coef,
                         shrink=(opts.shrink, opts.output_shrink))

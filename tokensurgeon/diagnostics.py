@@ -47,7 +47,11 @@ def leak_stats(hidden: torch.Tensor, head: torch.Tensor, gold: torch.Tensor,
         sums (not means): leak (probability on new tokens, summed over shared-gold
         positions), nll_shared / nll_new (nats), n_shared / n_new (positions).
     """
-    logits = apply_softcap(hidden.float() @ head.float().T, softcap)
+    return logit_stats(apply_softcap(hidden.float() @ head.float().T, softcap), gold, is_new)
+
+
+def logit_stats(logits: torch.Tensor, gold: torch.Tensor, is_new: torch.Tensor) -> dict:
+    """:func:`leak_stats` from logits [T, V] (softcap already applied)."""
     logz = torch.logsumexp(logits, 1)
     new_cols = logits[:, is_new]
     lz_new = torch.logsumexp(new_cols, 1) if new_cols.shape[1] else torch.full_like(logz, -math.inf)
@@ -83,3 +87,44 @@ def leak_on_text(model, tokenizer, is_new: torch.Tensor, text: str = BUILTIN_TEX
             "bpb_new_gold": round(total["nll_new"] / n_bytes, 4),
             "tokens_shared_gold": total["n_shared"], "tokens_new_gold": total["n_new"],
             "text_bytes": len(text.encode("utf-8"))}
+
+
+def output_weight_scores(hidden: torch.Tensor, gold: torch.Tensor, vocab_size: int,
+                         shared_ids: torch.Tensor, shared_rows: torch.Tensor,
+                         new_ids: torch.Tensor, raw_rows: torch.Tensor, mean_row: torch.Tensor,
+                         weights: list[float], softcap: float | None = None,
+                         chunk: int = 128) -> dict[float, dict]:
+    """Loss and leak of every candidate output matrix ``W(lam)``, from one set of hidden states.
+
+    ``W(lam)`` holds ``shared_rows`` at ``shared_ids``, ``mean + lam * (raw - mean)`` at
+    ``new_ids`` and ``mean_row`` at every other id (tokens without a row of their own). Its
+    logits are ``h . mean + lam * (h . raw - h . mean)`` on the new ids, so one product per
+    row set serves every ``lam``; no candidate matrix is built.
+
+    Args:
+        hidden: [T, H] final hidden states at the positions that predict ``gold`` [T].
+        vocab_size: V, the rows of every candidate.
+        shared_ids: [S] ids with a fixed row; shared_rows: [S, H] those rows.
+        new_ids: [N] ids whose rows depend on lam; raw_rows: [N, H] their rows at lam = 1.
+        mean_row: [H] the row at lam = 0 and of every id in neither list.
+        weights: the lam values to score.
+    Returns:
+        per lam, :func:`leak_stats`' sums (leak, nll_shared, nll_new, n_shared, n_new), where
+        "new" is every id outside ``shared_ids``.
+    """
+    is_new = torch.ones(vocab_size, dtype=torch.bool)
+    is_new[shared_ids] = False
+    totals: dict[float, dict] = {lam: {} for lam in weights}
+    mean_row, shared_rows, raw_rows = mean_row.float(), shared_rows.float(), raw_rows.float()
+    for s in range(0, hidden.shape[0], chunk):
+        h, g = hidden[s:s + chunk].float(), gold[s:s + chunk]
+        at_mean = (h @ mean_row).unsqueeze(1)  # [c, 1]
+        logits = at_mean.expand(-1, vocab_size).clone()
+        logits[:, shared_ids] = h @ shared_rows.T
+        towards_raw = h @ raw_rows.T - at_mean  # [c, N]
+        for lam in weights:
+            logits[:, new_ids] = at_mean + lam * towards_raw
+            part = logit_stats(apply_softcap(logits, softcap), g, is_new)
+            for key, value in part.items():
+                totals[lam][key] = totals[lam].get(key, 0) + value
+    return totals

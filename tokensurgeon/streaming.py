@@ -30,6 +30,7 @@ import shutil
 import struct
 import sys
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +279,58 @@ def load_base(ref: modelio.ModelRef, trust_remote_code: bool = False, stream: bo
             print(f"tokensurgeon: cannot stream {ref.label} ({why}); loading the whole model "
                   "into memory instead", file=sys.stderr)
     return modelio.load_model(ref, trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def body_on(base, embed: torch.Tensor):
+    """BASE's transformer body reading ``embed`` [V, H] as its input embeddings.
+
+    For a streamed BASE (body on the meta device) a float32 copy of the body is built
+    (embedding table of one row, then ``embed``) and its tensors read from BASE's files, so
+    memory grows by the body alone; for a loaded BASE its own embedding weight is swapped
+    for ``embed`` and restored afterwards (a tied lm_head keeps the old weight). The
+    lm_head is not part of the body and is left as it is. Yields the model.
+    """
+    emb = base.get_input_embeddings()
+    checkpoint: Checkpoint | None = getattr(base, "streamed_from", None)
+    if checkpoint is None:
+        old = emb.weight
+        emb.weight = torch.nn.Parameter(embed, requires_grad=False)
+        try:
+            yield base
+        finally:
+            emb.weight = old
+        return
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = copy.deepcopy(base.config)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "vocab_size", None):
+            pad = getattr(cfg, "pad_token_id", None)
+            cfg.vocab_size = (pad if isinstance(pad, int) else 0) + 1
+    with no_init_weights():
+        body = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    body.get_input_embeddings().weight = torch.nn.Parameter(embed, requires_grad=False)
+    stored = {t.name: t for t in checkpoint.tensors}
+    skip = {checkpoint.embed_key, checkpoint.head_key}
+    decoder = body.get_decoder()
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():
+            if param is body.get_input_embeddings().weight:
+                continue
+            key = next((k for k in (_key_for(f"model.{name}", stored), _key_for(name, stored))
+                        if k is not None and k not in skip), None)
+            if key is None:
+                raise CannotStream(f"no stored tensor for {name}")
+            param.copy_(_read(stored[key]))
+    body.eval()
+    try:
+        yield body
+    finally:
+        del body
 
 
 def shard_size_bytes(size: int | str) -> int:

@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokensurgeon import conventions, diagnostics, modelio, progress, streaming
+from tokensurgeon import conventions, diagnostics, modelio, progress, streaming, validate
+from tokensurgeon.calibration import CALIBRATION_TEXT
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
+from tokensurgeon.logits import decoder_and_head, final_hidden_states
 from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names, options_for
-from tokensurgeon.methods.omp import COEFFICIENTS, SEARCHES, OmpOptions
+from tokensurgeon.methods.omp import COEFFICIENTS, SEARCHES, OmpOptions, shrink_rows
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,9 +72,21 @@ class TransplantConfig:
         "help": "OMP: softmax temperature for --coefficients softmax"})
     shrink: float = field(default=OmpOptions.shrink, metadata={
         "help": "OMP: input rows become mean + SHRINK * (row - mean) (1 keeps them)"})
-    output_shrink: float = field(default=OmpOptions.output_shrink, metadata={
-        "help": "OMP: the same for output (lm_head) rows; used for an untied lm_head (see "
-                "--untie); a tied matrix takes the input rows"})
+    output_shrink: str = field(default=OmpOptions.output_shrink, metadata={
+        "help": "OMP: the same for output (lm_head) rows, a number or auto: score every "
+                "--output-grid weight on a training text (--calibration-text; one pass of "
+                "the transformer body, the candidate output matrices applied to its final "
+                "hidden states) and keep the lowest bits per byte. Used for an untied lm_head "
+                "(see --untie); a tied matrix takes the input rows"})
+    output_grid: list[float] = field(default_factory=lambda: list(OmpOptions.output_grid),
+                                      metadata={"comma": True, "help":
+                                                "OMP: output-row weights that --output-shrink "
+                                                "auto scores (0 = the anchor mean, 1 = the "
+                                                "OMP rows)"})
+    calibration_text: str | None = field(default=None, metadata={
+        "help": "training text (a .txt file) that --output-shrink auto scores on; default a "
+                "built-in ~5.6 kB text (GSM8K train answers and prose written for it). Never "
+                "pass text you will evaluate on"})
     leak_check: bool = field(default=True, metadata={
         "help": "after writing, reload OUT and report in transplant.json the leak mass (the "
                 "probability new tokens take where the gold token is a shared one) on a "
@@ -147,16 +161,19 @@ def check_untie(config, label: str) -> None:
                          "cannot be untied; drop --untie")
 
 
-def _wants_untie(cfg: TransplantConfig, config, label: str) -> bool:
-    """--untie: yes (checked), --no-untie: no; unset: when the method's output rows differ."""
+def _wants_untie(cfg: TransplantConfig, config, label: str,
+                 output_shrink: float | None = None) -> bool:
+    """--untie: yes (checked), --no-untie: no; unset: when the method's output rows differ
+    (``output_shrink``: the factor chosen by auto, else the option's)."""
     if cfg.untie:
         check_untie(config, label)
         return True
     if cfg.untie is False:
         return False
     options = options_for(cfg.method, cfg)
-    differs = options is not None and getattr(options, "output_shrink", None) not in (
-        None, getattr(options, "shrink", None))
+    if output_shrink is None and options is not None and hasattr(options, "fixed_output_shrink"):
+        output_shrink = options.fixed_output_shrink()
+    differs = output_shrink is not None and output_shrink != getattr(options, "shrink", None)
     text = getattr(config, "text_config", None) or config
     return differs and bool(getattr(text, "tie_word_embeddings", getattr(
         config, "tie_word_embeddings", False)))
@@ -290,6 +307,64 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
     return out, result, stats
 
 
+def calibration_windows(tokenizer, text: str, window: int = 1024) -> list[torch.Tensor]:
+    """``text`` as token-id windows of at most ``window`` + 1 ids, each starting with the
+    tokenizer's BOS (or EOS), as the leak check reads text."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [torch.tensor([prefix] + ids[s:s + window]) for s in range(0, len(ids), window)]
+
+
+def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
+                         base_out: torch.Tensor, result: MethodResult, tokenizer, new_size: int,
+                         grid: list[float], text: str, text_name: str) -> dict:
+    """``--output-shrink auto``: the output-row weight of ``grid`` with the lowest bits per
+    byte on ``text`` (a training text).
+
+    BASE's body runs once on ``text`` with ``new_embed`` [new_size, H] as its input rows; every
+    candidate output matrix (shared rows of ``base_out`` [Vb, H], new rows
+    ``mean + lam (raw - mean)`` from ``result``) is scored on those hidden states
+    (:func:`diagnostics.output_weight_scores`). Ties keep the earlier weight of ``grid``.
+    """
+    totals: dict[float, dict] = {}
+    n_bytes = len(text.encode("utf-8"))
+    shared_rows = base_out.detach()[plan.copy_base].float()
+    try:
+        with streaming.body_on(base, new_embed) as model, torch.inference_mode():
+            softcap = decoder_and_head(model)[2]
+            for ids in calibration_windows(tokenizer, text):
+                batch = ids.unsqueeze(0)
+                hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
+                part = diagnostics.output_weight_scores(
+                    hidden, ids[1:], new_size, plan.copy_donor, shared_rows, plan.new_ids,
+                    result.raw_rows, result.mean_row, grid, softcap)
+                for lam, sums in part.items():
+                    into = totals.setdefault(lam, {})
+                    for key, value in sums.items():
+                        into[key] = into.get(key, 0) + value
+    except streaming.CannotStream as why:  # a body we cannot rebuild: the bounded choice
+        return {"rule": "auto", "skipped": f"cannot run BASE's body ({why}); output rows "
+                "are the anchor mean", "chosen": 0.0}
+    scores = []
+    for lam in grid:
+        t = totals[lam]
+        scores.append({"weight": lam,
+                       "bpb": round((t["nll_shared"] + t["nll_new"]) / math.log(2) / n_bytes, 5),
+                       "leak_mass": round(t["leak"] / max(1, t["n_shared"]), 5),
+                       "bpb_new_gold": round(t["nll_new"] / math.log(2) / n_bytes, 5)})
+    best = min(scores, key=lambda row: row["bpb"])  # min keeps the first of equal scores
+    return {"rule": "auto", "text": text_name, "text_bytes": n_bytes,
+            "tokens": int(totals[grid[0]]["n_shared"] + totals[grid[0]]["n_new"]),
+            "scores": scores, "chosen": best["weight"]}
+
+
+def _shrink_rows_in_place(matrix: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
+                          mean: torch.Tensor, lam: float, chunk: int = 1 << 15) -> None:
+    """matrix[ids] = mean + lam * (raw - mean), ``raw`` [len(ids), H], a chunk at a time."""
+    for s in range(0, ids.numel(), chunk):
+        matrix[ids[s:s + chunk]] = shrink_rows(raw[s:s + chunk], mean, lam)
+
+
 def _set_vocabulary(model, embed: torch.Tensor, head: torch.Tensor | None, tied: bool) -> None:
     """Resize BASE to the new vocabulary and install the new matrices."""
     model.resize_token_embeddings(embed.shape[0], mean_resizing=False)
@@ -319,9 +394,11 @@ def transplant(cfg: TransplantConfig) -> dict:
     conv_ref, conv_tok = (base_ref, base_tok) if cfg.conventions == "base" else (donor_ref, donor_tok)
     conv = conventions.observe(conv_tok, modelio.load_generation_config(conv_ref))
     added_tokens = conventions.add_missing(donor_tok, conv)  # rows copied from BASE below
+    calibration = (CALIBRATION_TEXT if cfg.calibration_text is None
+                   else validate.read_text(cfg.calibration_text, option=None))
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
-    want_untie = _wants_untie(cfg, modelio.load_config(base_ref, cfg.trust_remote_code),
-                              base_ref.label)
+    base_config = modelio.load_config(base_ref, cfg.trust_remote_code)
+    want_untie = _wants_untie(cfg, base_config, base_ref.label)
     base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
                                cfg.out)
@@ -351,21 +428,41 @@ def transplant(cfg: TransplantConfig) -> dict:
         cfg, device, plan, emb.weight, donor_in, donor_vocab, base_index, new_size, "embed")
     matrices = {"embed": (embed_result, embed_stats)}
     new_head = None
-    untied = tied and want_untie and base.get_output_embeddings() is not None
-    if tied and cfg.untie and not untied:
-        raise UsageError(f"{base_ref.label} has no separate lm_head module to untie; drop --untie")
-    if untied:
-        new_head = assemble_matrix(plan, emb.weight, embed_result.output_rows
-                                   if embed_result.output_rows is not None else embed_result.rows,
-                                   new_size)
-        untie_model(base)
-        tied = False
-    elif not tied:
+    out_result, out_base = embed_result, emb.weight
+    if not tied:
         progress.get().start(f"{cfg.method} lm_head")
         new_head, head_result, head_stats = build_matrix(
             cfg, device, plan, head.weight, donor_out if donor_out is not None else donor_in,
             donor_vocab, base_index, new_size, "lm_head", output=True)
         matrices["lm_head"] = (head_result, head_stats)
+        out_result, out_base = head_result, head.weight
+    output_choice = None
+    if out_result.raw_rows is not None:  # --output-shrink auto: score the grid on text
+        progress.get().start("choose output rows")
+        output_choice = choose_output_weight(
+            base, new_embed, plan, out_base, out_result, donor_tok, new_size,
+            list(options.output_grid), calibration,
+            "built-in" if cfg.calibration_text is None else cfg.calibration_text)
+        lam = output_choice["chosen"]
+        out_result.shrink = (out_result.shrink[0], lam)
+        want_untie = _wants_untie(cfg, base_config, base_ref.label, lam)
+        if new_head is not None:  # untied BASE: its lm_head rows were the raw rows
+            _shrink_rows_in_place(new_head, plan.new_ids, out_result.raw_rows,
+                                  out_result.mean_row, lam)
+    untied = tied and want_untie and base.get_output_embeddings() is not None
+    if tied and cfg.untie and not untied:
+        raise UsageError(f"{base_ref.label} has no separate lm_head module to untie; drop --untie")
+    if untied:
+        if output_choice is not None:
+            new_head = assemble_matrix(plan, emb.weight, embed_result.raw_rows, new_size)
+            _shrink_rows_in_place(new_head, plan.new_ids, embed_result.raw_rows,
+                                  embed_result.mean_row, output_choice["chosen"])
+        else:
+            new_head = assemble_matrix(plan, emb.weight, embed_result.output_rows
+                                       if embed_result.output_rows is not None
+                                       else embed_result.rows, new_size)
+        untie_model(base)
+        tied = False
     t_math = time.perf_counter()
 
     progress.get().start("save")
@@ -393,6 +490,8 @@ def transplant(cfg: TransplantConfig) -> dict:
             "approximated": _count(embed_result.how, int(plan.orphan_ids.numel())),
         },
         "matrices": {name: stats for name, (_, stats) in matrices.items()},
+        "output_rows": output_choice if output_choice is not None else {
+            "rule": "fixed", "output_shrink": out_result.shrink[1]},
         # Not a top-level *.safetensors: vLLM would try to load it as weights.
         "per_token": "transplant/anchors.safetensors",
         "options": config_to_dict(cfg),

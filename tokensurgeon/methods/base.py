@@ -57,6 +57,9 @@ class MethodResult:
             ``raw[b] = sum_j coef[b, j] * anchor_j + mean_coef[b] * m``.
         shrink: (input, output) factors: ``rows = m + shrink[0] * (raw - m)``, and
             ``output_rows`` likewise with shrink[1].
+        raw_rows: optional [B, Hb] rows before shrinking, given when the output factor is
+            left to the caller (``--output-shrink auto``); may be ``rows`` itself.
+        mean_row: optional [Hb] m, the row the shrink pulls toward.
     """
 
     rows: torch.Tensor
@@ -67,6 +70,8 @@ class MethodResult:
     output_rows: torch.Tensor | None = None
     mean_coef: torch.Tensor | None = None
     shrink: tuple[float, float] = (1.0, 1.0)
+    raw_rows: torch.Tensor | None = None
+    mean_row: torch.Tensor | None = None
 
 
 Method = Callable[[TransplantProblem], MethodResult]

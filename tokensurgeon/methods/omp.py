@@ -49,7 +49,12 @@ class OmpOptions:
     coefficients: str = "lstsq"
     temperature: float = 0.1
     shrink: float = 1.0
-    output_shrink: float = 0.0
+    output_shrink: str = "auto"
+    output_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def fixed_output_shrink(self) -> float | None:
+        """``output_shrink`` as a number, or None for ``auto`` (chosen per run on text)."""
+        return None if str(self.output_shrink) == "auto" else float(self.output_shrink)
 
     def validate(self, n_anchors: int | None = None) -> None:
         if self.k < 1:
@@ -66,6 +71,14 @@ class OmpOptions:
         if self.coefficients not in COEFFICIENTS:
             raise UsageError(f"--coefficients must be one of {COEFFICIENTS} "
                              f"(got {self.coefficients!r})")
+        if str(self.output_shrink) != "auto":
+            try:
+                float(self.output_shrink)
+            except ValueError:
+                raise UsageError(f"--output-shrink must be auto or a number (got "
+                                 f"{self.output_shrink!r})") from None
+        if not self.output_grid:
+            raise UsageError("--output-grid needs at least one weight, e.g. 0,0.5,1")
         if self.temperature <= 0:
             raise UsageError(f"--temperature must be > 0 (got {self.temperature})")
         if n_anchors is not None and self.k > n_anchors:
@@ -117,7 +130,13 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     index = None if exact else AnchorIndex(unit, search, n_queries=n_targets)
     schedule = omp_math.refresh_schedule(k, opts.refreshes)
     rows = torch.empty(n_targets, base_anchors.shape[1], dtype=torch.float32)
-    out_rows = torch.empty_like(rows)
+    # Output rows of their own only when they differ from the input rows; under auto the
+    # caller picks them later from the raw (unshrunk) rows, which are ``rows`` at shrink 1.
+    out_shrink = opts.fixed_output_shrink()
+    out_rows = (torch.empty_like(rows) if out_shrink is not None and out_shrink != opts.shrink
+                else None)
+    raw_rows = (rows if opts.shrink == 1.0 else torch.empty_like(rows)) if out_shrink is None \
+        else None
     all_idx = torch.empty(n_targets, k, dtype=torch.long)
     all_coef = torch.empty(n_targets, k, dtype=torch.float32)
     all_mean_coef = torch.empty(n_targets, dtype=torch.float32)
@@ -145,7 +164,10 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
         end = start + targets.shape[0]
         errors[start:end] = omp_math.relative_error(targets + mu_d, approx + mu_d).cpu()
         rows[start:end] = shrink_rows(raw, mu_b, opts.shrink).cpu()
-        out_rows[start:end] = shrink_rows(raw, mu_b, opts.output_shrink).cpu()
+        if out_rows is not None:
+            out_rows[start:end] = shrink_rows(raw, mu_b, out_shrink).cpu()
+        if raw_rows is not None and raw_rows is not rows:
+            raw_rows[start:end] = raw.cpu()
         all_idx[start:end] = idx.cpu()
         # Before shrinking, row = sum_j coef_j B_j + mean_coef * mean(B anchors).
         all_coef[start:end] = coef.cpu()
@@ -153,4 +175,5 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
         report(end)
     return MethodResult(rows, ["omp"] * n_targets, all_idx, all_coef, errors,
                         output_rows=out_rows, mean_coef=all_mean_coef,
-                        shrink=(opts.shrink, opts.output_shrink))
+                        shrink=(opts.shrink, opts.shrink if out_shrink is None else out_shrink),
+                        raw_rows=raw_rows, mean_row=mu_b.cpu())

@@ -8,6 +8,8 @@ Each step draws ``batch_size`` prompts and, per prompt, one data source by the l
   continues the prompt, then the target scores that text;
 - target-generated (share ``--target-generated``): the TARGET continues the prompt;
 - fixed (the rest): the file's own continuation (GSM8K ``answer``).
+Every source trains at most ``--max-new-tokens`` positions per prompt (fixed answers are cut
+there too), so a step of any mix trains about the same number of positions.
 The loss is the chosen divergence between the target's and the draft's next-token
 distributions over the full vocabulary at ``--temperature``, averaged over continuation
 positions. ``--verify`` names the rule the draft will be verified with (vLLM's
@@ -19,6 +21,14 @@ positions. ``--verify`` names the rule the draft will be verified with (vLLM's
 Every ``--eval-every`` steps it logs, on target continuations of held-out prompts, the exact
 acceptance under each rule (``heldout_acceptance`` is 1 - TVD, ``heldout_greedy_acceptance``
 is p(argmax q)), argmax agreement, and ``heldout_rule_acceptance``, the one ``--verify`` names.
+
+``--target-cache DIR`` keeps the target's top-``--cache-top-k`` logits at every fixed-text
+position on disk (one target pass, reused by every epoch, divergence and draft trained on the
+same text with the same target; shards of :class:`distill.cache.TeacherCache`). With
+``--verify greedy`` the loss reads only the target's argmax, so the cached loss equals the
+online one exactly; with ``--verify probabilistic`` p is renormalised over the top k, which
+changes the loss (the tail's mass is dropped). Without ``--target-cache`` the target runs
+online.
 
 OUT is written like ``distill``'s: checkpoints and metrics.jsonl go to OUT as training runs,
 the finished draft replaces OUT atomically, and ``--resume`` refuses options that differ
@@ -86,13 +96,19 @@ class SpecTrainConfig:
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear learning-rate warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens per generated continuation"})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens per generated continuation; fixed answers are cut to it too"})
     max_length: int = field(default=384, metadata={"help": "truncate prompt+continuation to this"})
     num_examples: int = field(default=0, metadata={"help": "use the first N rows of --data (0 = all)"})
     heldout: int = field(default=16, metadata={
         "help": "rows at the end of --data held out for the acceptance estimate (0 = none)"})
     eval_every: int = field(default=25, metadata={"help": "steps between held-out estimates"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    target_cache: str = field(default="", metadata={
+        "help": "directory of the target's cached top-k logits on the fixed text, filled on "
+                "first use and reused by later runs (exact with --verify greedy)"})
+    cache_top_k: int = field(default=64, metadata={
+        "help": "logits kept per position in --target-cache (greedy needs only 1)"})
     chat: bool = field(default=True, metadata={
         "help": "wrap prompts in the tokenizer's chat template when it has one"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT's newest checkpoint"})
@@ -117,7 +133,7 @@ class SpecTrainConfig:
         if not 0 < self.beta < 1:
             raise UsageError(f"--beta must be in (0, 1) (got {self.beta})")
         for name in ("steps", "batch_size", "max_new_tokens", "max_length", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "cache_top_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.resume and self.overwrite:
@@ -178,6 +194,33 @@ def pack(prompts: list[list[int]], conts: list[list[int]], max_length: int, pad_
     return ids, attn, loss_mask
 
 
+def fixed_continuation(tokenizer, reference: str, max_new_tokens: int, eos: int | None) -> list[int]:
+    """The reference answer's ids then EOS, cut to ``max_new_tokens`` (no EOS when cut)."""
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+    return ids[:max_new_tokens]
+
+
+def sparse_logits(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Top-k logits back to [N, V]: ``values`` [N, k] at ``indices`` [N, k], ``-inf`` elsewhere,
+    so argmax is exact and a softmax renormalises over the k kept tokens."""
+    out = torch.full((values.shape[0], vocab), float("-inf"), dtype=values.dtype)
+    return out.scatter_(-1, indices.long(), values)
+
+
+def open_target_cache(cfg: SpecTrainConfig, target_ref, sequences: list[list[int]]):
+    """The target cache of the fixed-text sequences (prompt + cut answer) of every training row,
+    keyed by the target's weights, the token ids and the options that change what is stored."""
+    from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
+
+    options = {"kind": "spec-topk", "top_k": cfg.cache_top_k, "max_length": cfg.max_length,
+               "max_new_tokens": cfg.max_new_tokens}
+    try:
+        return TeacherCache(cfg.target_cache, model_fingerprint(target_ref.directory),
+                            data_fingerprint(sequences), options, len(sequences), shard_size=64)
+    except UsageError as exc:  # distill's messages name its own flag
+        raise UsageError(str(exc).replace("--teacher-cache", "--target-cache")) from None
+
+
 def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float,
                        verify: str = "probabilistic") -> dict:
     """Exact per-token acceptance of the draft on fixed held-out sequences, under each rule
@@ -191,6 +234,30 @@ def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: f
            "heldout_argmax_agreement": float((q.argmax(-1) == target_logits.argmax(-1)).float().mean())}
     out["heldout_rule_acceptance"] = float(rules[verify].mean())
     return out
+
+
+def target_logits(target, ids, attn, mask, sources: list[str], row_ids: list[int],
+                  cached=None, top_k: int = 1) -> torch.Tensor:
+    """[N, V] target logits at the loss positions (row-major, as :func:`logits_at`): fixed rows
+    from ``cached(row ids) -> [(values [n * k], ids [n * k])]`` (top-k, ``-inf`` elsewhere)
+    when given, the other rows online."""
+    if cached is None:
+        return logits_at(target, ids, attn, mask)
+    counts = mask.sum(-1).tolist()
+    online = [r for r, s in enumerate(sources) if s != "fixed"]
+    blocks: list[torch.Tensor | None] = [None] * len(sources)
+    if online:
+        computed = logits_at(target, ids[online], attn[online], mask[online])
+        for r, block in zip(online, computed.split([counts[r] for r in online])):
+            blocks[r] = block
+    fixed = [r for r, s in enumerate(sources) if s == "fixed"]
+    vocab = target.get_output_embeddings().weight.shape[0]
+    if fixed:
+        for r, (values, index) in zip(fixed, cached([row_ids[r] for r in fixed])):
+            n = counts[r]
+            blocks[r] = sparse_logits(values.view(n, top_k), index.view(n, top_k).long(),
+                                      vocab).to(ids.device)
+    return torch.cat(blocks)
 
 
 def prepare_out(cfg: SpecTrainConfig) -> Path:
@@ -270,6 +337,30 @@ def train(cfg: SpecTrainConfig) -> dict:
             log.log(step=0, **heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
                                                  cfg.verify))
 
+    cached = None
+    if cfg.target_cache and cfg.on_policy + cfg.target_generated < 1:
+        fixed_seqs = [(p, fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos))
+                      for p, e in zip(encode(train_rows), train_rows)]
+        cache = open_target_cache(cfg, target_ref, [p + c for p, c in fixed_seqs])
+
+        def compute_top_k(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Top-k target logits at each loss position of examples ``indices``, flattened
+            ([n * k] values, [n * k] ids as float32: exact below 2**24)."""
+            stats = []
+            for at in range(0, len(indices), 8):
+                part = [fixed_seqs[i] for i in indices[at: at + 8]]
+                ids, attn, mask = (t.to(device) for t in pack(
+                    [p for p, _ in part], [c for _, c in part], cfg.max_length, pad))
+                with torch.inference_mode():
+                    top = logits_at(target, ids, attn, mask).float().topk(cfg.cache_top_k, dim=-1)
+                counts = mask.sum(-1).tolist()
+                for v, i in zip(top.values.cpu().split(counts), top.indices.cpu().split(counts)):
+                    stats.append((v.reshape(-1), i.float().reshape(-1)))
+            return stats
+
+        def cached(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return cache.get(indices, compute_top_k)
+
     # Data order: a seeded permutation; step s of process r reads a fixed slice of it.
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -279,7 +370,8 @@ def train(cfg: SpecTrainConfig) -> dict:
     while step < cfg.steps:
         t0 = time.perf_counter()
         start = step * per_step + accelerator.process_index * per_process
-        rows = [train_rows[order[(start + i) % len(order)]] for i in range(per_process)]
+        row_ids = [order[(start + i) % len(order)] for i in range(per_process)]
+        rows = [train_rows[i] for i in row_ids]
         rng = random.Random(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
         sources = pick_sources(rng, len(rows), on_policy_share(cfg, step), cfg.target_generated)
         prompts = encode(rows)
@@ -295,11 +387,11 @@ def train(cfg: SpecTrainConfig) -> dict:
                     conts[i] = c
         for i, s in enumerate(sources):
             if s == "fixed":
-                conts[i] = tokenizer(rows[i].reference, add_special_tokens=False)["input_ids"] + (
-                    [eos] if eos is not None else [])
+                conts[i] = fixed_continuation(tokenizer, rows[i].reference, cfg.max_new_tokens, eos)
         ids, attn, mask = (t.to(device) for t in pack(prompts, conts, cfg.max_length, pad))
         with torch.no_grad():
-            p_logits = logits_at(target, ids, attn, mask)
+            p_logits = target_logits(target, ids, attn, mask, sources, row_ids, cached,
+                                     cfg.cache_top_k)
         draft.train()
         q_logits = logits_at(draft, ids, attn, mask)
         logp, logq = distributions(p_logits, q_logits, cfg.temperature,

@@ -119,6 +119,52 @@ def test_train_step_runs_for_each_divergence(tmp_path, target_dir, cut_dir, prom
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
 
 
+def test_target_cache_equals_online_for_greedy(tmp_path, target_dir, cut_dir, prompts_file):
+    """--target-cache with --verify greedy: the same losses and the same trained weights as the
+    online target (the loss reads only the argmax, so top-1 is exact); a second run reuses the
+    cache without loading shards anew; with --verify probabilistic a top-k smaller than the
+    vocabulary changes the loss, a top-k of the whole vocabulary does not."""
+    common = dict(target=str(target_dir), draft=str(cut_dir), data=str(prompts_file),
+                  num_examples=8, steps=3, batch_size=4, max_new_tokens=6, heldout=0,
+                  on_policy=0.0, divergence="fkl", quiet=True, lr=3e-3, warmup_steps=0,
+                  device="cpu", seed=1)
+
+    def run(name, **kw):
+        train(SpecTrainConfig(**{**common, "out": str(tmp_path / name), **kw}))
+        log = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in log if "loss" in r]
+
+    cache = tmp_path / "cache"
+    online = run("online", verify="greedy", temperature=0.0)
+    cached = run("cached", verify="greedy", temperature=0.0, target_cache=str(cache), cache_top_k=1)
+    assert cached == pytest.approx(online, rel=1e-5, abs=1e-6)
+    a = modelio.load_model(modelio.resolve(str(tmp_path / "online")))
+    b = modelio.load_model(modelio.resolve(str(tmp_path / "cached")))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.parameters(), b.parameters()))
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    assert shards and run("again", verify="greedy", temperature=0.0, target_cache=str(cache),
+                          cache_top_k=1) == pytest.approx(online, rel=1e-5, abs=1e-6)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # reused, not recomputed
+    with pytest.raises(UsageError, match="--target-cache .* another options"):
+        run("k2", verify="greedy", temperature=0.0, target_cache=str(cache), cache_top_k=2)
+    vocab = modelio.load_model(modelio.resolve(str(target_dir))).config.vocab_size
+    soft = run("soft", temperature=1.0)
+    whole = run("whole", temperature=1.0, target_cache=str(tmp_path / "c2"), cache_top_k=vocab)
+    assert whole == pytest.approx(soft, rel=1e-4)
+    top2 = run("top2", temperature=1.0, target_cache=str(tmp_path / "c3"), cache_top_k=2)
+    assert top2[0] != pytest.approx(soft[0], rel=1e-3)
+
+
+def test_fixed_answers_are_cut_to_max_new_tokens(tmp_path, target_dir, cut_dir, prompts_file):
+    """Every source trains at most --max-new-tokens positions per prompt."""
+    train(SpecTrainConfig(target=str(target_dir), draft=str(cut_dir), data=str(prompts_file),
+                          out=str(tmp_path / "o"), steps=2, batch_size=4, max_new_tokens=3,
+                          heldout=0, on_policy=0.0, divergence="fkl", quiet=True, device="cpu"))
+    log = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in log if "loss" in r] == [12, 12]
+
+
 def test_verify_greedy_logs_the_rule_it_trains_for(tmp_path, target_dir, prompts_file):
     """--verify greedy at T=1: held-out acceptance under each rule; the rule's own one is
     p(argmax q), and the draft equal to the target has 1 - TVD = 1 but p(argmax q) < 1."""

@@ -192,12 +192,17 @@ class Side:
         return self.mask.bool() & (pos >= 1)
 
 
+ALM_UNITS = ("probability", "nats")  # the first is the default
+
+
 @dataclass
 class LossSettings:
     """``fused``: per-position statistics with the closed-form backward of
     :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
     checkpointing, the earlier path). ``student_boundary``: the student's boundary-set
-    log-prob is needed (ALM with debiasing); otherwise it is not computed."""
+    log-prob is needed (ALM with debiasing); otherwise it is not computed. ``alm_units``:
+    ``probability`` is the paper's binarised KL at temperature tau, about 1/tau of a
+    log-likelihood distance; ``nats`` multiplies it by tau (see :func:`alm_scale`)."""
 
     tau: float = 100.0
     theta: float = 0.1
@@ -206,6 +211,7 @@ class LossSettings:
     recompute: bool = True
     fused: bool = True
     student_boundary: bool = True
+    alm_units: str = ALM_UNITS[0]
 
 
 def chunk_end_mask(chunk_ids: torch.Tensor) -> torch.Tensor:
@@ -328,9 +334,26 @@ def _alm_count(x: LossInputs) -> int:
     return int(ok.sum())
 
 
+def alm_scale(units: str, tau: float) -> float:
+    """Factor applied to the binarised KL: 1 for ``probability``, tau for ``nats``.
+
+    For chunk log-likelihoods well above -tau the binarised KL is, to first order in 1/tau,
+    (1/tau) * (u log(u/v) - u + v) with u = -L_T, v = -L_S: a generalised KL between the
+    two chunk losses in nats, whose gradient with respect to L_S is (u/v - 1) / tau.
+    Multiplied by tau it tends to that log-space distance (tokenkit's
+    ``binary_kl_temp_limit``), O(1) per chunk like SFT's nats per token, so the weights of
+    ``alm+sft`` compare like with like; in ``probability`` units an equal weight gives ALM
+    about 1/tau of SFT's gradient.
+    """
+    if units not in ALM_UNITS:
+        raise ValueError(f"unknown ALM units {units!r}; choose one of {', '.join(ALM_UNITS)}")
+    return tau if units == "nats" else 1.0
+
+
 def _alm_total(x: LossInputs) -> torch.Tensor:
     t_ll, s_ll, valid = _alm_parts(x)
-    d = binarised_kl(t_ll.detach(), s_ll, x.settings.tau)
+    d = binarised_kl(t_ll.detach(), s_ll, x.settings.tau) * alm_scale(x.settings.alm_units,
+                                                                        x.settings.tau)
     return torch.where(valid, d, torch.zeros_like(d)).sum()
 
 

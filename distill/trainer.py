@@ -26,7 +26,15 @@ import torch
 
 from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
-from distill.losses import LOSSES, LossInputs, LossSettings, Side, parse_loss_spec, side_statistics
+from distill.losses import (
+    ALM_UNITS,
+    LOSSES,
+    LossInputs,
+    LossSettings,
+    Side,
+    parse_loss_spec,
+    side_statistics,
+)
 from tokensurgeon import modelio, progress, training
 from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
@@ -70,6 +78,10 @@ class DistillConfig:
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
+    alm_units: str = field(default=ALM_UNITS[0], metadata={
+        "help": "ALM loss units: probability (the paper's binarised KL, about 1/tau of a "
+                "log-likelihood distance) or nats (times tau: comparable with sft's nats per "
+                "token, so alm+sft weights compare like with like)", "choices": ALM_UNITS})
     theta: float = field(default=0.1, metadata={
         "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
     debias: bool = field(default=True, metadata={
@@ -265,7 +277,8 @@ def distill(cfg: DistillConfig) -> dict:
     settings = LossSettings(tau=cfg.tau, theta=cfg.theta, debias=cfg.debias,
                             logit_chunk=cfg.logit_chunk, recompute=True,
                             fused=cfg.logits == "fused",
-                            student_boundary="alm" in names and cfg.debias)
+                            student_boundary="alm" in names and cfg.debias,
+                            alm_units=cfg.alm_units)
     cache = None
     if cfg.teacher_cache and "alm" in names:
         cache = open_teacher_cache(cfg, t_ref, examples, device.type)

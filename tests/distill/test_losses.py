@@ -14,6 +14,7 @@ from tokensurgeon.logits import (checkpointed_position_statistics, naive_positio
 from distill.losses import (
     LOSSES,
     alm_chunk_logliks,
+    alm_scale,
     binarised_kl,
     merge_groups,
     parse_loss_spec,
@@ -66,6 +67,25 @@ def test_binarised_kl_is_finite_at_extremes():
     d.sum().backward()
     assert torch.isfinite(d).all() and torch.isfinite(b.grad).all()
     assert d.min() >= 0
+
+
+def test_alm_in_nats_tends_to_the_log_space_distance_and_its_gradient():
+    # u, v: chunk losses in nats. tau * binarised KL -> u log(u/v) - u + v as tau grows, and
+    # its gradient with respect to L_S = -v -> u/v - 1 (O(1), like SFT's -1 per token).
+    u = torch.tensor([0.3, 2.0, 5.0, 12.0, 1.0], dtype=torch.float64)
+    v = torch.tensor([0.9, 1.5, 8.0, 11.0, 1.0], dtype=torch.float64)
+    limit = u * torch.log(u / v) - u + v
+    errors = []
+    for tau in (100.0, 1e4):
+        ls = (-v).clone().requires_grad_(True)
+        d = binarised_kl(-u, ls, tau) * alm_scale("nats", tau)
+        (g,) = torch.autograd.grad(d.sum(), ls)
+        errors.append(float((d.detach() - limit).abs().max()))
+        torch.testing.assert_close(g, u / v - 1, rtol=0.1, atol=0.02)
+    assert errors[1] < errors[0] / 10 and errors[1] < 1e-3
+    assert alm_scale("probability", 100.0) == 1.0
+    with pytest.raises(ValueError, match="nats"):
+        alm_scale("bits", 100.0)
 
 
 def test_merge_groups_closes_after_confident_boundaries():
@@ -208,6 +228,28 @@ def test_normalising_by_global_count_makes_split_batches_agree(models, bpe_token
         assert count == LOSSES[name].count(whole)
         split = sum(float(LOSSES[name].total(p)) for p in parts) / count
         assert split == pytest.approx(float(LOSSES[name].total(whole)) / count, rel=1e-5)
+
+
+def test_alm_nats_units_scale_loss_and_gradient_by_tau(models, bpe_tokenizer, spm_tokenizer):
+    # In probability units (the paper's form) ALM's gradient is ~1/tau of SFT's, so an
+    # equal-weight alm+sft is SFT; in nats the two are of the same order.
+    grads, values = {}, {}
+    for units in ("probability", "nats"):
+        models["llama"].zero_grad()
+        x = loss_inputs(models["gemma"], spm_tokenizer, models["llama"], bpe_tokenizer,
+                        alm_units=units)
+        loss = LOSSES["alm"].total(x) / LOSSES["alm"].count(x)
+        loss.backward(retain_graph=True)
+        values[units], grads[units] = float(loss), student_grads(models["llama"]).clone()
+        if units == "nats":
+            models["llama"].zero_grad()
+            (LOSSES["sft"].total(x) / LOSSES["sft"].count(x)).backward()
+            sft = student_grads(models["llama"]).norm()
+    models["llama"].zero_grad()
+    assert values["nats"] == pytest.approx(100.0 * values["probability"], rel=1e-5)
+    torch.testing.assert_close(grads["nats"], 100.0 * grads["probability"], rtol=1e-4, atol=1e-7)
+    assert grads["probability"].norm() < sft / 20
+    assert 0.05 < grads["nats"].norm() / sft < 20
 
 
 def test_no_valid_chunk_gives_zero_sum(models, bpe_tokenizer, spm_tokenizer):

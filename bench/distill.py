@@ -61,12 +61,15 @@ DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's dat
 RESULTS = ROOT / "bench" / "results" / "distill"
 WORK = modelio.cache_dir() / "work"
 PROSE = DATA / "wikitext2-valid-prose.txt"
-METHODS = {  # name -> (loss, gradmag)
-    "alm+sft": ("alm+sft", False),
-    "alm": ("alm", False),
-    "sft": ("sft", False),
-    "uld+sft": ("uld+sft", False),
-    "alm+sft GradMag": ("alm+sft", True),
+METHODS = {  # name -> (loss, gradmag, ALM units)
+    "alm+sft": ("alm+sft", False, "probability"),
+    "alm": ("alm", False, "probability"),
+    "sft": ("sft", False, "probability"),
+    "uld+sft": ("uld+sft", False, "probability"),
+    "alm+sft GradMag": ("alm+sft", True, "probability"),
+    # ALM in nats (tau x the binarised KL): equal weights compare like with like.
+    "alm+sft nats": ("alm+sft", False, "nats"),
+    "alm nats": ("alm", False, "nats"),
 }
 
 
@@ -253,6 +256,108 @@ def section_throughput(args, work: Path) -> dict:
     return results
 
 
+# ------------------------------------------------------------------------ ALM diagnosis
+
+
+def section_diagnose(args, work: Path) -> dict:
+    """What ALM's gradient pushes, on training text only (a slice of the first 80% of the
+    prose, never the held-out 20%): per ALM chunk (merged on theta, debiased, as in
+    training) u = -L_teacher and v = -L_student in nats; the push-up rate of each loss on
+    the student's chunk log-likelihood (SFT: 1 per token; ALM: -d loss / d L_S); and the
+    cosine between the ALM and SFT gradients of the student's last layer."""
+    from distill.data import collate
+    from distill.losses import LOSSES, LossInputs, LossSettings, Side, _alm_parts, binarised_kl
+    from distill.trainer import last_layer_params
+
+    teacher_ref, student_ref = modelio.resolve("builtin:gemma3-270m"), modelio.resolve(
+        "builtin:smollm2-135m")
+    train_path, _ = split_prose(work, 0.8)
+    text = train_path.read_text(encoding="utf-8")
+    dev = text[text.rfind("\n", 0, len(text) - args.diagnose_bytes) + 1:]
+    segments = segment_text([dev], 2 * args.max_length, 0)
+    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
+    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
+    examples = build_examples(segments, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
+                              args.max_length, pack=False)
+    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
+    teacher, student = modelio.load_model(teacher_ref), modelio.load_model(student_ref)
+    t_dec, t_head, t_cap = decoder_and_head(teacher)
+    s_dec, s_head, s_cap = decoder_and_head(student)
+    settings = LossSettings(tau=args.tau_probe, logit_chunk=128)
+    ell = last_layer_params(student)
+    us, vs, ntok, cosines, norms = [], [], 0, [], []
+    for a in range(0, len(examples), 4):
+        batch = examples[a:a + 4]
+        t = collate(batch, "teacher", t_tok.pad_token_id or 0)
+        s = collate(batch, "student", s_tok.pad_token_id or 0)
+        with torch.no_grad():
+            th = t_dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+        sh = s_dec(input_ids=s["ids"], attention_mask=s["mask"]).last_hidden_state
+        x = LossInputs(
+            student=Side(s["ids"], s["mask"], s["chunk_ids"], sh, s_head, s_bound, s_cap),
+            teacher=Side(t["ids"], t["mask"], t["chunk_ids"], th, t_head, t_bound, t_cap),
+            num_chunks=max(e.num_chunks for e in batch), settings=settings)
+        t_ll, s_ll, valid = _alm_parts(x)
+        us.append(-t_ll[valid].detach())
+        vs.append(-s_ll[valid].detach())
+        ntok += LOSSES["sft"].count(x)
+        if a < 4 * args.diagnose_grad_batches:
+            alm = LOSSES["alm"].total(x) / max(LOSSES["alm"].count(x), 1)
+            sft = LOSSES["sft"].total(x) / max(LOSSES["sft"].count(x), 1)
+            g = [torch.cat([q.reshape(-1) for q in torch.autograd.grad(
+                part, ell, retain_graph=True, materialize_grads=True)]) for part in (alm, sft)]
+            cosines.append(float(torch.nn.functional.cosine_similarity(g[0], g[1], dim=0)))
+            norms.append([float(g[0].norm()), float(g[1].norm())])
+    u, v = torch.cat(us).double(), torch.cat(vs).double()
+    excess = v - u  # > 0: the student under-predicts the chunk
+    # Push-up rate of ALM on the student's chunk log-likelihood, exact at tau, and the
+    # tau -> infinity limit times 1 / tau: (1 - u / v) / tau.
+    ls = (-v).clone().requires_grad_(True)
+    binarised_kl(-u, ls, args.tau_probe).sum().backward()
+    push = -ls.grad
+    limit = (1 - u / v) / args.tau_probe
+    pos = excess.clamp(min=0)
+    order = torch.sort(pos, descending=True).values
+
+    def top(f: float) -> float:
+        return float(order[: max(1, int(f * len(order)))].sum() / pos.sum())
+    n = len(u)
+    out = {
+        "dev_bytes": len(dev.encode()), "chunks": n, "student_tokens": ntok,
+        "tokens_per_chunk": round(ntok / n, 3),
+        "mean_u_teacher_nats": round(float(u.mean()), 4),
+        "mean_v_student_nats": round(float(v.mean()), 4),
+        "mean_excess_v_minus_u": round(float(excess.mean()), 4),
+        "mean_abs_dL": round(float(excess.abs().mean()), 4),
+        "share_chunks_student_under": round(float((excess > 0).double().mean()), 4),
+        "positive_excess_sum_over_total_excess": round(float(pos.sum() / excess.sum()), 3),
+        "negative_excess_sum": round(float(excess.clamp(max=0).sum()), 2),
+        "positive_excess_sum": round(float(pos.sum()), 2),
+        "share_of_positive_excess_in_top_10pct_chunks": round(top(0.1), 3),
+        "share_of_positive_excess_in_top_20pct_chunks": round(top(0.2), 3),
+        "alm_push_mean_abs_tau_units": round(float(push.abs().mean() * args.tau_probe), 4),
+        "alm_push_mean_tau_units": round(float(push.mean() * args.tau_probe), 4),
+        "alm_push_share_negative": round(float((push < 0).double().mean()), 4),
+        "alm_push_vs_limit_max_rel_err": round(float(((push - limit).abs() / limit.abs()
+                                                      .clamp(min=1e-12)).max()), 4),
+        "sft_push_per_chunk_tokens": round(ntok / n, 3),
+        "tau": args.tau_probe,
+        "grad_cosine_alm_vs_sft_last_layer": [round(c, 4) for c in cosines],
+        "grad_norm_alm_sft_last_layer": [[round(a, 5), round(b, 4)] for a, b in norms],
+        "load_avg": load_avg(),
+    }
+    # Push-up per chunk, bucketed by the student's excess (quintiles).
+    qs = torch.quantile(excess, torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64))
+    bucket = torch.bucketize(excess, qs)
+    out["by_excess_quintile"] = [{
+        "excess_mean": round(float(excess[bucket == b].mean()), 3),
+        "alm_push_tau_units_mean": round(float(push[bucket == b].mean() * args.tau_probe), 4),
+        "v_mean": round(float(v[bucket == b].mean()), 3)} for b in range(5)]
+    print(json.dumps(out, indent=1), flush=True)
+    (RESULTS / "diagnose.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 # -------------------------------------------------------------------- teacher -> student
 
 
@@ -323,7 +428,7 @@ def section_teacher_student(args, work: Path) -> dict:
         for method in args.methods.split(","):
             if (method, seed, budget_key) in done:
                 continue
-            loss, gradmag = METHODS[method]
+            loss, gradmag, units = METHODS[method]
             out = work / f"ts-{method.replace('+', '_').replace(' ', '_')}-{seed}"
             curve = {}
             original = training.save_checkpoint
@@ -345,6 +450,7 @@ def section_teacher_student(args, work: Path) -> dict:
             cfg = DistillConfig(
                 teacher=str(teacher_ref.directory), student=str(student_ref.directory),
                 data=[str(train_path)], out=str(out), loss=loss, gradmag=gradmag,
+                alm_units=units,
                 steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                 lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
                 teacher_cache=str(cache) if not loss.startswith("uld") else None,
@@ -507,6 +613,10 @@ def main() -> None:
     p.add_argument("--cache-dir", help="teacher cache directory (default: a temporary one)")
     p.add_argument("--resume-runs", action="store_true",
                    help="skip (method, seed, budget) runs already in the runs JSONL")
+    p.add_argument("--diagnose-bytes", type=int, default=16000,
+                   help="diagnose: bytes at the end of the training 80%% analysed")
+    p.add_argument("--diagnose-grad-batches", type=int, default=3)
+    p.add_argument("--tau-probe", type=float, default=100.0)
     p.add_argument("--throughput-steps", type=int, default=3)
     p.add_argument("--throughput-skip", default="")
     p.add_argument("--memory-probes", default="chunked:8,chunked:2,naive:2")
@@ -534,6 +644,8 @@ def main() -> None:
     if "throughput" in sections:
         result["throughput"] = section_throughput(args, work)
         (RESULTS / "throughput.json").write_text(json.dumps(result["throughput"], indent=1))
+    if "diagnose" in sections:
+        result["diagnose"] = section_diagnose(args, work)
     if "teacher_student" in sections:
         result["teacher_student"] = section_teacher_student(args, work)
     if "memory" in sections:

@@ -21,6 +21,19 @@ Then ``spec bench`` (vLLM, or ``--backend hf`` for exact acceptance without vLLM
 target alone and each draft at gamma in ``--gamma``, greedy and temperature 1, batch sizes
 ``--batch-sizes``, on GSM8K **test** questions (the first ``--num-prompts``).
 
+Issue 10's warm-start experiment (``--depths``, replaces (b) and (c) above): for each cut
+depth d (layers in ``CUTS``), ``cut{d}`` is healed on fixed GSM8K train text into ``heal{d}``
+(the shared warm start), then trained ``--extra-steps`` more in two ways with equal extra
+positions (every source is cut to ``--max-new-tokens`` per prompt): ``fkl{d}-s{seed}`` on the
+same fixed text (forward KL, a second pass over it) and ``ds{d}-s{seed}`` on-policy
+(DistillSpec: the draft continues the prompts, the target scores its text). All stages train
+for ``--verify`` at ``--train-temperature`` and read the target's fixed-text logits from one
+``--target-cache`` (exact for greedy). Finished drafts are reused when rerun (their
+``train.json`` exists); wall and CPU seconds of every stage are kept. E.g. (one shared core):
+
+    python bench/spec.py --out out/spec10 --depths 4 --seeds 0 --backend hf \
+        --gamma 2 --temperature 0,1 --batch-sizes 1 --num-prompts 32 --max-tokens 64
+
 Prints a table, then one JSON line with every figure, the hardware and the seeds.
 ``--models-dir DIR`` reuses drafts trained earlier (DIR/cut, DIR/distillspec,
 DIR/fkl-fixed) and skips training, e.g. to time the same drafts on a GPU.
@@ -46,7 +59,7 @@ from tokensurgeon import modelio
 
 DATA = ROOT.parent / "shared" / "data"
 DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
-TARGET = modelio.cache_dir() / "models" / "smollm2-135m"
+TARGET = modelio.builtin_dir("smollm2-135m")  # builtin:smollm2-135m as converted now (v2)
 
 
 def hardware() -> dict:
@@ -73,6 +86,55 @@ def hardware() -> dict:
     return info
 
 
+CUTS = {2: "0,29", 4: "0,1,28,29", 6: "0-3,28,29", 8: "0-5,28,29"}  # of SmolLM2's 30 layers
+
+
+def train_once(cfg: SpecTrainConfig) -> dict:
+    """Train unless OUT already holds a finished draft; its train.json plus CPU seconds."""
+    done = Path(cfg.out) / "train.json"
+    if not done.is_file():
+        cpu = time.process_time()
+        summary = train(cfg)
+        summary["cpu_seconds"] = round(time.process_time() - cpu, 1)
+        modelio.write_json(done, summary)
+    summary = json.loads(done.read_text())
+    tokens = sum(r.get("tokens", 0) for r in (json.loads(x) for x in (
+        Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if x.strip()))
+    return {"seconds": summary["seconds"], "cpu_seconds": summary.get("cpu_seconds"),
+            "positions": tokens, "steps": summary["steps"], "final": summary["final"]}
+
+
+def warm_start(args, models: Path) -> dict:
+    """Cut, heal, then fixed-data FKL vs on-policy DistillSpec at equal extra positions."""
+    common = {"target": args.target, "data": str(DATA / "gsm8k" / "train.jsonl"),
+              "num_examples": args.num_examples, "heldout": 0, "batch_size": args.batch_size,
+              "lr": args.lr, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.train_temperature, "verify": args.verify,
+              "divergence": "fkl", "target_cache": str(models / "target-cache"),
+              "cache_top_k": args.cache_top_k, "quiet": True, "overwrite": True}
+    out: dict = {"budget": {k: v for k, v in common.items() if k not in ("target", "quiet", "overwrite")}
+                 | {"heal_steps": args.heal_steps, "extra_steps": args.extra_steps,
+                    "arm_lr": args.arm_lr or args.lr}}
+    for depth in (int(d) for d in args.depths.split(",")):
+        cut, heal = models / f"cut{depth}", models / f"heal{depth}"
+        if not (cut / "config.json").is_file():
+            make_draft(MakeDraftConfig(target=args.target, out=str(cut), keep_layers=CUTS[depth],
+                                       overwrite=True, quiet=True))
+        out[f"heal{depth}"] = train_once(SpecTrainConfig(
+            **common, draft=str(cut), out=str(heal), on_policy=0.0, steps=args.heal_steps,
+            warmup_steps=max(1, args.heal_steps // 8), checkpoint_every=args.heal_steps, seed=0))
+        arm_depths = args.arm_depths.split(",") if args.arm_depths else args.depths.split(",")
+        for seed in (int(x) for x in args.seeds.split(",") if str(depth) in arm_depths):
+            for arm, on_policy in (("fkl", 0.0), ("ds", 1.0)):
+                name = f"{arm}{depth}-s{seed}"
+                out[name] = train_once(SpecTrainConfig(
+                    **{**common, "lr": args.arm_lr or args.lr}, draft=str(heal),
+                    out=str(models / name), on_policy=on_policy, steps=args.extra_steps,
+                    warmup_steps=max(1, args.extra_steps // 4),
+                    checkpoint_every=args.extra_steps, seed=seed))
+    return out
+
+
 def heldout_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -94,7 +156,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="training continuation length")
-    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf", "none"],
+                    help="none: train only (print the training figures)")
     ap.add_argument("--gamma", default="2,3,4")
     ap.add_argument("--temperature", default="0,1")
     ap.add_argument("--batch-sizes", default="1,8")
@@ -113,6 +176,23 @@ def main() -> None:
     ap.add_argument("--anchors", default="ngram",
                     help="comma list of vLLM proposers without a model benchmarked beside the "
                          "drafts ('' for none)")
+    ap.add_argument("--depths", default="",
+                    help="issue 10's warm-start experiment for these cut depths (of CUTS), "
+                         "e.g. 4 or 2,4,6,8; '' = the cold-start drafts above")
+    ap.add_argument("--seeds", default="0", help="seeds of the extra (arm) runs")
+    ap.add_argument("--arm-depths", default="",
+                    help="depths that get the two arms ('' = every --depths); the others are "
+                         "only cut and healed (the depth sweep)")
+    ap.add_argument("--heal-steps", type=int, default=24)
+    ap.add_argument("--extra-steps", type=int, default=12)
+    ap.add_argument("--num-examples", type=int, default=192,
+                    help="GSM8K train rows used for training (the target cache covers them)")
+    ap.add_argument("--arm-lr", type=float, default=1e-4,
+                    help="peak learning rate of the arms (fresh optimiser state on the healed "
+                         "draft; 0 = --lr)")
+    ap.add_argument("--train-temperature", type=float, default=0.0)
+    ap.add_argument("--verify", default="greedy", choices=["greedy", "probabilistic"])
+    ap.add_argument("--cache-top-k", type=int, default=1)
     ap.add_argument("--hf-check", action="store_true",
                     help="also run the HF backend on the same prompts and print vLLM's measured "
                          "acceptance beside the exact rule's, per drafting rule")
@@ -125,7 +205,15 @@ def main() -> None:
     names = args.drafts.split(",")
     drafts = {n: models / n for n in dict.fromkeys(["cut", "distillspec", "fkl-fixed", *names])}
     training: dict = {}
-    if not args.models_dir:
+    if args.depths:
+        training = warm_start(args, models)
+        if args.drafts == ap.get_default("drafts"):
+            arm_depths = args.arm_depths.split(",") if args.arm_depths else args.depths.split(",")
+            names = [n for d in args.depths.split(",") for n in (
+                f"cut{d}", f"heal{d}", *(f"{a}{d}-s{s}" for s in args.seeds.split(",")
+                                         for a in ("fkl", "ds") if d in arm_depths))]
+        drafts = {n: models / n for n in names}
+    elif not args.models_dir:
         make_draft(MakeDraftConfig(target=args.target, out=str(drafts["cut"]),
                                    keep_layers=args.keep_layers, overwrite=True, quiet=True))
         common = {"target": args.target, "draft": str(drafts["cut"]),
@@ -150,11 +238,15 @@ def main() -> None:
             if (run / "train.json").is_file():
                 done = json.loads((run / "train.json").read_text())
                 training[name].update(seconds=done["seconds"], final=done["final"])
-            if (run / "config.yaml").is_file():
-                cfg = yaml.safe_load((run / "config.yaml").read_text())
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) \
+                if (run / "config.yaml").is_file() else None
+            if cfg and "divergence" in cfg:  # a trained draft (make-draft's config has none)
                 training[name]["config"] = {k: cfg[k] for k in (
                     "divergence", "on_policy", "target_generated", "schedule", "steps",
                     "batch_size", "lr", "max_new_tokens", "temperature", "seed")}
+    if args.backend == "none":
+        print(json.dumps({"training": training, "seconds": round(time.perf_counter() - t0, 1)}))
+        return
     anchors = [a for a in args.anchors.split(",") if a] if args.backend == "vllm" else []
     report = bench(SpecBenchConfig(
         target=args.target,
@@ -203,6 +295,7 @@ def main() -> None:
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    modelio.write_json(out / "figures.json", figures)
     print(json.dumps(figures))
 
 

@@ -4,9 +4,11 @@ Directions:
   1. Gemma-3-270M given SmolLM2-135M's tokenizer (3,004 new tokens).
   2. SmolLM2-135M given Gemma-3-270M's tokenizer (~216k new tokens).
 
-Methods: ``omp`` (the v2 default), ``omp-v1`` (the v1 settings: raw anchors, exact GEMM
-candidates, k = 64, 10 refreshes; too slow for direction 2 on 2 cores, so skipped there by
-default), ``mean``, ``zero``, ``subword``. For each: wall time, CPU time, peak RSS (from
+Methods: ``omp`` (the default: v2 input rows, output rows chosen per run by
+``--output-shrink auto``), ``omp-out0`` / ``omp-out1`` (the same input rows with the output
+weight fixed at 0, the anchor mean, or 1, the OMP rows; not run by default), ``omp-v1`` (the
+v1 settings: raw anchors, exact GEMM candidates, k = 64, 10 refreshes; too slow for
+direction 2 on 2 cores, so skipped there by default), ``mean``, ``zero``, ``subword``. For each: wall time, CPU time, peak RSS (from
 /usr/bin/time, with the load average at the start), transplant.json's held-out and leak
 figures, and bits per byte with a BOS prepended by hand (``bos="always"``, the evaluator's
 convention before it followed the tokenizer) on held-out text: GSM8K test answers, the last
@@ -16,7 +18,7 @@ mergekit: direction 1 in full, direction 2 its OMP on a subset, extrapolated; wh
 environment is not installed the run says so and the table cites issue 8's measurements.
 
 Runnable example (CPU; ~1 hour on 2 shared cores):
-    python bench/transplant.py --workdir bench/runs/transplant2
+    python bench/transplant.py --workdir bench/runs/transplant3
     python bench/transplant.py --directions 1 --eval-bytes 8000   # quicker
 mergekit runs from its own environment (it pins other packages):
     python3 -m venv ../venv-mergekit && ../venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
@@ -75,6 +77,9 @@ def cached(path: Path, fn):
 # name -> CLI arguments
 METHODS = {
     "omp": ["--method", "omp"],
+    # The two fixed output-row weights that --output-shrink auto chooses between.
+    "omp-out0": ["--method", "omp", "--output-shrink", "0"],
+    "omp-out1": ["--method", "omp", "--output-shrink", "1"],
     "omp-v1": ["--method", "omp", "--no-centre", "--search", "exact", "-k", "64",
                "--candidates", "256", "--refreshes", "10", "--coefficients", "lstsq",
                "--shrink", "1", "--output-shrink", "1", "--no-untie"],
@@ -101,9 +106,10 @@ def run_ours(work: Path, direction: int, method: str) -> dict:
     result["heldout"] = manifest["matrices"]["embed"]
     result["leak_check"] = manifest.get("leak_check")
     result["counts"] = manifest["counts"]
+    result["output_rows"] = manifest.get("output_rows")
     result["options"] = {k: manifest["options"].get(k) for k in (
         "k", "candidates", "refreshes", "search", "centre", "coefficients", "shrink",
-        "output_shrink", "untie")}
+        "output_shrink", "output_grid", "untie")}
     return result
 
 
@@ -205,7 +211,7 @@ MERGEKIT_CITED = {1: {"wall_s": 226, "peak_rss_mb": 2048, "prose_increase": 0.09
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default=str(ROOT / "bench" / "runs" / "transplant2"))
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "runs" / "transplant3"))
     ap.add_argument("--directions", default="1,2")
     ap.add_argument("--methods", default="omp,omp-v1,mean,zero,subword")
     ap.add_argument("--skip", default="2:omp-v1",

@@ -112,19 +112,38 @@ def output_weight_scores(hidden: torch.Tensor, gold: torch.Tensor, vocab_size: i
         per lam, :func:`leak_stats`' sums (leak, nll_shared, nll_new, n_shared, n_new), where
         "new" is every id outside ``shared_ids``.
     """
-    is_new = torch.ones(vocab_size, dtype=torch.bool)
-    is_new[shared_ids] = False
+    n_shared, n_new = shared_ids.numel(), new_ids.numel()
+    n_other = vocab_size - n_shared - n_new  # ids with the mean row at every lam
+    kind = torch.full((vocab_size,), 2, dtype=torch.long)  # 0 shared, 1 new, 2 other
+    where = torch.zeros(vocab_size, dtype=torch.long)  # position within its kind
+    kind[shared_ids], where[shared_ids] = 0, torch.arange(n_shared)
+    kind[new_ids], where[new_ids] = 1, torch.arange(n_new)
     totals: dict[float, dict] = {lam: {} for lam in weights}
     mean_row, shared_rows, raw_rows = mean_row.float(), shared_rows.float(), raw_rows.float()
     for s in range(0, hidden.shape[0], chunk):
         h, g = hidden[s:s + chunk].float(), gold[s:s + chunk]
-        at_mean = (h @ mean_row).unsqueeze(1)  # [c, 1]
-        logits = at_mean.expand(-1, vocab_size).clone()
-        logits[:, shared_ids] = h @ shared_rows.T
-        towards_raw = h @ raw_rows.T - at_mean  # [c, N]
+        g_kind, g_where = kind[g], where[g]
+        at_mean = h @ mean_row  # [c]
+        shared = apply_softcap(h @ shared_rows.T, softcap)  # [c, S], the same at every lam
+        lz_shared = torch.logsumexp(shared, 1)
+        capped_mean = apply_softcap(at_mean, softcap)
+        lz_other = capped_mean + math.log(n_other) if n_other else torch.full_like(at_mean, -math.inf)
+        gold_shared = shared.gather(1, g_where.clamp_max(max(n_shared - 1, 0)).unsqueeze(1)
+                                    ).squeeze(1) if n_shared else at_mean
+        towards_raw = h @ raw_rows.T - at_mean.unsqueeze(1)  # [c, N]
         for lam in weights:
-            logits[:, new_ids] = at_mean + lam * towards_raw
-            part = logit_stats(apply_softcap(logits, softcap), g, is_new)
+            new = apply_softcap(towards_raw * lam + at_mean.unsqueeze(1), softcap)
+            lz_new = torch.logaddexp(torch.logsumexp(new, 1), lz_other)
+            logz = torch.logaddexp(lz_shared, lz_new)
+            gold_new = (new.gather(1, g_where.clamp_max(n_new - 1).unsqueeze(1)).squeeze(1)
+                        if n_new else capped_mean)
+            lp = torch.where(g_kind == 0, gold_shared,
+                             torch.where(g_kind == 1, gold_new, capped_mean)) - logz
+            new_gold = g_kind != 0
+            part = {"leak": float((lz_new - logz)[~new_gold].exp().double().sum()),
+                    "nll_shared": float(-lp[~new_gold].double().sum()),
+                    "nll_new": float(-lp[new_gold].double().sum()),
+                    "n_shared": int((~new_gold).sum()), "n_new": int(new_gold.sum())}
             for key, value in part.items():
                 totals[lam][key] = totals[lam].get(key, 0) + value
     return totals

@@ -366,13 +366,22 @@ def _shrink_rows_in_place(matrix: torch.Tensor, ids: torch.Tensor, raw: torch.Te
 
 
 def _set_vocabulary(model, embed: torch.Tensor, head: torch.Tensor | None, tied: bool) -> None:
-    """Resize BASE to the new vocabulary and install the new matrices."""
-    model.resize_token_embeddings(embed.shape[0], mean_resizing=False)
-    model.get_input_embeddings().weight.data.copy_(embed)
+    """Give BASE the new vocabulary: ``embed`` [V, H] (and ``head`` [V, H] when untied)
+    become its matrices themselves, not copied into resized ones (which would hold every
+    matrix twice; transformers' ``resize_token_embeddings`` also initialises rows we
+    overwrite). The config's vocab_size follows, as ``resize_token_embeddings`` sets it."""
+    emb = model.get_input_embeddings()
+    dtype = emb.weight.dtype
+    emb.weight = torch.nn.Parameter(embed.to(dtype), requires_grad=False)
+    emb.num_embeddings = embed.shape[0]
+    out = model.get_output_embeddings()
     if tied:
         model.tie_weights()
-    else:
-        model.get_output_embeddings().weight.data.copy_(head)
+    elif out is not None:
+        out.weight = torch.nn.Parameter(head.to(out.weight.dtype), requires_grad=False)
+        out.out_features = head.shape[0]
+    model.config.get_text_config().vocab_size = embed.shape[0]
+    model.vocab_size = embed.shape[0]
 
 
 def transplant(cfg: TransplantConfig) -> dict:
@@ -463,10 +472,16 @@ def transplant(cfg: TransplantConfig) -> dict:
                                        else embed_result.rows, new_size)
         untie_model(base)
         tied = False
+    # Only the new matrices are needed from here: free DONOR's embeddings and the method's
+    # rows (the manifest keeps anchors and coefficients), which are ~1 GB each for 262k tokens.
+    del donor_in, donor_out
+    for result, _ in matrices.values():
+        result.rows = result.output_rows = result.raw_rows = None
     t_math = time.perf_counter()
 
     progress.get().start("save")
     _set_vocabulary(base, new_embed, new_head, tied)
+    del new_embed, new_head  # the model holds them now (cast to its dtype)
     save_dtype = cfg.dtype if cfg.dtype != "auto" else None
     if save_dtype is None:
         configured = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
@@ -525,6 +540,7 @@ def transplant(cfg: TransplantConfig) -> dict:
             plan.copy_donor.tolist(), plan.copy_base.tolist()))) if cfg.conventions == "base" else []
         manifest["conventions"] = {**modelio.save_model(base, donor_tok, Path(tmp), conv, twins),
                                    "source": cfg.conventions, "added_tokens": added_tokens}
+        del base, emb, head  # written: the leak check reloads OUT
         if cfg.leak_check and (skip := _leak_check_too_big(Path(tmp))):
             manifest["leak_check"] = {"skipped": skip}
             if not cfg.quiet:

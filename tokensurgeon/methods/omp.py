@@ -6,18 +6,24 @@ row. The math is in :mod:`tokensurgeon.omp`; this module batches it, retrieves c
 (:mod:`tokensurgeon.ann`) and moves it to the chosen device.
 
 Defaults (v2) come from the direction-2 diagnosis (bench/transplant_diagnose.py): OMP rows
-help as *input* rows, but as *output* rows of a tied model their probability leaks away
-from the real tokens, so new tokens get OMP input rows and anchor-mean output rows (a tied
-BASE is untied). The v1 behaviour is ``--no-centre --search exact -k 64 --candidates 256
---refreshes 10 --output-shrink 1 --no-untie``. The options:
+help as *input* rows, but as *output* rows of a tied model their probability can leak away
+from the real tokens (direction 2, 216k new tokens), while in direction 1 (3k new tokens)
+they help. So the output-row weight is chosen per run (``--output-shrink auto``, in
+:mod:`tokensurgeon.transplant`): every weight of ``output_grid`` is scored on a training
+text and the lowest bits per byte is kept; a tied BASE is untied only when the chosen output
+rows differ from the input rows. The v1 behaviour is ``--no-centre --search exact -k 64
+--candidates 256 --refreshes 10 --output-shrink 1 --no-untie``; the first v2 default is
+``--output-shrink 0``. The options:
 - ``centre``: both spaces are centred on their anchor mean, and selection runs on
   unit-norm centred anchors. The shared component every embedding carries then no longer
   dominates the first picks, and a new row is ``mean + sum_j c_j (anchor_j - mean)``.
 - ``shrink`` / ``output_shrink``: a new row is pulled toward the anchor mean,
   ``mu + lambda (row - mu)``; input rows and output (lm_head) rows get their own lambda,
   because an output row takes probability mass from every real token wherever its logit is
-  high, while an input row only matters where the token occurs. Default 1 (input) and 0
-  (output: the anchor mean, which has Hewitt's Jensen bound on the leak); v1: both 1.
+  high, while an input row only matters where the token occurs. Default 1 (input) and
+  auto (output: 0 is the anchor mean, which has Hewitt's Jensen bound on the leak; 1 the
+  OMP rows); v1: both 1. Under auto the method returns the raw rows (``rows`` itself at
+  shrink 1, no copy) and the caller builds the output rows.
 - ``coefficients``: ``lstsq`` (OMP's least-squares weights, signed and unbounded) or
   ``softmax`` (a convex combination over the selected anchors, weights
   ``softmax(cos(target, anchor) / temperature)``, WECHSEL-style), which keeps every new

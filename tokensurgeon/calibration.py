@@ -1,10 +1,11 @@
 """A built-in training text for choosing output rows (``--output-shrink auto``).
 
-Never an evaluation text: the first part is the first ten answers of GSM8K's *train* split
+Never an evaluation text: the first part is the first seven answers of GSM8K's *train* split
 (MIT licence, Cobbe et al. 2021; the benches evaluate on GSM8K *test*), the second is
 encyclopedia-style prose written for tokensurgeon (about an invented estuary town), so that
 no held-out text of the benches (the WikiText-2 validation prose, GSM8K test) is used to
-tune a constant.
+tune a constant. It is short (about 3 kB, ~1,000 tokens) because BASE's body runs
+on all of it in every transplant.
 """
 
 CALIBRATION_TEXT = (
@@ -48,36 +49,6 @@ CALIBRATION_TEXT = (
     'He eats 48 pieces because 32 + 16 = <<32+16=48>>48\n'
     '#### 48\n'
     '\n'
-    'To the initial 2 pounds of jelly beans, he added enough brownies to cause the '
-    'weight to triple, bringing the weight to 2*3=<<2*3=6>>6 pounds.\n'
-    'Next, he added another 2 pounds of jelly beans, bringing the weight to '
-    '6+2=<<6+2=8>>8 pounds.\n'
-    'And finally, he added enough gummy worms to double the weight once again, to a '
-    'final weight of 8*2=<<8*2=16>>16 pounds.\n'
-    '#### 16\n'
-    '\n'
-    'Let S be the amount Alexis paid for the shoes.\n'
-    'She spent S + 30 + 46 + 38 + 11 + 18 = S + <<+30+46+38+11+18=143>>143.\n'
-    'She used all but $16 of her budget, so S + 143 = 200 - 16 = 184.\n'
-    'Thus, Alexis paid S = 184 - 143 = $<<184-143=41>>41 for the shoes.\n'
-    '#### 41\n'
-    '\n'
-    'She works 8 hours a day for $18 per hour so she makes 8*18 = '
-    '$<<8*18=144.00>>144.00 per 8-hour shift\n'
-    'She works 10 hours a day and anything over 8 hours is eligible for overtime, so '
-    'she gets 10-8 = <<10-8=2>>2 hours of overtime\n'
-    'Overtime is calculated as time and a half so and she makes $18/hour so her '
-    'overtime pay is 18*.5 = $<<18*.5=9.00>>9.00\n'
-    'Her overtime pay is 18+9 = $<<18+9=27.00>>27.00\n'
-    'Her base pay is $144.00 per 8-hour shift and she works 5 days and makes 5 * '
-    '$144 = $<<144*5=720.00>>720.00\n'
-    'Her overtime pay is $27.00 per hour and she works 2 hours of overtime per day '
-    'and makes 27*2 = $<<27*2=54.00>>54.00 in overtime pay\n'
-    '2 hours of overtime pay for 5 days means she makes 54*5 = $270.00\n'
-    'In 5 days her base pay is $720.00 and she makes $270.00 in overtime pay so she '
-    'makes $720 + $270 = $<<720+270=990.00>>990.00\n'
-    '#### 990\n'
-    '\n'
     'The Corran estuary lies on the western coast, where two rivers meet before '
     'reaching the sea. Its mudflats and salt marshes support large numbers of wading '
     'birds in winter, including curlew, redshank and dunlin, and the area has been '
@@ -91,12 +62,6 @@ CALIBRATION_TEXT = (
     'north, and the harbour declined. During the twentieth century the town became a '
     'resort, and several of the former warehouses were converted into hotels, a '
     'museum and a concert hall.\n'
-    '\n'
-    'The parish church of St Brannoc is the oldest surviving building in the town. '
-    'Its tower dates from about 1420, while the nave was rebuilt in 1871 by the '
-    'architect Henry Woodyer, who retained the medieval roof timbers. The churchyard '
-    'contains the graves of several sailors drowned in the great storm of 1859, in '
-    'which eleven ships were lost within sight of the shore.\n'
     '\n'
     'Climate\n'
     '\n'
@@ -114,15 +79,4 @@ CALIBRATION_TEXT = (
     'brewery and a company that makes scientific instruments. According to the 2021 '
     'census the town had 8,412 residents, an increase of 3.6 per cent since 2011; '
     'nearly a quarter were aged over sixty-five.\n'
-    '\n'
-    'Culture\n'
-    '\n'
-    'The town holds a music festival every July, first organised in 1952 by a local '
-    'schoolteacher, Margaret Pryce. Early programmes were devoted to choral music, '
-    'but the festival now also includes jazz, folk and chamber music, and attracts '
-    'around 20,000 visitors. The museum, opened in 1936 in a former sail loft, '
-    'displays ship models, paintings of the harbour and a collection of fossils '
-    'found in the cliffs to the south. The novelist Thomas Ellery, who spent his '
-    'childhood in the town, described it in his book The Tide Clock (1931) as "a '
-    'place that faces the weather and never complains about it".\n'
 )

@@ -85,7 +85,7 @@ class TransplantConfig:
                                                 "OMP rows)"})
     calibration_text: str | None = field(default=None, metadata={
         "help": "training text (a .txt file) that --output-shrink auto scores on; default a "
-                "built-in ~5.6 kB text (GSM8K train answers and prose written for it). Never "
+                "built-in ~3.2 kB text (GSM8K train answers and prose written for it). Never "
                 "pass text you will evaluate on"})
     leak_check: bool = field(default=True, metadata={
         "help": "after writing, reload OUT and report in transplant.json the leak mass (the "

@@ -500,6 +500,15 @@ def summarise(baselines: dict, runs: list[dict], args) -> dict:
         row["train_tokens"] = sum(rs[0]["train_tokens_per_step"])
         row["train_cpu_s_mean"] = round(sum(r["cpu_s"] for r in rs) / len(rs), 1)
         table[m] = row
+    # Paired by seed (the same data order): method - sft on held-out prose.
+    sft = {r["seed"]: r["curve"][final]["prose_heldout"] for r in runs
+           if r["method"] == "sft" and final in r["curve"]}
+    for m, row in table.items():
+        diffs = [r["curve"][final]["prose_heldout"] - sft[r["seed"]] for r in runs
+                 if r["method"] == m and m != "sft" and r["seed"] in sft and final in r["curve"]]
+        if diffs:
+            row["paired_minus_sft"] = [round(x, 5) for x in mean_se(diffs)]
+            row["paired_minus_sft_per_seed"] = [round(x, 5) for x in diffs]
     before, teacher = baselines["student_before"]["prose_heldout"], baselines["teacher"]["prose_heldout"]
     for m, row in table.items():
         if "prose_heldout" in row:
@@ -518,6 +527,10 @@ def summarise(baselines: dict, runs: list[dict], args) -> dict:
         print(f"{m:<18}{fmt(row.get('prose_heldout')):>20}{fmt(row.get('gsm8k_test')):>20}"
               f"{fmt(row.get('shakespeare')):>20}{fmt(row.get('abs_dL')):>18}"
               f"{row.get('gap_closed', float('nan')):>8.3f}")
+    for m, row in table.items():
+        if "paired_minus_sft" in row:
+            print(f"{m} - sft, paired by seed: {fmt(row['paired_minus_sft'])} "
+                  f"({row['paired_minus_sft_per_seed']})")
     plot(baselines, runs, methods, args)
     return {"baselines": {k: v for k, v in baselines.items() if k != "teacher_ll"},
             "table": table, "budget": runs[0]["budget"] if runs else None}

@@ -185,17 +185,21 @@ def section_acceptance(args, out: Path) -> dict:
     for r in table:
         print(f"{r['draft']:>11} T={r['temperature']:g} {r['draft_sample']:>13} gamma={r['gamma']} "
               f"alpha(per token) {r['token_acceptance']:.3f}  tau {r['tau']:.3f}", flush=True)
-    uag = []
-    if "hf-uag" in args.drafts.split(","):
-        target = modelio.load_model(modelio.resolve(args.target))
-        uag = hf_uag(args, target, ps, temps, gammas)
     payload = {"target": args.target, "drafts": drafts, "num_prompts": len(ps),
                "prompt_offset": args.prompt_offset, "max_tokens": args.max_tokens,
-               "seed": args.seed, "rows": table, "hf_uag": uag,
-               "seconds": round(time.perf_counter() - t0, 1),
-               "cpu_seconds": round(cpu_seconds() - c0, 1), "load_average": load_avg(),
+               "seed": args.seed, "rows": table, "hf_uag": [],
                "torch_threads": torch.get_num_threads()}
-    write(out, "acceptance", payload)
+
+    def save():
+        payload.update(seconds=round(time.perf_counter() - t0, 1),
+                       cpu_seconds=round(cpu_seconds() - c0, 1), load_average=load_avg())
+        write(out, "acceptance", payload)
+
+    save()  # the exact rows first: the slower generate() runs below may be cut short
+    if "hf-uag" in args.drafts.split(","):
+        target = modelio.load_model(modelio.resolve(args.target))
+        payload["hf_uag"] = hf_uag(args, target, ps, temps, gammas)
+        save()
     return payload
 
 

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokensurgeon.diagnostics import leak_stats, output_weight_scores
+from tokensurgeon.diagnostics import leak_stats, output_weight_scores, text_windows
 from tokensurgeon.errors import UsageError
-from tokensurgeon.transplant import TransplantConfig, calibration_windows, transplant
+from tokensurgeon.transplant import TransplantConfig, transplant
 
 TEXT = ("The harbour town woke slowly, and the market stalls were covered with crates of "
         "fish. A baker sells 48 loaves in the morning and 24 in the afternoon, 72 in all.\n")
@@ -34,7 +34,7 @@ def model_bpb(out_dir, text: str) -> float:
     tok = AutoTokenizer.from_pretrained(out_dir)
     nll = 0.0
     with torch.inference_mode():
-        for ids in calibration_windows(tok, text):
+        for ids in text_windows(tok, text):
             logits = model(ids.unsqueeze(0)).logits[0, :-1].float()
             nll -= torch.log_softmax(logits, -1).gather(1, ids[1:, None]).sum().item()
     return nll / math.log(2) / len(text.encode("utf-8"))

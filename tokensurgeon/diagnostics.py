@@ -63,23 +63,34 @@ def logit_stats(logits: torch.Tensor, gold: torch.Tensor, is_new: torch.Tensor) 
             "n_shared": int((~new_gold).sum()), "n_new": int(new_gold.sum())}
 
 
+def text_windows(tokenizer, text: str, window: int = 1024) -> list[torch.Tensor]:
+    """``text`` as token-id windows of at most ``window`` + 1 ids, each starting with the
+    tokenizer's BOS (or EOS, for tokenizers without one)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [torch.tensor([prefix] + ids[s:s + window]) for s in range(0, len(ids), window)]
+
+
+def add_sums(total: dict, part: dict) -> None:
+    """``total[key] += part[key]`` for every key (sums of :func:`logit_stats`)."""
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+
+
 def leak_on_text(model, tokenizer, is_new: torch.Tensor, text: str = BUILTIN_TEXT,
                  chunk: int = 128) -> dict:
     """Leak mass (mean over shared-gold positions) and bits per byte split by gold kind, on
-    ``text`` with the tokenizer's BOS (or EOS) prepended."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([prefix] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    ``text`` (:func:`text_windows`: BOS or EOS first)."""
     _, head_module, softcap = decoder_and_head(model)
     head = head_module.weight.detach()
+    total: dict = {}
     with torch.inference_mode():
-        batch = ids.unsqueeze(0)
-        hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
-        total: dict = {}
-        for s in range(0, hidden.shape[0], chunk):
-            part = leak_stats(hidden[s:s + chunk], head, ids[1:][s:s + chunk],
-                              is_new.to(head.device), softcap)
-            for key, value in part.items():
-                total[key] = total.get(key, 0) + value
+        for ids in text_windows(tokenizer, text):
+            batch = ids.unsqueeze(0)
+            hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
+            for s in range(0, hidden.shape[0], chunk):
+                add_sums(total, leak_stats(hidden[s:s + chunk], head, ids[1:][s:s + chunk],
+                                           is_new.to(head.device), softcap))
     n_bytes = len(text.encode("utf-8")) * math.log(2)
     return {"leak_mass": round(total["leak"] / max(1, total["n_shared"]), 5),
             "bpb": round((total["nll_shared"] + total["nll_new"]) / n_bytes, 4),
@@ -99,7 +110,8 @@ def output_weight_scores(hidden: torch.Tensor, gold: torch.Tensor, vocab_size: i
     ``W(lam)`` holds ``shared_rows`` at ``shared_ids``, ``mean + lam * (raw - mean)`` at
     ``new_ids`` and ``mean_row`` at every other id (tokens without a row of their own). Its
     logits are ``h . mean + lam * (h . raw - h . mean)`` on the new ids, so one product per
-    row set serves every ``lam``; no candidate matrix is built.
+    row set serves every ``lam``; no candidate matrix is built, only each chunk's logits
+    [chunk, V], scored by :func:`logit_stats`.
 
     Args:
         hidden: [T, H] final hidden states at the positions that predict ``gold`` [T].
@@ -112,38 +124,18 @@ def output_weight_scores(hidden: torch.Tensor, gold: torch.Tensor, vocab_size: i
         per lam, :func:`leak_stats`' sums (leak, nll_shared, nll_new, n_shared, n_new), where
         "new" is every id outside ``shared_ids``.
     """
-    n_shared, n_new = shared_ids.numel(), new_ids.numel()
-    n_other = vocab_size - n_shared - n_new  # ids with the mean row at every lam
-    kind = torch.full((vocab_size,), 2, dtype=torch.long)  # 0 shared, 1 new, 2 other
-    where = torch.zeros(vocab_size, dtype=torch.long)  # position within its kind
-    kind[shared_ids], where[shared_ids] = 0, torch.arange(n_shared)
-    kind[new_ids], where[new_ids] = 1, torch.arange(n_new)
+    is_new = torch.ones(vocab_size, dtype=torch.bool)  # "new": every id outside shared_ids
+    is_new[shared_ids] = False
     totals: dict[float, dict] = {lam: {} for lam in weights}
     mean_row, shared_rows, raw_rows = mean_row.float(), shared_rows.float(), raw_rows.float()
     for s in range(0, hidden.shape[0], chunk):
         h, g = hidden[s:s + chunk].float(), gold[s:s + chunk]
-        g_kind, g_where = kind[g], where[g]
-        at_mean = h @ mean_row  # [c]
-        shared = apply_softcap(h @ shared_rows.T, softcap)  # [c, S], the same at every lam
-        lz_shared = torch.logsumexp(shared, 1)
-        capped_mean = apply_softcap(at_mean, softcap)
-        lz_other = capped_mean + math.log(n_other) if n_other else torch.full_like(at_mean, -math.inf)
-        gold_shared = shared.gather(1, g_where.clamp_max(max(n_shared - 1, 0)).unsqueeze(1)
-                                    ).squeeze(1) if n_shared else at_mean
-        towards_raw = h @ raw_rows.T - at_mean.unsqueeze(1)  # [c, N]
+        at_mean = (h @ mean_row).unsqueeze(1)  # [c, 1]: every id without a row of its own
+        shared = h @ shared_rows.T  # [c, S], the same at every lam
+        towards_raw = h @ raw_rows.T - at_mean  # [c, N]
         for lam in weights:
-            new = apply_softcap(towards_raw * lam + at_mean.unsqueeze(1), softcap)
-            lz_new = torch.logaddexp(torch.logsumexp(new, 1), lz_other)
-            logz = torch.logaddexp(lz_shared, lz_new)
-            gold_new = (new.gather(1, g_where.clamp_max(n_new - 1).unsqueeze(1)).squeeze(1)
-                        if n_new else capped_mean)
-            lp = torch.where(g_kind == 0, gold_shared,
-                             torch.where(g_kind == 1, gold_new, capped_mean)) - logz
-            new_gold = g_kind != 0
-            part = {"leak": float((lz_new - logz)[~new_gold].exp().double().sum()),
-                    "nll_shared": float(-lp[~new_gold].double().sum()),
-                    "nll_new": float(-lp[new_gold].double().sum()),
-                    "n_shared": int((~new_gold).sum()), "n_new": int(new_gold.sum())}
-            for key, value in part.items():
-                totals[lam][key] = totals[lam].get(key, 0) + value
+            logits = at_mean.expand(-1, vocab_size).clone()  # [c, V]
+            logits[:, shared_ids] = shared
+            logits[:, new_ids] = at_mean + lam * towards_raw
+            add_sums(totals[lam], logit_stats(apply_softcap(logits, softcap), g, is_new))
     return totals

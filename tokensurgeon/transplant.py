@@ -307,14 +307,6 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
     return out, result, stats
 
 
-def calibration_windows(tokenizer, text: str, window: int = 1024) -> list[torch.Tensor]:
-    """``text`` as token-id windows of at most ``window`` + 1 ids, each starting with the
-    tokenizer's BOS (or EOS), as the leak check reads text."""
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [torch.tensor([prefix] + ids[s:s + window]) for s in range(0, len(ids), window)]
-
-
 def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
                          base_out: torch.Tensor, result: MethodResult, tokenizer, new_size: int,
                          grid: list[float], text: str, text_name: str) -> dict:
@@ -332,16 +324,14 @@ def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
     try:
         with streaming.body_on(base, new_embed) as model, torch.inference_mode():
             softcap = decoder_and_head(model)[2]
-            for ids in calibration_windows(tokenizer, text):
+            for ids in diagnostics.text_windows(tokenizer, text):
                 batch = ids.unsqueeze(0)
                 hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
                 part = diagnostics.output_weight_scores(
                     hidden, ids[1:], new_size, plan.copy_donor, shared_rows, plan.new_ids,
                     result.raw_rows, result.mean_row, grid, softcap)
                 for lam, sums in part.items():
-                    into = totals.setdefault(lam, {})
-                    for key, value in sums.items():
-                        into[key] = into.get(key, 0) + value
+                    diagnostics.add_sums(totals.setdefault(lam, {}), sums)
     except streaming.CannotStream as why:  # a body we cannot rebuild: the bounded choice
         return {"rule": "auto", "skipped": f"cannot run BASE's body ({why}); output rows "
                 "are the anchor mean", "chosen": 0.0}

@@ -24,7 +24,7 @@ def faiss_module():
     """The faiss module, or None (with one message on stderr) when it is not installed."""
     global _WARNED
     try:
-        import faiss  # noqa: PLC0415
+        import faiss
     except ImportError:
         if not _WARNED:
             print("tokensurgeon: faiss is not installed; OMP candidates use exact GEMM search "

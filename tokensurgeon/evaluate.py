@@ -22,7 +22,6 @@ from tokensurgeon import conventions, modelio, progress, validate
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head, final_hidden_states, token_logprobs
 
-
 BOS_MODES = ("auto", "always", "never")
 # A default that loses more than this many bits per byte to the other BOS choice is reported.
 BOS_WARN_MARGIN = 0.01
@@ -189,7 +188,7 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
         raise UsageError(f"bos must be one of {BOS_MODES} (got {bos!r})")
     device = next(model.parameters()).device
     _, head, softcap = decoder_and_head(model)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     encoded = []
     for s in segments:

@@ -102,7 +102,7 @@ def safetensors_header(path: Path, fix: str) -> dict[str, dict]:
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
-            raise ValueError
+            raise ValueError  # noqa: TRY004 (caught just below: one message for both)
     except (UnicodeDecodeError, ValueError):
         raise UsageError(f"{path} has a corrupt safetensors header (not a JSON object); {fix}"
                          ) from None
@@ -198,9 +198,8 @@ def check_weight_shapes(directory: Path, config, fix: str = "re-download or re-s
     parameter shapes with the safetensors headers, allowing the usual ``model.`` prefix
     differences. Floating parameters stored as integers are refused too.
     """
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     headers = model_dir_headers(directory, fix)
     try:

@@ -14,6 +14,13 @@ Sections (``--sections``, comma list):
   test answers and Shakespeare (retention), per method and seed, at the same budget. The
   teacher's ALM statistics are cached once and reused by every alm/sft run. Per-chunk
   mean |L_student - L_teacher| on the held-out prose, before and after.
+- ``transfer`` (experiment b; ``transfer1`` / ``transfer2`` for one direction): tokenizer
+  transfer by self-distillation. Student = the original model with the other model's
+  tokenizer (the default transplant, made once under the modelio work dir), teacher = the
+  original (d1: Gemma-3-270M on SmolLM2's tokenizer, d2: SmolLM2-135M on Gemma-3's).
+  Trained on GSM8K train answers; scored on in-domain GSM8K test answers and on text the
+  training data does not contain: the last 20% of the WikiText prose (the primary, >= 40 kB)
+  and Shakespeare. Per-chunk |dL| on the held-out prose; method - sft paired by seed.
 - ``memory``: peak RSS of a Gemma-3-270M teacher's ALM statistics, chunked vs naive.
 
 Evaluation prepends the BOS token by hand (``bos="always"``, as every earlier figure did),
@@ -21,6 +28,8 @@ whatever ``tokensurgeon eval`` defaults to.
 
     python bench/distill.py --sections throughput
     python bench/distill.py --sections teacher_student --steps 12 --seeds 0,1,2
+    python bench/distill.py --sections transfer1 --steps 12 --seeds 0,1,2 \
+        --methods "sft,alm nats,alm+sft nats" --cache-dir /tmp/teacher-cache --resume-runs
 
 Raw per-run results (per-step metrics, evaluations) go to ``bench/results/distill/``;
 the figure to ``bench/results/distill/heldout_bpb.png``; the last stdout line is one JSON
@@ -414,14 +423,29 @@ def section_teacher_student(args, work: Path) -> dict:
           f"|dL| {baselines['gap_before']}", flush=True)
 
     cache = work / "teacher-cache" if args.cache_dir is None else Path(args.cache_dir)
-    runs_path = RESULTS / "teacher_student_runs.jsonl"
+    runs = run_grid(args, work, teacher_dir=teacher_ref.directory,
+                    student_dir=student_ref.directory, train_path=train_path, sets=sets,
+                    final_sets=("gsm8k_test", "shakespeare"), s_tok=s_tok,
+                    gap_examples=gap_examples, s_bound=s_bound, teacher_ll=teacher_ll,
+                    runs_path=RESULTS / "teacher_student_runs.jsonl", cache=cache,
+                    budget_extra={}, prefix="ts")
+    return summarise(baselines, runs, args)
+
+
+def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, sets: dict,
+             final_sets: tuple, s_tok, gap_examples, s_bound, teacher_ll, runs_path: Path,
+             cache: Path, budget_extra: dict, prefix: str) -> list[dict]:
+    """Train every (seed, method) of ``args`` at the same budget (same steps, batch, length,
+    lr and, per seed, data order), appending one record per run to ``runs_path``; score
+    ``sets["prose_heldout"]`` at ``--eval-steps`` and the last step, and ``final_sets`` and
+    the per-chunk |dL| on ``gap_examples`` at the last step. Returns this budget's runs."""
     done = {}
     if runs_path.is_file() and args.resume_runs:
         for line in runs_path.read_text().splitlines():
             r = json.loads(line)
             done[(r["method"], r["seed"], r["budget_key"])] = r
     budget = {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-              "lr": args.lr, "warmup_steps": args.warmup_steps, "train": "full"}
+              "lr": args.lr, "warmup_steps": args.warmup_steps, "train": "full", **budget_extra}
     budget_key = json.dumps(budget, sort_keys=True)
     eval_steps = sorted({int(s) for s in args.eval_steps.split(",") if s} | {args.steps})
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -429,7 +453,7 @@ def section_teacher_student(args, work: Path) -> dict:
             if (method, seed, budget_key) in done:
                 continue
             loss, gradmag, units = METHODS[method]
-            out = work / f"ts-{method.replace('+', '_').replace(' ', '_')}-{seed}"
+            out = work / f"{prefix}-{method.replace('+', '_').replace(' ', '_')}-{seed}"
             curve = {}
             original = training.save_checkpoint
 
@@ -438,7 +462,7 @@ def section_teacher_student(args, work: Path) -> dict:
                     began = time.process_time()
                     curve[step] = {"prose_heldout": bpb(model, s_tok, sets["prose_heldout"])}
                     if step == args.steps:
-                        for name in ("gsm8k_test", "shakespeare"):
+                        for name in final_sets:
                             curve[step][name] = bpb(model, s_tok, sets[name])
                         curve[step]["abs_dL"] = mean_abs_gap(heldout_chunk_stats(
                             model, s_tok, gap_examples, "student", s_bound), teacher_ll)
@@ -448,7 +472,7 @@ def section_teacher_student(args, work: Path) -> dict:
 
             training.save_checkpoint = save_and_eval
             cfg = DistillConfig(
-                teacher=str(teacher_ref.directory), student=str(student_ref.directory),
+                teacher=str(teacher_dir), student=str(student_dir),
                 data=[str(train_path)], out=str(out), loss=loss, gradmag=gradmag,
                 alm_units=units,
                 steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
@@ -473,8 +497,7 @@ def section_teacher_student(args, work: Path) -> dict:
             done[(method, seed, budget_key)] = record
             shutil.rmtree(out, ignore_errors=True)
             gc.collect()
-    runs = [r for r in done.values() if r["budget_key"] == budget_key]
-    return summarise(baselines, runs, args)
+    return [r for r in done.values() if r["budget_key"] == budget_key]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -566,6 +589,188 @@ def plot(baselines: dict, runs: list[dict], methods: list[str], args) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "heldout_bpb.png", dpi=110)
+
+
+# ----------------------------------------------------------------------------- transfer (b)
+
+TRANSFER = {  # direction -> (original model = base of the transplant and teacher, donor)
+    1: ("builtin:gemma3-270m", "builtin:smollm2-135m"),
+    2: ("builtin:smollm2-135m", "builtin:gemma3-270m"),
+}
+
+
+def transfer_transplant(direction: int) -> Path:
+    """The project's default transplant of the original onto the donor's tokenizer, made once
+    (``tokensurgeon transplant BASE DONOR OUT``, 1 thread) under the modelio work dir."""
+    base, donor = TRANSFER[direction]
+    out = WORK / f"transfer-d{direction}"
+    if not (out / "config.json").is_file():
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cli", "transplant", base, donor, str(out),
+                        "--threads", "1", "--quiet"], check=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        (WORK / f"transfer-d{direction}.timing.json").write_text(json.dumps(
+            {"wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg()}))
+    return out
+
+
+def section_transfer(args, work: Path, direction: int) -> dict:
+    """Experiment (b), one direction: student = the original with the donor's tokenizer
+    (default transplant), teacher = the original. Train on GSM8K train answers; score
+    in-domain GSM8K test answers and out-of-domain text the training data does not contain:
+    the last 20% of the WikiText prose (>= 40 kB, the primary figure) and Shakespeare."""
+    base, donor = TRANSFER[direction]
+    teacher_ref = modelio.resolve(base)
+    student_ref = modelio.resolve(str(transfer_transplant(direction)))
+    student_dir = student_ref.directory
+    train_path = work / "gsm8k-train-answers.jsonl"
+    train_path.write_text("".join(json.dumps({"text": a}) + "\n" for a in read_documents(
+        DATA / "gsm8k" / "train.jsonl", "answer")), encoding="utf-8")
+    _, heldout_text = split_prose(work, 0.8)
+    sets = {
+        "prose_heldout": segment_text([heldout_text], 2000, 0),
+        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+                                     [-200_000:]], 2000, args.retention_bytes),
+        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+                                   2000, args.retention_bytes),
+    }
+    sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
+    print(f"transfer d{direction}: {base} on {donor}'s tokenizer; held-out bytes {sizes}",
+          flush=True)
+    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
+    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
+    gap_examples = build_examples(sets["prose_heldout"][: args.gap_segments], t_tok, s_tok,
+                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
+    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
+    saved = RESULTS / f"transfer_d{direction}_baselines.json"
+    baselines = json.loads(saved.read_text()) if saved.is_file() else {}
+    key = json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}|{direction}"
+    if baselines.get("key") != key:
+        began = time.process_time()
+        teacher = modelio.load_model(teacher_ref)
+        baselines = {"key": key, "teacher": {n: bpb(teacher, t_tok, s) for n, s in sets.items()}}
+        teacher_ll = heldout_chunk_stats(teacher, t_tok, gap_examples, "teacher", t_bound)
+        baselines["teacher_ll"] = [[a.tolist(), b.tolist()] for a, b in teacher_ll]
+        del teacher
+        gc.collect()
+        student = modelio.load_model(student_ref)
+        baselines["student_before"] = {n: bpb(student, s_tok, s) for n, s in sets.items()}
+        baselines["gap_before"] = mean_abs_gap(
+            heldout_chunk_stats(student, s_tok, gap_examples, "student", s_bound), teacher_ll)
+        baselines["cpu_s"], baselines["load_avg"] = round(time.process_time() - began, 1), load_avg()
+        del student
+        gc.collect()
+        saved.write_text(json.dumps(baselines))
+    teacher_ll = [(torch.tensor(a), torch.tensor(b, dtype=torch.bool))
+                  for a, b in baselines["teacher_ll"]]
+    print(f"teacher {baselines['teacher']}\nstudent before {baselines['student_before']} "
+          f"|dL| {baselines['gap_before']}", flush=True)
+    cache = (work if args.cache_dir is None else Path(args.cache_dir)) / f"transfer-d{direction}"
+    runs = run_grid(args, work, teacher_dir=teacher_ref.directory, student_dir=student_dir,
+                    train_path=train_path, sets=sets, final_sets=("shakespeare", "gsm8k_test"),
+                    s_tok=s_tok, gap_examples=gap_examples, s_bound=s_bound,
+                    teacher_ll=teacher_ll, runs_path=RESULTS / "transfer_runs.jsonl",
+                    cache=cache, budget_extra={"direction": direction,
+                                               "data": "gsm8k train answers"},
+                    prefix=f"tr{direction}")
+    return summarise_transfer(direction, baselines, runs, args)
+
+
+def summarise_transfer(direction: int, baselines: dict, runs: list[dict], args) -> dict:
+    """Mean ± s.e. per method and held-out set, method - sft paired by seed, % of the
+    student-teacher gap closed; target (b): alm or alm+sft below sft on the out-of-domain
+    prose by more than 2 standard errors of the paired difference."""
+    final = str(args.steps)
+    runs = [r for r in runs if final in r["curve"]]
+    methods = [m for m in args.methods.split(",") if any(r["method"] == m for r in runs)]
+    names = ("prose_heldout", "shakespeare", "gsm8k_test")
+    sft = {r["seed"]: r["curve"][final] for r in runs if r["method"] == "sft"}
+    table = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        row = {"seeds": sorted(r["seed"] for r in rs)}
+        for key in (*names, "abs_dL"):
+            row[key] = [round(x, 5) for x in mean_se([r["curve"][final][key] for r in rs])]
+        for key in names:
+            before, teacher = baselines["student_before"][key], baselines["teacher"][key]
+            row[f"{key}_gap_closed"] = round((before - row[key][0]) / (before - teacher), 4)
+            diffs = [r["curve"][final][key] - sft[r["seed"]][key] for r in rs
+                     if m != "sft" and r["seed"] in sft]
+            if diffs:
+                row[f"{key}_minus_sft"] = [round(x, 5) for x in mean_se(diffs)]
+                row[f"{key}_minus_sft_per_seed"] = [round(x, 5) for x in diffs]
+        row["train_tokens"] = sum(rs[0]["train_tokens_per_step"])
+        row["cpu_s_mean"] = round(sum(r["cpu_s"] for r in rs) / len(rs), 1)
+        row["eval_cpu_s_mean"] = round(sum(r["curve"][final]["eval_cpu_s"] for r in rs) / len(rs), 1)
+        table[m] = row
+    wins = {m: row["prose_heldout_minus_sft"] for m, row in table.items()
+            if m.startswith("alm") and "prose_heldout_minus_sft" in row}
+    met = any(len(table[m]["seeds"]) >= 3 and d[0] < 0 and -d[0] > 2 * d[1]
+              for m, d in wins.items())
+    print(f"\nTransfer d{direction}: {TRANSFER[direction][0]} on "
+          f"{TRANSFER[direction][1]}'s tokenizer, teacher = the original")
+    print(f"{'model':<16}" + "".join(f"{n:>28}" for n in (*names, "abs_dL")))
+    for who in ("teacher", "student_before"):
+        print(f"{who:<16}" + "".join(f"{baselines[who][n]:>28.4f}" for n in names)
+              + f"{(0.0 if who == 'teacher' else baselines['gap_before']):>28.4f}")
+
+    def fmt(v):
+        return f"{v[0]:.4f} ± {v[1]:.4f}"
+    for m, row in table.items():
+        print(f"{m:<16}" + "".join(f"{fmt(row[n]):>28}" for n in (*names, "abs_dL")))
+        for n in names:
+            if f"{n}_minus_sft" in row:
+                print(f"   {n} - sft paired: {fmt(row[f'{n}_minus_sft'])} "
+                      f"{row[f'{n}_minus_sft_per_seed']}; gap closed {row[f'{n}_gap_closed']:.3f}")
+    print(f"target (b) d{direction}: {'MET' if met else 'MISSED'} {wins}", flush=True)
+    summary = {"direction": direction, "original": TRANSFER[direction][0],
+               "donor": TRANSFER[direction][1],
+               "baselines": {k: v for k, v in baselines.items() if k != "teacher_ll"},
+               "table": table, "budget": runs[0]["budget"] if runs else None,
+               "target_b_met": met, "paired_prose_minus_sft": wins}
+    (RESULTS / f"transfer_d{direction}_summary.json").write_text(json.dumps(summary, indent=1))
+    plot_transfer(args)
+    return summary
+
+
+def plot_transfer(args) -> None:
+    """Held-out prose BPB against student training tokens per method and direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(x) for x in (RESULTS / "transfer_runs.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, direction in zip(axes, (1, 2)):
+        saved = RESULTS / f"transfer_d{direction}_baselines.json"
+        rs_d = [r for r in runs if r["budget"].get("direction") == direction
+                and r["budget"]["steps"] == args.steps]
+        if not saved.is_file() or not rs_d:
+            ax.set_axis_off()
+            continue
+        base = json.loads(saved.read_text())
+        methods = list(dict.fromkeys(r["method"] for r in rs_d))
+        for i, m in enumerate(methods):
+            rs = [r for r in rs_d if r["method"] == m]
+            xs, ys, es = [0], [base["student_before"]["prose_heldout"]], [0.0]
+            for s in sorted({int(s) for r in rs for s in r["curve"]}):
+                mean, se = mean_se([r["curve"][str(s)]["prose_heldout"] for r in rs
+                                    if str(s) in r["curve"]])
+                xs.append(sum(rs[0]["train_tokens_per_step"][:s]) + i * 30)
+                ys.append(mean)
+                es.append(0.0 if math.isnan(se) else se)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3,
+                        label=f"{m} ({len(rs)} seeds)")
+        ax.axhline(base["teacher"]["prose_heldout"], color="k", ls="--", lw=1,
+                   label="teacher (original)")
+        ax.set_xlabel("student training tokens (GSM8K train answers)")
+        ax.set_ylabel("held-out WikiText prose bits per byte (out of domain)")
+        ax.set_title(f"d{direction}: {TRANSFER[direction][0]} on "
+                     f"{TRANSFER[direction][1]}'s tokenizer", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "transfer_bpb.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -661,6 +866,9 @@ def main() -> None:
         result["diagnose"] = section_diagnose(args, work)
     if "teacher_student" in sections:
         result["teacher_student"] = section_teacher_student(args, work)
+    for direction in (1, 2):
+        if f"transfer{direction}" in sections or "transfer" in sections:
+            result[f"transfer_d{direction}"] = section_transfer(args, work, direction)
     if "memory" in sections:
         result["memory"] = section_memory(args)
     result["load_average_at_end"] = load_avg()

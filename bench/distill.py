@@ -728,7 +728,8 @@ def summarise_transfer(direction: int, baselines: dict, runs: list[dict], args) 
                "baselines": {k: v for k, v in baselines.items() if k != "teacher_ll"},
                "table": table, "budget": runs[0]["budget"] if runs else None,
                "target_b_met": met, "paired_prose_minus_sft": wins}
-    (RESULTS / f"transfer_d{direction}_summary.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / f"transfer_d{direction}_lr{args.lr:g}_summary.json").write_text(
+        json.dumps(summary, indent=1))
     plot_transfer(args)
     return summary
 
@@ -750,9 +751,9 @@ def plot_transfer(args) -> None:
             ax.set_axis_off()
             continue
         base = json.loads(saved.read_text())
-        methods = list(dict.fromkeys(r["method"] for r in rs_d))
-        for i, m in enumerate(methods):
-            rs = [r for r in rs_d if r["method"] == m]
+        series = list(dict.fromkeys((r["method"], r["budget"]["lr"]) for r in rs_d))
+        for i, (m, lr) in enumerate(series):
+            rs = [r for r in rs_d if r["method"] == m and r["budget"]["lr"] == lr]
             xs, ys, es = [0], [base["student_before"]["prose_heldout"]], [0.0]
             for s in sorted({int(s) for r in rs for s in r["curve"]}):
                 mean, se = mean_se([r["curve"][str(s)]["prose_heldout"] for r in rs
@@ -760,8 +761,8 @@ def plot_transfer(args) -> None:
                 xs.append(sum(rs[0]["train_tokens_per_step"][:s]) + i * 30)
                 ys.append(mean)
                 es.append(0.0 if math.isnan(se) else se)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3,
-                        label=f"{m} ({len(rs)} seeds)")
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, ls="-" if lr >= 1e-4 else ":",
+                        label=f"{m}, lr {lr:g} ({len(rs)} seeds)")
         ax.axhline(base["teacher"]["prose_heldout"], color="k", ls="--", lw=1,
                    label="teacher (original)")
         ax.set_xlabel("student training tokens (GSM8K train answers)")

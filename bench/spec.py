@@ -135,6 +135,116 @@ def warm_start(args, models: Path) -> dict:
     return out
 
 
+def step_times(model, prompt: list[int], steps: int, verify: list[int]) -> dict:
+    """Seconds of one batch-1 forward with the KV cache after a prefill of ``prompt``:
+    ``decode``: the mean over ``steps`` successive 1-token steps (a draft's or the target's
+    decoding step); ``verify[k]``: one k-token forward (the target scoring gamma = k - 1
+    drafts plus the bonus position), each cropped back and run 3 times, the median."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = (time.perf_counter() - t0) / steps
+        times = {}
+        for k in verify:
+            block = torch.tensor([prompt[-k:]])  # any k tokens: the cost does not depend on them
+            runs = []
+            for _ in range(3):
+                drop = cache.get_seq_length() - len(prompt)
+                if drop:
+                    cache.crop(-drop)
+                t0 = time.perf_counter()
+                model(input_ids=block, past_key_values=cache, use_cache=True)
+                runs.append(time.perf_counter() - t0)
+            times[k] = sorted(runs)[1]
+    return {"decode": decode, "verify": times}
+
+
+def weights_per_token(model) -> int:
+    """Weights a decoding step multiplies by: every parameter but the input embedding
+    (a tied output head counts once, as the head)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    total = sum(p.numel() for p in model.parameters())
+    return total - (0 if tied else emb.numel())
+
+
+def measure_cost(args, drafts: dict[str, Path]) -> dict:
+    """c = draft / target seconds per decoding token at batch 1 (1 torch thread, KV cache),
+    measured in interleaved rounds (target, then each draft, per round) so that the
+    machine's load drifts over all models alike; medians over ``--cost-repeats`` rounds."""
+    import statistics
+
+    import torch
+
+    from spec_decode.prompts import encode_prompt, read_examples
+
+    torch.set_num_threads(1)
+    tok = modelio.load_tokenizer(modelio.resolve(args.target))
+    rows = read_examples(DATA / "gsm8k" / "test.jsonl", limit=args.cost_prompts)
+    prompts = [encode_prompt(tok, r.prompt, chat=True) for r in rows]
+    models = {"target": modelio.load_model(modelio.resolve(args.target))}
+    models |= {n: modelio.load_model(modelio.resolve(str(p))) for n, p in drafts.items()}
+    verify = list(range(1, 6))
+    samples: dict[str, list[dict]] = {n: [] for n in models}
+    loads, cpu0, wall0 = [], time.process_time(), time.perf_counter()
+    for r in range(args.cost_repeats):
+        loads.append(Path("/proc/loadavg").read_text().split()[:3])
+        for name, model in models.items():
+            samples[name].append(step_times(model, prompts[r % len(prompts)], args.cost_steps, verify))
+    med = {n: {"decode": statistics.median(s["decode"] for s in v),
+               "verify": {k: statistics.median(s["verify"][k] for s in v) for k in verify}}
+           for n, v in samples.items()}
+    target = med["target"]
+    w_target = weights_per_token(models["target"])
+    out = {"target": {"decode_ms": 1e3 * target["decode"], "weights_per_token": w_target,
+                      "verify_ms": {k: 1e3 * v for k, v in target["verify"].items()},
+                      "verify_ratio": {k: v / target["decode"] for k, v in target["verify"].items()}}}
+    for name in drafts:
+        w = weights_per_token(models[name])
+        out[name] = {"decode_ms": 1e3 * med[name]["decode"], "weights_per_token": w,
+                     "c": med[name]["decode"] / target["decode"], "c_weights": w / w_target,
+                     "c_per_round": [s["decode"] / t["decode"] for s, t in zip(
+                         samples[name], samples["target"], strict=True)]}
+    return {"models": out, "repeats": args.cost_repeats, "steps": args.cost_steps,
+            "prompts": len(prompts), "torch_threads": 1, "load_average": loads,
+            "wall_s": round(time.perf_counter() - wall0, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1)}
+
+
+def predicted_speedup(tau: float, gamma: int, c: float, verify_ratio: float = 1.0) -> float:
+    """Batch-1 speedup over the target alone: tau tokens per verify step, which costs gamma
+    draft steps (c target steps each) plus one target forward over gamma + 1 positions
+    (``verify_ratio`` target steps; 1 = verifying costs one decoding step)."""
+    return tau / (gamma * c + verify_ratio)
+
+
+def sweep(report_rows: list[dict], cost: dict) -> list[dict]:
+    """Per healed depth and gamma: tau (HF exact, T=0), measured c, and the two predictions."""
+    out = []
+    models = cost["models"]
+    for r in report_rows:
+        depth = next((d for d in CUTS if r["draft"] in (f"heal{d}", f"cut{d}")), None)
+        if depth is None or f"cut{depth}" not in models or r.get("tau") is None:
+            continue
+        c = models[f"cut{depth}"]["c"]
+        v = models["target"]["verify_ratio"].get(r["gamma"] + 1)
+        out.append({"draft": r["draft"], "depth": depth, "gamma": r["gamma"], "tau": r["tau"],
+                    "c": c, "c_weights": models[f"cut{depth}"]["c_weights"],
+                    "speedup": predicted_speedup(r["tau"], r["gamma"], c),
+                    "verify_ratio": v,
+                    "speedup_measured_verify": predicted_speedup(r["tau"], r["gamma"], c, v)
+                    if v else None})
+    return out
+
+
 def heldout_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -143,6 +253,30 @@ def heldout_curve(run_dir: Path) -> list[dict]:
     return [{"step": r["step"], "heldout_acceptance": r["heldout_acceptance"],
              "heldout_argmax_agreement": r["heldout_argmax_agreement"]}
             for r in rows if "heldout_acceptance" in r]
+
+
+def cost_only(args, drafts: dict[str, Path], out: Path) -> None:
+    cost = measure_cost(args, drafts)
+    result = {"hardware": hardware(), "cost": cost, "sweep": []}
+    print(f"target: {cost['models']['target']['decode_ms']:.1f} ms/token; verify k tokens / "
+          "1 token: " + ", ".join(f"k={k} {v:.2f}" for k, v in
+                                  cost["models"]["target"]["verify_ratio"].items()))
+    for name in drafts:
+        m = cost["models"][name]
+        print(f"{name}: {m['decode_ms']:.1f} ms/token, c {m['c']:.3f} (rounds "
+              f"{min(m['c_per_round']):.3f}-{max(m['c_per_round']):.3f}), weights {m['c_weights']:.3f}")
+    if args.tau_from:
+        rows = json.loads(Path(args.tau_from).read_text())["rows"]
+        result["sweep"] = sweep([r for r in rows if not r.get("temperature")], cost)
+        result["tau_from"] = args.tau_from
+        print("| draft | gamma | tau | c | speedup tau/(gamma c + 1) | verify ratio | "
+              "speedup tau/(gamma c + verify) |\n|---|---|---|---|---|---|---|")
+        for r in result["sweep"]:
+            print(f"| {r['draft']} | {r['gamma']} | {r['tau']:.3f} | {r['c']:.3f} | "
+                  f"{r['speedup']:.3f} | {r['verify_ratio']:.2f} | "
+                  f"{r['speedup_measured_verify']:.3f} |")
+    modelio.write_json(out / "cost.json", result)
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -196,12 +330,24 @@ def main() -> None:
     ap.add_argument("--hf-check", action="store_true",
                     help="also run the HF backend on the same prompts and print vLLM's measured "
                          "acceptance beside the exact rule's, per drafting rule")
+    ap.add_argument("--cost", default="",
+                    help="only measure c: time these drafts (names under --models-dir) against "
+                         "the target at batch 1 and write OUT/cost.json; with --tau-from, also "
+                         "the depth x gamma sweep of predicted speedups")
+    ap.add_argument("--tau-from", default="",
+                    help="figures.json of an HF run whose heal{d}/cut{d} rows give tau")
+    ap.add_argument("--cost-repeats", type=int, default=7)
+    ap.add_argument("--cost-steps", type=int, default=32, help="decoding steps per timing")
+    ap.add_argument("--cost-prompts", type=int, default=4)
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = Path(args.models_dir) if args.models_dir else out / "drafts"
+    if args.cost:
+        cost_only(args, {n: models / n for n in args.cost.split(",")}, out)
+        return
     names = args.drafts.split(",")
     drafts = {n: models / n for n in dict.fromkeys(["cut", "distillspec", "fkl-fixed", *names])}
     training: dict = {}

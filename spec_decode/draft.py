@@ -1,7 +1,8 @@
 """``tokensurgeon spec make-draft``: build a draft model that speaks the target's tokenizer.
 
 Boundary: model surgery and saving only. Two ways to get a draft:
-- ``--keep-layers 0-5,28,29``: a copy of TARGET with only those decoder layers. The saved
+- ``--keep-layers 0-5,28,29`` (or, with neither flag, ``--depth D``: the first D - 2 layers
+  and the last 2, see :func:`depth_layers`): a copy of TARGET with only those decoder layers. The saved
   config is fixed so transformers and vLLM load it unchanged: ``num_hidden_layers`` and
   every per-layer list (``layer_types``, ...) are cut to the kept layers.
 - ``--from SMALL_MODEL``: a foreign smaller model given TARGET's tokenizer by
@@ -37,6 +38,9 @@ class MakeDraftConfig:
     out: str = field(metadata={"help": "output directory (written atomically)"})
     keep_layers: str = field(default="", metadata={
         "help": "decoder layers to keep, e.g. 0-5,28,29 (0-based, ranges inclusive)"})
+    depth: int = field(default=4, metadata={
+        "help": "without --keep-layers or --from: keep this many layers, the first depth - 2 "
+                "and the last 2 (the default is the depth sweep's pick, docs/spec.md)"})
     from_model: str = field(default="", metadata={
         "short": "--from",
         "help": "use this smaller model as the draft, transplanted onto TARGET's tokenizer"})
@@ -46,11 +50,23 @@ class MakeDraftConfig:
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
     def validate(self) -> None:
-        if bool(self.keep_layers) == bool(self.from_model):
-            raise UsageError("pass exactly one of --keep-layers LAYERS (prune TARGET) or "
+        if self.keep_layers and self.from_model:
+            raise UsageError("pass at most one of --keep-layers LAYERS (prune TARGET) or "
                              "--from SMALL_MODEL (transplant a smaller model)")
+        if self.depth < 1:
+            raise UsageError(f"--depth {self.depth}: keep at least 1 layer")
         if self.keep_layers:
             parse_layers(self.keep_layers, None)
+
+
+def depth_layers(depth: int, num_layers: int) -> list[int]:
+    """The layers a ``depth``-layer cut keeps: the first ``depth - k`` and the last ``k``,
+    k = min(2, depth - 1) (depth 2 -> [0, n-1]; 4 -> [0, 1, n-2, n-1]); the first layers
+    read the embeddings and the last ones feed the (tied) head."""
+    if not 1 <= depth <= num_layers:
+        raise UsageError(f"--depth {depth} is out of range: the target has {num_layers} layers")
+    last = min(2, depth - 1)
+    return list(range(depth - last)) + list(range(num_layers - last, num_layers))
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int]:
@@ -153,7 +169,8 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
         write_resolved_config(Path(cfg.out), cfg)  # replaces the inner transplant's
         return manifest
     config = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code))
-    keep = parse_layers(cfg.keep_layers, config.num_hidden_layers)
+    keep = parse_layers(cfg.keep_layers, config.num_hidden_layers) if cfg.keep_layers \
+        else depth_layers(cfg.depth, config.num_hidden_layers)
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
     model = modelio.load_model(target_ref, trust_remote_code=cfg.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())

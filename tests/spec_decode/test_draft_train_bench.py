@@ -40,6 +40,41 @@ def test_parse_layers():
         parse_layers("a-b", 10)
 
 
+def test_depth_layers():
+    from spec_decode.draft import depth_layers
+
+    assert depth_layers(2, 30) == [0, 29]
+    assert depth_layers(4, 30) == [0, 1, 28, 29]
+    assert depth_layers(8, 30) == [0, 1, 2, 3, 4, 5, 28, 29]
+    assert depth_layers(1, 30) == [0]
+    assert depth_layers(30, 30) == list(range(30))
+    for d in range(1, 31):  # d distinct, sorted layers, the last layer kept from d = 2 on
+        keep = depth_layers(d, 30)
+        assert keep == sorted(set(keep)) and len(keep) == d and (d == 1 or keep[-1] == 29)
+    with pytest.raises(UsageError, match="out of range"):
+        depth_layers(31, 30)
+
+
+def test_make_draft_without_layers_cuts_to_depth(tmp_path, target_dir):
+    """Neither --keep-layers nor --from: the default depth's cut of the 4-layer target, and
+    --depth 2 keeps its first and last layer."""
+    from spec_decode.draft import depth_layers
+
+    full = modelio.load_model(modelio.resolve(str(target_dir)))
+    for depth in (MakeDraftConfig.depth, 2):
+        out = tmp_path / f"d{depth}"
+        manifest = make_draft(MakeDraftConfig(target=str(target_dir), out=str(out), depth=depth,
+                                              quiet=True))
+        assert manifest["kept_layers"] == depth_layers(depth, 4)
+        draft = modelio.load_model(modelio.resolve(str(out)))
+        assert len(draft.model.layers) == depth
+        for new, old in enumerate(manifest["kept_layers"]):
+            assert torch.equal(draft.model.layers[new].mlp.up_proj.weight,
+                               full.model.layers[old].mlp.up_proj.weight)
+    assert make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "d2"),
+                                      depth=2, overwrite=True, quiet=True))["kept_layers"] == [0, 3]
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_layer_pruned_draft_saves_and_reloads(tmp_path, bpe_tokenizer, spm_tokenizer, kind):
     if kind == "llama":
@@ -208,7 +243,8 @@ def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
 @pytest.mark.parametrize("argv, message", [
     (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--gamma", "0,2"], "gamma must be >= 1"),
     (["spec", "bench", "T", "--draft", "D"], "no prompts"),
-    (["spec", "make-draft", "T", "--out", "o"], "exactly one of"),
+    (["spec", "make-draft", "T", "--out", "o", "--keep-layers", "0", "--from", "S"], "at most one of"),
+    (["spec", "make-draft", "T", "--out", "o", "--depth", "0"], "at least 1 layer"),
     (["spec", "train", "T", "D", "--data", "x.jsonl", "--verify", "greedy", "--divergence", "rkl"],
      "reverse KL to a one-hot"),
     (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--draft-sample", "top"],

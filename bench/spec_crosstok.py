@@ -177,8 +177,7 @@ def section_acceptance(args, out: Path) -> dict:
                      temperatures=temps, batch_sizes=[1], max_tokens=args.max_tokens,
                      timed_prompts=0, seed=args.seed, device="cpu", vllm_memory=0.0,
                      max_model_len=0, dtype="float32", quiet=True)
-    raw = run_hf(plan)
-    rows = summarise(raw, gammas)["rows"]
+    rows = summarise(run_hf(plan), gammas)["rows"] if drafts else []  # none: hf-uag only
     table = [{k: r[k] for k in ("draft", "temperature", "draft_sample", "gamma",
                                 "token_acceptance", "alpha", "tau", "acceptance_per_position")}
              for r in rows]

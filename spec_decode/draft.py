@@ -1,8 +1,8 @@
 """``tokensurgeon spec make-draft``: build a draft model that speaks the target's tokenizer.
 
 Boundary: model surgery and saving only. Two ways to get a draft:
-- ``--keep-layers 0-5,28,29`` (or, with neither flag, ``--depth D``: the first D - 2 layers
-  and the last 2, see :func:`depth_layers`): a copy of TARGET with only those decoder layers. The saved
+- ``--keep-layers 0-5,28,29`` (or, with neither flag, ``--depth D``: the first and last
+  layers, see :func:`depth_layers`): a copy of TARGET with only those decoder layers. The saved
   config is fixed so transformers and vLLM load it unchanged: ``num_hidden_layers`` and
   every per-layer list (``layer_types``, ...) are cut to the kept layers.
 - ``--from SMALL_MODEL``: a foreign smaller model given TARGET's tokenizer by
@@ -38,9 +38,10 @@ class MakeDraftConfig:
     out: str = field(metadata={"help": "output directory (written atomically)"})
     keep_layers: str = field(default="", metadata={
         "help": "decoder layers to keep, e.g. 0-5,28,29 (0-based, ranges inclusive)"})
-    depth: int = field(default=4, metadata={
-        "help": "without --keep-layers or --from: keep this many layers, the first depth - 2 "
-                "and the last 2 (the default is the depth sweep's pick, docs/spec.md)"})
+    depth: int = field(default=2, metadata={
+        "help": "without --keep-layers or --from: keep this many layers, the last "
+                "min(2, depth - 1) and the rest from the start (2: the first and the last; "
+                "the default is the depth sweep's pick, docs/spec.md)"})
     from_model: str = field(default="", metadata={
         "short": "--from",
         "help": "use this smaller model as the draft, transplanted onto TARGET's tokenizer"})

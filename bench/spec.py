@@ -34,6 +34,15 @@ for ``--verify`` at ``--train-temperature`` and read the target's fixed-text log
     python bench/spec.py --out out/spec10 --depths 4 --seeds 0 --backend hf \
         --gamma 2 --temperature 0,1 --batch-sizes 1 --num-prompts 32 --max-tokens 64
 
+Cost and the depth x gamma sweep (``--cost``, no training or bench): time each named draft's
+batch-1 decoding step against the target's (HF, KV cache, 1 torch thread, interleaved rounds,
+medians), write OUT/cost.json with c, the weight ratio and the target's k-token verify cost,
+and with ``--tau-from`` an HF run's figures.json predict the speedup of every heal{d}/cut{d}
+row at each gamma (docs/spec.md, third pass):
+
+    OMP_NUM_THREADS=1 python bench/spec.py --out out/spec10-cost --models-dir out/spec10 \
+        --cost cut2,cut4,cut6,cut8 --cost-repeats 9 --tau-from out/spec10-hf3/figures.json
+
 Prints a table, then one JSON line with every figure, the hardware and the seeds.
 ``--models-dir DIR`` reuses drafts trained earlier (DIR/cut, DIR/distillspec,
 DIR/fkl-fixed) and skips training, e.g. to time the same drafts on a GPU.

@@ -308,9 +308,11 @@ def print_table(results: dict, directions: list[int]) -> None:
                   + " |")
         mk = r["mergekit"]
         b = r["bpb"].get("mergekit")
-        print(f"| mergekit 0.1.5 | {mk.get('wall_s', mk.get('extrapolated_wall_s'))} | - | "
+        wall = mk.get("wall_s") or f"{mk.get('extrapolated_wall_s')} (OMP alone, extrapolated)"
+        print(f"| mergekit 0.1.5 | {wall} | {mk.get('cpu_s', '-')} | "
               f"{mk.get('peak_rss_mb', '-')} | - | - | "
-              + (" | ".join(str(b[x]) for x in texts) if b else f"({mk.get('source', '')})") + " |")
+              + (" | ".join(str(b[x]) for x in texts) if b
+                 else f"not evaluated ({mk.get('source') or mk.get('note', '')})") + " |")
 
 
 if __name__ == "__main__":

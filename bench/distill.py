@@ -58,12 +58,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.data import build_examples  # noqa: E402
-from distill.trainer import DistillConfig, boundary_ids, distill  # noqa: E402
-from tokensurgeon import modelio, training  # noqa: E402
-from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text  # noqa: E402
-from tokensurgeon.logits import decoder_and_head, position_statistics  # noqa: E402
-from tokensurgeon.token_identity import vocabulary  # noqa: E402
+from distill.data import build_examples
+from distill.trainer import DistillConfig, boundary_ids, distill
+from tokensurgeon import modelio, training
+from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
+from tokensurgeon.logits import decoder_and_head, position_statistics
+from tokensurgeon.token_identity import vocabulary
 
 DATA = ROOT.parent / "shared" / "data"
 DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
@@ -104,8 +104,12 @@ def bpb(model, tok, segments: list[str]) -> float:
 def heldout_chunk_stats(model, tok, examples, side: str, bound: torch.Tensor) -> list:
     """Per example: ALM chunk log-likelihoods (debiased, unmerged) of ``side`` [K]."""
     from distill.data import collate
-    from distill.losses import Side, alm_chunk_logliks, chunk_complete, side_statistics, \
-        LossSettings
+    from distill.losses import (
+        LossSettings,
+        Side,
+        alm_chunk_logliks,
+        side_statistics,
+    )
 
     dec, head, cap = decoder_and_head(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -380,6 +384,46 @@ def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
     return path, text[cut:]
 
 
+def cached_baselines(saved: Path, key: str, teacher_ref, student_ref, sets: dict,
+                     gap_segments: int) -> tuple[dict, dict]:
+    """Teacher and student-before BPB on every held-out set, and the student's mean |dL| per
+    chunk against the teacher on the first ``gap_segments`` held-out prose segments; read from
+    ``saved`` when its ``key`` (the held-out sets and options) matches, else computed and saved.
+
+    Returns (baselines, reference): reference holds what ``run_grid`` scores runs with
+    (``s_tok``, ``gap_examples``, ``s_bound``, ``teacher_ll``)."""
+    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
+    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
+    gap_examples = build_examples(sets["prose_heldout"][:gap_segments], t_tok, s_tok,
+                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
+    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
+    baselines = json.loads(saved.read_text()) if saved.is_file() else {}
+    if baselines.get("key") != key:
+        began = time.process_time()
+        model = modelio.load_model(teacher_ref)
+        baselines = {"key": key, "teacher": {n: bpb(model, t_tok, s) for n, s in sets.items()}}
+        teacher_ll = heldout_chunk_stats(model, t_tok, gap_examples, "teacher", t_bound)
+        baselines["teacher_ll"] = [[a.tolist(), b.tolist()] for a, b in teacher_ll]
+        del model
+        gc.collect()
+        model = modelio.load_model(student_ref)
+        baselines["student_before"] = {n: bpb(model, s_tok, s) for n, s in sets.items()}
+        baselines["gap_before"] = mean_abs_gap(
+            heldout_chunk_stats(model, s_tok, gap_examples, "student", s_bound), teacher_ll)
+        baselines["cpu_s"] = round(time.process_time() - began, 1)
+        baselines["load_avg"] = load_avg()
+        del model
+        gc.collect()
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(baselines))
+    teacher_ll = [(torch.tensor(a), torch.tensor(b, dtype=torch.bool))
+                  for a, b in baselines["teacher_ll"]]
+    print(f"teacher {baselines['teacher']}\nstudent before {baselines['student_before']} "
+          f"|dL| {baselines['gap_before']}", flush=True)
+    return baselines, {"s_tok": s_tok, "gap_examples": gap_examples, "s_bound": s_bound,
+                       "teacher_ll": teacher_ll}
+
+
 def section_teacher_student(args, work: Path) -> dict:
     teacher_ref, student_ref = modelio.resolve("builtin:gemma3-270m"), modelio.resolve(
         "builtin:smollm2-135m")
@@ -393,40 +437,14 @@ def section_teacher_student(args, work: Path) -> dict:
     }
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
     print(f"held-out bytes: {sizes}", flush=True)
-    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
-    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
-    gap_examples = build_examples(sets["prose_heldout"][: args.gap_segments], t_tok, s_tok,
-                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
-    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved = RESULTS / "teacher_student_baselines.json"
-    baselines = json.loads(saved.read_text()) if saved.is_file() else {}
-    key = json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}"
-    if baselines.get("key") != key:
-        teacher = modelio.load_model(teacher_ref)
-        baselines = {"key": key, "teacher": {n: bpb(teacher, t_tok, s) for n, s in sets.items()}}
-        teacher_ll = heldout_chunk_stats(teacher, t_tok, gap_examples, "teacher", t_bound)
-        torch.save([(a, b) for a, b in teacher_ll], work / "teacher_ll.pt")
-        baselines["teacher_ll"] = [[a.tolist(), b.tolist()] for a, b in teacher_ll]
-        del teacher
-        gc.collect()
-        student = modelio.load_model(student_ref)
-        baselines["student_before"] = {n: bpb(student, s_tok, s) for n, s in sets.items()}
-        baselines["gap_before"] = mean_abs_gap(
-            heldout_chunk_stats(student, s_tok, gap_examples, "student", s_bound), teacher_ll)
-        del student
-        gc.collect()
-        saved.write_text(json.dumps(baselines))
-    teacher_ll = [(torch.tensor(a), torch.tensor(b, dtype=torch.bool))
-                  for a, b in baselines["teacher_ll"]]
-    print(f"teacher {baselines['teacher']}\nstudent before {baselines['student_before']} "
-          f"|dL| {baselines['gap_before']}", flush=True)
-
+    baselines, reference = cached_baselines(
+        RESULTS / "teacher_student_baselines.json",
+        json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}",
+        teacher_ref, student_ref, sets, args.gap_segments)
     cache = work / "teacher-cache" if args.cache_dir is None else Path(args.cache_dir)
     runs = run_grid(args, work, teacher_dir=teacher_ref.directory,
                     student_dir=student_ref.directory, train_path=train_path, sets=sets,
-                    final_sets=("gsm8k_test", "shakespeare"), s_tok=s_tok,
-                    gap_examples=gap_examples, s_bound=s_bound, teacher_ll=teacher_ll,
+                    final_sets=("gsm8k_test", "shakespeare"), **reference,
                     runs_path=RESULTS / "teacher_student_runs.jsonl", cache=cache,
                     budget_extra={}, prefix="ts")
     return summarise(baselines, runs, args)
@@ -637,39 +655,14 @@ def section_transfer(args, work: Path, direction: int) -> dict:
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
     print(f"transfer d{direction}: {base} on {donor}'s tokenizer; held-out bytes {sizes}",
           flush=True)
-    t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
-    t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
-    gap_examples = build_examples(sets["prose_heldout"][: args.gap_segments], t_tok, s_tok,
-                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
-    t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
-    saved = RESULTS / f"transfer_d{direction}_baselines.json"
-    baselines = json.loads(saved.read_text()) if saved.is_file() else {}
-    key = json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}|{direction}"
-    if baselines.get("key") != key:
-        began = time.process_time()
-        teacher = modelio.load_model(teacher_ref)
-        baselines = {"key": key, "teacher": {n: bpb(teacher, t_tok, s) for n, s in sets.items()}}
-        teacher_ll = heldout_chunk_stats(teacher, t_tok, gap_examples, "teacher", t_bound)
-        baselines["teacher_ll"] = [[a.tolist(), b.tolist()] for a, b in teacher_ll]
-        del teacher
-        gc.collect()
-        student = modelio.load_model(student_ref)
-        baselines["student_before"] = {n: bpb(student, s_tok, s) for n, s in sets.items()}
-        baselines["gap_before"] = mean_abs_gap(
-            heldout_chunk_stats(student, s_tok, gap_examples, "student", s_bound), teacher_ll)
-        baselines["cpu_s"], baselines["load_avg"] = round(time.process_time() - began, 1), load_avg()
-        del student
-        gc.collect()
-        saved.write_text(json.dumps(baselines))
-    teacher_ll = [(torch.tensor(a), torch.tensor(b, dtype=torch.bool))
-                  for a, b in baselines["teacher_ll"]]
-    print(f"teacher {baselines['teacher']}\nstudent before {baselines['student_before']} "
-          f"|dL| {baselines['gap_before']}", flush=True)
+    baselines, reference = cached_baselines(
+        RESULTS / f"transfer_d{direction}_baselines.json",
+        json.dumps(sizes, sort_keys=True) + f"|{args.gap_segments}|{direction}",
+        teacher_ref, student_ref, sets, args.gap_segments)
     cache = (work if args.cache_dir is None else Path(args.cache_dir)) / f"transfer-d{direction}"
     runs = run_grid(args, work, teacher_dir=teacher_ref.directory, student_dir=student_dir,
                     train_path=train_path, sets=sets, final_sets=("shakespeare", "gsm8k_test"),
-                    s_tok=s_tok, gap_examples=gap_examples, s_bound=s_bound,
-                    teacher_ll=teacher_ll, runs_path=RESULTS / "transfer_runs.jsonl",
+                    **reference, runs_path=RESULTS / "transfer_runs.jsonl",
                     cache=cache, budget_extra={"direction": direction,
                                                "data": "gsm8k train answers"},
                     prefix=f"tr{direction}")

@@ -61,7 +61,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spec_decode.bench import SpecBenchConfig, bench, compare_backends, markdown
+from spec_decode.bench import (
+    SpecBenchConfig,
+    bench,
+    compare_backends,
+    markdown,
+    predicted_speedup,
+    weights_per_token,
+)
 from spec_decode.draft import MakeDraftConfig, make_draft
 from spec_decode.train import SpecTrainConfig, train
 from tokensurgeon import modelio
@@ -175,16 +182,6 @@ def step_times(model, prompt: list[int], steps: int, verify: list[int]) -> dict:
     return {"decode": decode, "verify": times}
 
 
-def weights_per_token(model) -> int:
-    """Weights a decoding step multiplies by: every parameter but the input embedding
-    (a tied output head counts once, as the head)."""
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb
-    total = sum(p.numel() for p in model.parameters())
-    return total - (0 if tied else emb.numel())
-
-
 def measure_cost(args, drafts: dict[str, Path]) -> dict:
     """c = draft / target seconds per decoding token at batch 1 (1 torch thread, KV cache),
     measured in interleaved rounds (target, then each draft, per round) so that the
@@ -212,12 +209,12 @@ def measure_cost(args, drafts: dict[str, Path]) -> dict:
                "verify": {k: statistics.median(s["verify"][k] for s in v) for k in verify}}
            for n, v in samples.items()}
     target = med["target"]
-    w_target = weights_per_token(models["target"])
+    w_target = weights_per_token(models["target"])["per_token"]
     out = {"target": {"decode_ms": 1e3 * target["decode"], "weights_per_token": w_target,
                       "verify_ms": {k: 1e3 * v for k, v in target["verify"].items()},
                       "verify_ratio": {k: v / target["decode"] for k, v in target["verify"].items()}}}
     for name in drafts:
-        w = weights_per_token(models[name])
+        w = weights_per_token(models[name])["per_token"]
         out[name] = {"decode_ms": 1e3 * med[name]["decode"], "weights_per_token": w,
                      "c": med[name]["decode"] / target["decode"], "c_weights": w / w_target,
                      "c_per_round": [s["decode"] / t["decode"] for s, t in zip(
@@ -226,13 +223,6 @@ def measure_cost(args, drafts: dict[str, Path]) -> dict:
             "prompts": len(prompts), "torch_threads": 1, "load_average": loads,
             "wall_s": round(time.perf_counter() - wall0, 1),
             "cpu_s": round(time.process_time() - cpu0, 1)}
-
-
-def predicted_speedup(tau: float, gamma: int, c: float, verify_ratio: float = 1.0) -> float:
-    """Batch-1 speedup over the target alone: tau tokens per verify step, which costs gamma
-    draft steps (c target steps each) plus one target forward over gamma + 1 positions
-    (``verify_ratio`` target steps; 1 = verifying costs one decoding step)."""
-    return tau / (gamma * c + verify_ratio)
 
 
 def sweep(report_rows: list[dict], cost: dict) -> list[dict]:

@@ -47,7 +47,7 @@ import torch
 
 from spec_decode.backends.base import BenchPlan
 from spec_decode.backends.hf import load_draft, run_hf, split_draft_path
-from spec_decode.bench import summarise
+from spec_decode.bench import summarise, weights_per_token
 from spec_decode.prompts import encode_prompt, read_examples
 from tokensurgeon import modelio
 
@@ -202,26 +202,14 @@ def section_acceptance(args, out: Path) -> dict:
     return payload
 
 
-def params_per_token(model) -> dict:
-    """Parameters a decoding step multiplies by: every weight but the input embedding."""
-    emb = model.get_input_embeddings()
-    emb_w = getattr(emb, "weight", None)
-    head = model.get_output_embeddings()
-    total = sum(p.numel() for p in model.parameters())
-    tied = head is not None and emb_w is not None and head.weight is emb_w
-    head_n = head.weight.numel() if head is not None else 0
-    body = total - (emb_w.numel() if emb_w is not None else 0) - (0 if tied else head_n)
-    return {"parameters": total, "body": body, "head": head_n, "per_token": body + head_n}
-
-
 def section_cost(args, out: Path) -> dict:
     target = modelio.load_model(modelio.resolve(args.target))
-    t = params_per_token(target)
+    t = weights_per_token(target)
     del target
     rows = {"target": t}
     for name, path in drafts_of(args).items():
         m = load_draft(args.target, path, "cpu")
-        rows[name] = {**params_per_token(m), }
+        rows[name] = {**weights_per_token(m), }
         rows[name]["c_params"] = rows[name]["per_token"] / t["per_token"]
         del m
     payload = {"rows": rows, "note": "c_params = (body + head weights) per draft token / the "

@@ -130,6 +130,26 @@ class SpecBenchConfig:
         return named
 
 
+def predicted_speedup(tau: float, gamma: int, c: float, verify_ratio: float = 1.0) -> float:
+    """Batch-1 speedup over the target alone: ``tau`` tokens per verify step, which costs
+    ``gamma`` draft steps (``c`` target steps each) plus one target forward over gamma + 1
+    positions (``verify_ratio`` target steps; 1 = verifying costs one decoding step)."""
+    return tau / (gamma * c + verify_ratio)
+
+
+def weights_per_token(model) -> dict:
+    """Weights a decoding step multiplies by: every parameter but the input embedding (a tied
+    head counts once, as the head). Returns parameters, body, head and per_token counts."""
+    emb = model.get_input_embeddings()
+    emb_w = getattr(emb, "weight", None)
+    head = model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters())
+    tied = head is not None and emb_w is not None and head.weight is emb_w
+    head_n = head.weight.numel() if head is not None else 0
+    body = total - (emb_w.numel() if emb_w is not None else 0) - (0 if tied else head_n)
+    return {"parameters": total, "body": body, "head": head_n, "per_token": body + head_n}
+
+
 def summarise(raw: dict, gammas: list[int]) -> dict:
     """Derived figures for every speculative measurement (pure: dicts in, dicts out)."""
     target = raw["target"]
@@ -154,7 +174,7 @@ def summarise(raw: dict, gammas: list[int]) -> dict:
             if alone and t0:
                 c = (alone["seconds"] / alone["output_tokens"]) / (t0["seconds"] / t0["output_tokens"])
                 row["cost_ratio"] = c
-                row["predicted_speedup"] = row["tau"] / (1 + m["gamma"] * c) if row["tau"] else None
+                row["predicted_speedup"] = predicted_speedup(row["tau"], m["gamma"], c) if row["tau"] else None
         rows.append(row)
     targets = {k: {**v, "tokens_per_s": v["output_tokens"] / v["seconds"],
                    "tpot_ms": 1000 * v["seconds"] / v["output_tokens"] * min(

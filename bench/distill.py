@@ -163,6 +163,7 @@ def throughput_probe(spec: dict) -> None:
                         steps=spec["steps"], batch_size=4, max_length=128, lr=1e-4,
                         warmup_steps=1, logits=spec["logits"],
                         teacher_cache=spec.get("teacher_cache"),
+                        **({"pack": spec["pack"]} if "pack" in spec else {}),
                         checkpoint_every=10_000, overwrite=True, quiet=True, device="cpu")
     began = time.process_time()
     distill(cfg)
@@ -241,6 +242,8 @@ def section_throughput(args, work: Path) -> dict:
         ("before full", {**base, "train": "full", "logits": "checkpoint"}),
         ("cache fill + full", {**base, "train": "full", "logits": "fused",
                                "teacher_cache": str(cache)}),
+        ("after full, whole-text packing", {**base, "train": "full", "logits": "fused",
+                                            "teacher_cache": str(cache), "pack": "texts"}),
         ("after full", {**base, "train": "full", "logits": "fused", "teacher_cache": str(cache)}),
         ("after lora", {**base, "train": "lora", "logits": "fused", "teacher_cache": str(cache)}),
         ("after embeddings", {**base, "train": "embeddings", "logits": "fused",
@@ -291,7 +294,7 @@ def section_diagnose(args, work: Path) -> dict:
     t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
     t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
     examples = build_examples(segments, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
-                              args.max_length, pack=False)
+                              args.max_length, pack="none")
     t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
     teacher, student = modelio.load_model(teacher_ref), modelio.load_model(student_ref)
     t_dec, t_head, t_cap = decoder_and_head(teacher)
@@ -395,7 +398,7 @@ def cached_baselines(saved: Path, key: str, teacher_ref, student_ref, sets: dict
     t_tok, s_tok = modelio.load_tokenizer(teacher_ref), modelio.load_tokenizer(student_ref)
     t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
     gap_examples = build_examples(sets["prose_heldout"][:gap_segments], t_tok, s_tok,
-                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack=False)
+                                  t_vocab.token_bytes, s_vocab.token_bytes, 256, pack="none")
     t_bound, s_bound = boundary_ids(t_vocab.token_bytes), boundary_ids(s_vocab.token_bytes)
     baselines = json.loads(saved.read_text()) if saved.is_file() else {}
     if baselines.get("key") != key:
@@ -497,7 +500,10 @@ def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, se
                 lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
                 teacher_cache=str(cache) if not loss.startswith("uld") else None,
                 teacher_cache_shard=1, checkpoint_every=min(eval_steps), overwrite=True,
-                quiet=True, device="cpu")
+                quiet=True, device="cpu",
+                # Whole texts per sequence: the packing every recorded run used (the budget
+                # key predates pack="fill", so those runs stay comparable and resumable).
+                pack="texts")
             began_cpu, began = time.process_time(), time.perf_counter()
             try:
                 distill(cfg)

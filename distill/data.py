@@ -21,6 +21,9 @@ from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import jsonl_rows, segment_text
 
 DATA_FORMATS = ("auto", "text", "qa", "messages")
+# fill: texts joined into one stream and cut where both tokenizations end at the same byte,
+# so every sequence is full; texts: whole texts per sequence (each truncated); none: one text.
+PACK_MODES = ("fill", "texts", "none")
 DOCUMENT_SEPARATOR = "\n\n"
 
 
@@ -40,9 +43,10 @@ def _row_text(row: object, data_format: str, where: str) -> str:
     raise UsageError(f"{where} has no {wanted} field; fix the file or pass --data-format")
 
 
-def read_texts(paths: Sequence[str], data_format: str, segment_chars: int) -> list[str]:
-    """Texts from .txt files (split at line ends into ~``segment_chars`` pieces) and .jsonl
-    files (one text per line: ``text``, ``question``+``answer`` or ``messages``)."""
+def read_texts(paths: Sequence[str], data_format: str, segment_chars: int | None) -> list[str]:
+    """Texts from .txt files (split at line ends into ~``segment_chars`` pieces; None: the
+    whole file is one text) and .jsonl files (one text per line: ``text``,
+    ``question``+``answer`` or ``messages``)."""
     texts: list[str] = []
     for path in paths:
         p = Path(path)
@@ -51,6 +55,8 @@ def read_texts(paths: Sequence[str], data_format: str, segment_chars: int) -> li
         if p.suffix == ".jsonl":
             for n, row in jsonl_rows(p):
                 texts.append(_row_text(row, data_format, f"{path}:{n}"))
+        elif segment_chars is None:
+            texts.append(validate.read_text(p))
         else:
             texts.extend(segment_text([validate.read_text(p)], segment_chars, 0))
     return [t for t in texts if t.strip()]
@@ -74,11 +80,54 @@ def _usable(example: Example) -> bool:
     return any(k not in first for k in range(example.num_chunks))
 
 
+def shared_cuts(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> list[tuple[int, int]]:
+    """Token counts ``(i, j)`` after which side A's first i tokens and side B's first j
+    tokens end at the same byte offset (a token of positive length ends there on both
+    sides), in increasing order; zero-byte tokens stay with the piece after the cut."""
+    cuts, i, j, end_a, end_b = [], 0, 0, 0, 0
+    while i < len(lengths_a) or j < len(lengths_b):
+        if j == len(lengths_b) or (i < len(lengths_a) and end_a <= end_b):
+            end_a += lengths_a[i]
+            i += 1
+        else:
+            end_b += lengths_b[j]
+            j += 1
+        if end_a == end_b and i and j and lengths_a[i - 1] > 0 and lengths_b[j - 1] > 0:
+            cuts.append((i, j))
+    return cuts
+
+
+def fill_pieces(lengths_a: Sequence[int], lengths_b: Sequence[int], capacity_a: int,
+                capacity_b: int) -> list[tuple[int, int, int, int]]:
+    """Cut two token streams covering the same bytes into consecutive pieces ``(a0, a1,
+    b0, b1)`` at shared cuts, each as long as fits ``capacity_a`` / ``capacity_b`` tokens.
+    A stretch with no shared cut within capacity becomes one over-long piece (the caller
+    truncates it); the streams' tails after the last shared cut are dropped."""
+    pieces, start = [], (0, 0)
+    fit = None
+    for cut in shared_cuts(lengths_a, lengths_b):
+        if cut[0] - start[0] <= capacity_a and cut[1] - start[1] <= capacity_b:
+            fit = cut
+            continue
+        end = fit or cut
+        pieces.append((start[0], end[0], start[1], end[1]))
+        start, fit = end, None
+        if cut != end:
+            if cut[0] - start[0] <= capacity_a and cut[1] - start[1] <= capacity_b:
+                fit = cut
+            else:
+                pieces.append((start[0], cut[0], start[1], cut[1]))
+                start = cut
+    if fit:
+        pieces.append((start[0], fit[0], start[1], fit[1]))
+    return pieces
+
+
 def build_examples(texts: Sequence[str], teacher_tokenizer, student_tokenizer,
                    teacher_bytes: Sequence[bytes | None], student_bytes: Sequence[bytes | None],
-                   max_length: int, pack: bool) -> list[Example]:
-    """Tokenize ``texts`` on both sides, pack (or truncate) them to ``max_length`` tokens
-    per side and align chunks.
+                   max_length: int, pack: str) -> list[Example]:
+    """Tokenize ``texts`` on both sides, pack them (see ``PACK_MODES``) into sequences of
+    at most ``max_length`` tokens per side and align chunks.
 
     Raises:
         UsageError: no texts; tokenizers that do not spell the text's bytes (a normalizer
@@ -86,8 +135,12 @@ def build_examples(texts: Sequence[str], teacher_tokenizer, student_tokenizer,
     """
     if not texts:
         raise UsageError("the dataset is empty; pass --data files that hold text")
-    if pack:
+    if pack not in PACK_MODES:
+        raise UsageError(f"unknown packing {pack!r}; use one of {', '.join(PACK_MODES)}")
+    if pack == "texts":
         texts = [t + DOCUMENT_SEPARATOR for t in texts]
+    elif pack == "fill":  # one stream: separators between texts only
+        texts = [t + DOCUMENT_SEPARATOR for t in texts[:-1]] + list(texts[-1:])
     sides = []
     for tok, token_bytes in ((teacher_tokenizer, teacher_bytes),
                              (student_tokenizer, student_bytes)):
@@ -108,8 +161,11 @@ def build_examples(texts: Sequence[str], teacher_tokenizer, student_tokenizer,
         return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
     (t_tok, t_ids, t_len), (s_tok, s_ids, s_len) = sides
+    if pack == "fill":
+        return _filled_examples(texts, t_tok, t_ids, t_len, s_tok, s_ids, s_len, max_length,
+                                prefix)
     groups: list[list[int]] = []
-    if pack:
+    if pack == "texts":
         current: list[int] = []
         t_used = s_used = 0
         for n in range(len(texts)):
@@ -134,6 +190,33 @@ def build_examples(texts: Sequence[str], teacher_tokenizer, student_tokenizer,
         aligned = align_chunks(tl, sl)
         example = Example(tuple(t), tuple(s), aligned.chunk_a, aligned.chunk_b,
                           aligned.num_chunks, sum(len(texts[n].encode()) for n in group))
+        if aligned.num_chunks and _usable(example):
+            examples.append(example)
+    if not examples:
+        raise UsageError(f"no sequence gives an aligned chunk at --max-length {max_length}; "
+                         "raise --max-length or pass longer texts")
+    return examples
+
+
+def _filled_examples(texts, t_tok, t_ids, t_len, s_tok, s_ids, s_len, max_length,
+                     prefix) -> list[Example]:
+    """``build_examples`` for ``pack="fill"``: every text in order as one stream per side,
+    cut at shared token boundaries into full sequences."""
+    t_pre, s_pre = prefix(t_tok), prefix(s_tok)
+    t_all = [i for row in t_ids for i in row]
+    s_all = [i for row in s_ids for i in row]
+    tl_all = [x for row in t_len for x in row]
+    sl_all = [x for row in s_len for x in row]
+    examples = []
+    for a0, a1, b0, b1 in fill_pieces(tl_all, sl_all, max_length - len(t_pre),
+                                      max_length - len(s_pre)):
+        t = (t_pre + t_all[a0:a1])[:max_length]
+        s = (s_pre + s_all[b0:b1])[:max_length]
+        tl = ([0] * len(t_pre) + tl_all[a0:a1])[:max_length]
+        sl = ([0] * len(s_pre) + sl_all[b0:b1])[:max_length]
+        aligned = align_chunks(tl, sl)
+        example = Example(tuple(t), tuple(s), aligned.chunk_a, aligned.chunk_b,
+                          aligned.num_chunks, sum(sl_all[b0:b1]))
         if aligned.num_chunks and _usable(example):
             examples.append(example)
     if not examples:

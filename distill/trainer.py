@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
-from distill.data import DATA_FORMATS, batch_indices, build_examples, collate, read_texts
+from distill.data import (
+    DATA_FORMATS,
+    PACK_MODES,
+    batch_indices,
+    build_examples,
+    collate,
+    read_texts,
+)
 from distill.losses import (
     ALM_UNITS,
     LOSSES,
@@ -71,8 +78,11 @@ class DistillConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per step, all processes"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per step per process"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence, each side"})
-    pack: bool = field(default=True, metadata={
-        "help": "pack several texts per sequence (--no-pack: one text, truncated)"})
+    pack: str = field(default=PACK_MODES[0], metadata={
+        "help": "fill: texts joined and cut where both tokenizations agree, so every "
+                "sequence is full; texts: whole texts per sequence, each truncated (the "
+                "earlier default); none: one text per sequence, truncated",
+        "choices": PACK_MODES})
     data_format: str = field(default="auto", metadata={
         "help": "JSONL layout", "choices": DATA_FORMATS})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
@@ -218,8 +228,10 @@ def distill(cfg: DistillConfig) -> dict:
     t_tok = modelio.load_tokenizer(t_ref, cfg.trust_remote_code)
     s_tok = modelio.load_tokenizer(s_ref, cfg.trust_remote_code)
     t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
-    # Chars per segment of a .txt file: ~2 per token keeps most segments within max_length.
-    texts = read_texts(cfg.data, cfg.data_format, segment_chars=2 * cfg.max_length)
+    # A .txt file is one text when sequences are cut from a stream; otherwise ~2 chars per
+    # token keeps most of its segments within max_length.
+    texts = read_texts(cfg.data, cfg.data_format,
+                       segment_chars=None if cfg.pack == "fill" else 2 * cfg.max_length)
     examples = build_examples(texts, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
                               cfg.max_length, cfg.pack)
 

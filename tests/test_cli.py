@@ -55,7 +55,7 @@ def test_yaml_values_are_converted_like_flags(tmp_path, capsys):
     assert cfg.data == ["x.txt"] and cfg.lr == 1e-4 and cfg.steps == 30 and cfg.quiet is True
     for text, needle in [("steps: '300'\n", "steps: 300"), ("steps: 2.5\n", "an integer"),
                          ("train: nope\n", "not one of"), ("lr: [1, 2]\n", "one value"),
-                         ("pack: 'yes'\n", "true or false"), ("steps:\n", "empty"),
+                         ("debias: 'yes'\n", "true or false"), ("steps:\n", "empty"),
                          ("steps: 3\n  x: : y\n", "line 2")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)

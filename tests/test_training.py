@@ -30,6 +30,34 @@ def step(model, optimizer, scheduler) -> float:
     return float(loss.detach())
 
 
+def test_fused_optimizer_takes_the_per_tensor_loops_steps():
+    """build_optimizer picks torch's fused AdamW on CPU; it must update like the loop."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(4)]
+    finals = []
+    for make in (lambda ps: training.build_optimizer(ps, 0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=0.1, betas=(0.9, 0.95), weight_decay=0.01,
+                                              foreach=False)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = make(params)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            optimizer.step()
+        finals.append([p.detach() for p in params])
+    assert training.build_optimizer([torch.nn.Parameter(torch.zeros(2))], 0.1).defaults["fused"]
+    for fused, loop in zip(*finals):
+        assert not torch.equal(fused, start[0] if fused.dim() == 2 else start[1])
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_freed_memory_is_safe_to_call_twice():
+    first = training.keep_freed_memory()
+    assert training.keep_freed_memory() == first
+    assert torch.ones(1 << 20).sum() == 1 << 20  # large allocations still work
+
+
 def test_warmup_then_linear_decay():
     _, optimizer, scheduler = tiny_setup()
     lrs = []

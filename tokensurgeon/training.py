@@ -9,7 +9,12 @@ API (all functions are small; read them):
 - ``setup_accelerator(device, seed)`` -> ``accelerate.Accelerator``. ``device`` is ``auto``,
   ``cpu``, ``cuda`` or ``cuda:N``; ``accelerate launch`` / ``torchrun`` environments give
   several processes (gloo on CPU). Seeds every RNG identically on every process.
-- ``build_optimizer(params, lr, weight_decay=0.01)`` -> AdamW with betas (0.9, 0.95).
+- ``build_optimizer(params, lr, weight_decay=0.01)`` -> AdamW with betas (0.9, 0.95), the
+  fused kernel where torch has one for the parameters' device (7x less CPU per step than
+  the per-tensor loop on a 257M-parameter student; same update).
+- ``keep_freed_memory()``: glibc only; freed blocks stay in the process instead of going
+  back to the kernel, so a step's large temporaries are not page-faulted in again on every
+  step (called by ``setup_accelerator``).
 - ``warmup_then_linear_decay(optimizer, warmup_steps, total_steps)`` -> LambdaLR scheduler.
 - ``average_gradients(accelerator, params)``: all-reduce (mean) the ``.grad`` of ``params``
   across processes. Trainers call it once per optimizer step instead of wrapping the model
@@ -59,6 +64,7 @@ def setup_accelerator(device: str = "auto", seed: int = 0):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    keep_freed_memory()
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu)
     if device.startswith("cuda:") and accelerator.num_processes == 1:
@@ -67,10 +73,35 @@ def setup_accelerator(device: str = "auto", seed: int = 0):
     return accelerator
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap and never trim it.
+
+    A training step allocates and frees temporaries of hundreds of MB (the [rows, V] logits
+    of a 262k vocabulary); by default glibc maps each with ``mmap`` and unmaps it on free,
+    so the kernel zero-fills the same pages again on every step (17-37% of a step's CPU
+    time measured on the tokenizer-transfer student). Returns False where there is no
+    glibc (nothing is changed). Peak RSS grows by what the allocator keeps (~0.5 GB there).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,
                     weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95) over the trainable ``params``."""
-    return torch.optim.AdamW(list(params), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    """AdamW with betas (0.9, 0.95) over the trainable ``params``; torch's fused kernel when
+    every parameter is a floating-point tensor on a CPU or CUDA device."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                                 for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                             fused=fused or None)
 
 
 def warmup_then_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int,

@@ -29,7 +29,7 @@ def side(model, tokenizer, batch, name, grad: bool) -> Side:
 def loss_inputs(teacher, t_tok, student, s_tok, texts=TEXTS, max_length=64,
                 teacher_grad: bool = False, **settings) -> LossInputs:
     examples = build_examples(texts, t_tok, s_tok, vocabulary(t_tok).token_bytes,
-                              vocabulary(s_tok).token_bytes, max_length, pack=False)
+                              vocabulary(s_tok).token_bytes, max_length, pack="none")
     return LossInputs(
         student=side(student, s_tok, examples, "student", grad=True),
         teacher=side(teacher, t_tok, examples, "teacher", grad=teacher_grad),

@@ -131,50 +131,71 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return t * softcap, t
 
 
+# Boundary-set sums below this (relative to the row's largest shifted exponential, 1) are
+# recomputed exactly from the logits: float32 loses them to underflow near 1e-38.
+BOUNDARY_TINY = 1e-30
+
+
 class _RealisedBoundary(torch.autograd.Function):
     """Fused log p(next) and log p(boundary set) over rows; see :func:`position_statistics`.
 
-    Forward keeps, per chunk of rows, the logits when they fit ``keep_bytes`` (else only
-    the two log-normalisers); backward forms d(loss)/d(logits) in closed form,
-    ``g_r * (onehot(y) - p) + g_b * (q_B - p)`` with q_B the softmax over the boundary set,
-    and multiplies it into the head weight and hidden states chunk by chunk.
+    Per chunk of rows, forward shifts the logits by their row maximum m and exponentiates
+    them once, e = exp(z - m); the row sum S gives the normaliser m + log S and the
+    boundary-set sum S_B = e @ 1_B (one matrix-vector product) gives m + log S_B. It keeps
+    e (the logits z with a softcap) when they fit ``keep_bytes``, else recomputes them.
+    Backward forms d(loss)/d(logits) in closed form, ``e * (-(g_r + g_b) / S + 1_B g_b /
+    S_B)`` plus ``g_r`` at the realised token (two passes over the chunk), and multiplies
+    it into the head weight and hidden states. Rows whose S_B underflows
+    (< ``BOUNDARY_TINY``) get their boundary term from exactly recomputed logits.
     """
 
     @staticmethod
     def forward(ctx, h, weight, bias, next_ids, boundary_mask, need_boundary, softcap, chunk,
                 keep_bytes):
         n = h.shape[0]
-        realised = torch.zeros(n, dtype=torch.float32, device=h.device)
-        boundary = torch.zeros(n, dtype=torch.float32, device=h.device)
-        lse = torch.zeros(n, dtype=torch.float32, device=h.device)
-        lse_b = torch.zeros(n, dtype=torch.float32, device=h.device)
+        zeros = [torch.zeros(n, dtype=torch.float32, device=h.device) for _ in range(5)]
+        realised, boundary, shift, total, part = zeros
+        ones_b = boundary_mask.to(torch.float32) if boundary_mask is not None else None
         keep = n * weight.shape[0] * 4 <= keep_bytes
         kept = []
-        neg_inf = torch.tensor(float("-inf"), device=h.device)
         for s in range(0, n, chunk):
-            z, _ = _chunk_logits(h[s : s + chunk], weight, bias, softcap)
-            norm = torch.logsumexp(z, dim=-1)
-            lse[s : s + chunk] = norm
-            realised[s : s + chunk] = z.gather(1, next_ids[s : s + chunk, None]).squeeze(1) - norm
+            rows_h = h[s : s + chunk]
+            z, _ = _chunk_logits(rows_h, weight, bias, softcap)
+            m = z.amax(dim=-1)
+            at_next = z.gather(1, next_ids[s : s + chunk, None]).squeeze(1)
+            # z itself becomes e unless a kept softcapped chunk needs z for its backward.
+            e = torch.exp(z - m[:, None]) if (softcap and keep) else z.sub_(m[:, None]).exp_()
+            row_sum = e.sum(dim=-1)
+            norm = m + row_sum.log()
+            realised[s : s + chunk] = at_next - norm
+            shift[s : s + chunk], total[s : s + chunk] = m, row_sum
             rows = need_boundary[s : s + chunk]
-            if boundary_mask is not None and bool(rows.any()):
-                zb = torch.where(boundary_mask, z[rows], neg_inf)
-                nb = torch.logsumexp(zb, dim=-1)
-                lse_b[s : s + chunk][rows] = nb
-                boundary[s : s + chunk][rows] = nb - norm[rows]
+            if ones_b is not None and bool(rows.any()):
+                sums = torch.where(rows, e @ ones_b, torch.zeros_like(m))
+                log_b = m + sums.log()
+                tiny = rows & (sums < BOUNDARY_TINY)
+                if bool(tiny.any()):
+                    exact, _ = _chunk_logits(rows_h[tiny], weight, bias, softcap)
+                    log_b[tiny] = torch.logsumexp(
+                        exact.masked_fill(~boundary_mask, float("-inf")), dim=-1)
+                    sums = torch.where(tiny, torch.zeros_like(sums), sums)
+                boundary[s : s + chunk] = torch.where(rows, log_b - norm, torch.zeros_like(m))
+                part[s : s + chunk] = sums
             if keep:
-                kept.append(z)
+                kept.append(z if softcap else e)
         ctx.softcap, ctx.chunk = softcap, chunk
         ctx.kept = kept if keep else None
         ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0),
                               next_ids, boundary_mask if boundary_mask is not None
-                              else torch.empty(0, dtype=torch.bool), need_boundary, lse, lse_b)
+                              else torch.empty(0, dtype=torch.bool), need_boundary, shift,
+                              total, part, boundary)
         ctx.has_bias, ctx.has_boundary = bias is not None, boundary_mask is not None
         return realised, boundary
 
     @staticmethod
     def backward(ctx, g_realised, g_boundary):
-        h, weight, bias, next_ids, boundary_mask, need_boundary, lse, lse_b = ctx.saved_tensors
+        (h, weight, bias, next_ids, boundary_mask, need_boundary, shift, total, part,
+         boundary) = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
             ctx.has_bias and ctx.needs_input_grad[2]
@@ -184,23 +205,39 @@ class _RealisedBoundary(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
         g_b_all = torch.where(need_boundary, g_boundary, torch.zeros_like(g_boundary)) \
             if ctx.has_boundary else torch.zeros_like(g_boundary)
+        ones_b = boundary_mask.to(torch.float32) if ctx.has_boundary else None
         for i, s in enumerate(range(0, h.shape[0], ctx.chunk)):
             hs = h[s : s + ctx.chunk]
+            m = shift[s : s + ctx.chunk, None]
+            t = None
             if ctx.kept is not None:
-                z = ctx.kept[i]
-                t = z / ctx.softcap if ctx.softcap else None
+                kept = ctx.kept[i]
+                if ctx.softcap:
+                    t = kept / ctx.softcap
+                    e = torch.exp(kept - m)
+                else:
+                    e = kept  # read only: autograd may run this backward more than once
             else:
                 z, t = _chunk_logits(hs, weight, bias, ctx.softcap)
+                e = z.sub_(m).exp_()
             g_r, g_b = g_realised[s : s + ctx.chunk], g_b_all[s : s + ctx.chunk]
-            # -(g_r + g_b) * softmax(z), then + g_r at the realised token, + g_b * q_B.
-            grad = torch.exp(z - lse[s : s + ctx.chunk, None])
-            grad.mul_(-(g_r + g_b)[:, None])
+            sums = part[s : s + ctx.chunk]
+            own = -(g_r + g_b) / total[s : s + ctx.chunk]
+            if ctx.has_boundary and bool((sums > 0).any()):
+                per_b = torch.where(sums > 0, g_b / sums.clamp(min=BOUNDARY_TINY),
+                                    torch.zeros_like(g_b))
+                grad = torch.addcmul(own[:, None], per_b[:, None], ones_b[None, :]).mul_(e)
+            else:
+                grad = e * own[:, None]
             grad.scatter_add_(1, next_ids[s : s + ctx.chunk, None], g_r[:, None])
-            rows = g_b != 0
-            if ctx.has_boundary and bool(rows.any()):
-                q = torch.exp(z[rows] - lse_b[s : s + ctx.chunk][rows, None])
-                q = torch.where(boundary_mask, q, torch.zeros_like(q))
-                grad[rows] += g_b[rows, None] * q
+            exact_rows = (g_b != 0) & (sums == 0)
+            if ctx.has_boundary and bool(exact_rows.any()):
+                z_rows, _ = _chunk_logits(hs[exact_rows], weight, bias, ctx.softcap)
+                norm = m[exact_rows, 0] + total[s : s + ctx.chunk][exact_rows].log()
+                log_b = boundary[s : s + ctx.chunk][exact_rows] + norm
+                q = torch.exp((z_rows - log_b[:, None]).masked_fill(~boundary_mask,
+                                                                     float("-inf")))
+                grad[exact_rows] += g_b[exact_rows, None] * q
             if ctx.softcap:
                 grad.mul_(1 - t * t)
             grad = grad.to(acc)

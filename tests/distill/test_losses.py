@@ -158,6 +158,47 @@ def test_chunked_logprobs_equal_naive_with_gradients(softcap, path):
         torch.testing.assert_close(c, n)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30])
+def test_fused_statistics_when_boundary_mass_underflows(keep_bytes):
+    """Rows whose boundary tokens sit ~200 nats below the top logit (their float32
+    exponentials underflow) still match the naive reference, values and gradients."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(6, 40, bias=False)
+    with torch.no_grad():
+        head.weight[:, 0] = 0.0
+        head.weight[5:8] = 0.0
+        head.weight[5:8, 0] = -60.0   # boundary tokens: far below when hidden[..., 0] = 3
+        head.weight[9, 0] = 50.0      # an ordinary token far above
+    hidden = torch.randn(2, 7, 6)
+    hidden[0, :4, 0] = 3.0
+    hidden.requires_grad_(True)
+    ids = torch.randint(0, 40, (2, 7))
+    boundary = torch.tensor([5, 6, 7])
+    fused = position_statistics(hidden, head, ids, boundary, 3, keep_bytes=keep_bytes)
+    naive = naive_position_statistics(hidden, head, ids, boundary)
+    assert float(naive[1][0, 0]) < -300  # the case under test: S_B underflows
+    for c, n in zip(fused, naive):
+        torch.testing.assert_close(c, n)
+    # Gradients reach ~200 here, built from logits near 300 (float32 spacing ~3e-5): both
+    # paths carry that rounding, so the relative tolerance is float32's at this magnitude.
+    for c, n in zip(torch.autograd.grad(sum(x.sum() for x in fused), [hidden, head.weight]),
+                    torch.autograd.grad(sum(x.sum() for x in naive), [hidden, head.weight])):
+        torch.testing.assert_close(c, n, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_backward_can_run_twice():
+    """GradMag differentiates each loss with retain_graph: kept logits must survive."""
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 30, bias=False)
+    hidden = torch.randn(1, 9, 8, requires_grad=True)
+    ids = torch.randint(0, 30, (1, 9))
+    realised, boundary = position_statistics(hidden, head, ids, torch.tensor([1, 4]), 4)
+    loss = realised.sum() + 0.5 * boundary.sum()
+    first = torch.autograd.grad(loss, hidden, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, hidden)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ losses on models
 
 

@@ -229,7 +229,37 @@ def matmul_probe() -> dict:
     return out
 
 
+BEFORE_COMMIT = "a44fea8"  # the trainer before the cache and fused paths: online teacher
+
+
+def before_tree(work: Path) -> Path:
+    """The source tree at ``BEFORE_COMMIT``, exported from this repository's history."""
+    tree = work / f"tree-{BEFORE_COMMIT}"
+    if not (tree / "distill").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_COMMIT],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def run_children(argvs: list[list[str]]) -> list[dict]:
+    """Run child probes at the same time (one thread each); their JSON lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *a], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for a in argvs]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        out.append(json.loads(stdout.strip().splitlines()[-1]) if p.returncode == 0
+                   else {"error": (stderr.strip().splitlines() or ["killed"])[-1]})
+    return out
+
+
 def section_throughput(args, work: Path) -> dict:
+    """Student tokens per CPU-second of the tokenizer-transfer shape: the trainer at
+    ``BEFORE_COMMIT`` and today's, each in a fresh child process, then today's trainable
+    sets and process layouts. Cache fills run first so timed steps never fill a shard."""
     student = str(transfer_student())
     teacher = str(modelio.resolve("builtin:smollm2-135m").directory)
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
@@ -237,25 +267,41 @@ def section_throughput(args, work: Path) -> dict:
     data.write_text(text, encoding="utf-8")
     cache = work / "throughput-cache"
     base = {"teacher": teacher, "student": student, "data": [str(data)], "loss": "alm+sft",
-            "steps": args.throughput_steps, "out": str(work / "tp-out")}
+            "steps": args.throughput_steps, "out": str(work / "tp-out"), "train": "full"}
+    today = {**base, "logits": "fused", "teacher_cache": str(cache)}
+    whole = {**today, "pack": "texts", "teacher_cache": str(cache) + "-texts"}
     configs = [
-        ("before full", {**base, "train": "full", "logits": "checkpoint"}),
-        ("cache fill + full", {**base, "train": "full", "logits": "fused",
-                               "teacher_cache": str(cache)}),
-        ("after full, whole-text packing", {**base, "train": "full", "logits": "fused",
-                                            "teacher_cache": str(cache), "pack": "texts"}),
-        ("after full", {**base, "train": "full", "logits": "fused", "teacher_cache": str(cache)}),
-        ("after lora", {**base, "train": "lora", "logits": "fused", "teacher_cache": str(cache)}),
-        ("after embeddings", {**base, "train": "embeddings", "logits": "fused",
-                              "teacher_cache": str(cache)}),
-        ("before embeddings", {**base, "train": "embeddings", "logits": "checkpoint"}),
+        ("before full", ("tree", base)),
+        ("cache fill (whole-text packing)", ("probe", whole)),
+        ("after full (whole-text packing)", ("probe", whole)),
+        ("cache fill", ("probe", today)),
+        ("after full", ("probe", today)),
+        ("after lora", ("probe", {**today, "train": "lora"})),
+        ("after embeddings", ("probe", {**today, "train": "embeddings"})),
+        ("after full (1 process x 2 threads)", ("probe", {**today, "threads": 2})),
+        ("after full (2 processes x 1 thread)", ("pair", today)),
     ]
     skip = set(filter(None, args.throughput_skip.split(",")))
+    saved = RESULTS / "throughput.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
     results = {}
-    for name, spec in configs:
-        if name in skip:
+    for name, (kind, spec) in configs:
+        if name in skip:  # a skipped configuration keeps its last measured figures
+            if "error" not in previous.get(name, {"error": None}):
+                results[name] = {**previous[name], "carried_over": True}
             continue
-        results[name] = run_child(["--throughput-probe", json.dumps(spec)])
+        if kind == "tree":
+            tree = before_tree(work)
+            results[name] = run_children([[str(ROOT / "bench" / "throughput_tree.py"),
+                                           str(tree), json.dumps({**spec, "out": str(work / "tp-before")})]])[0]
+        elif kind == "pair":
+            pair = run_children([[__file__, "--throughput-probe",
+                                  json.dumps({**spec, "out": str(work / f"tp-out-{k}")})]
+                                 for k in range(2)])
+            results[name] = {"processes": pair, "tokens_per_wall_s": round(
+                sum(p.get("tokens_per_wall_s", 0.0) for p in pair), 2)}
+        else:
+            results[name] = run_child(["--throughput-probe", json.dumps(spec)])
         print(f"throughput {name}: {results[name]}", flush=True)
     results["matmul_gflops_1_thread"] = matmul_probe()
     cfg = modelio.load_config(modelio.resolve(student))

@@ -773,7 +773,7 @@ def summarise_transfer(direction: int, baselines: dict, runs: list[dict], args) 
                "baselines": {k: v for k, v in baselines.items() if k != "teacher_ll"},
                "table": table, "budget": runs[0]["budget"] if runs else None,
                "target_b_met": met, "paired_prose_minus_sft": wins}
-    (RESULTS / f"transfer_d{direction}_lr{args.lr:g}_summary.json").write_text(
+    (RESULTS / f"transfer_d{direction}_steps{args.steps}_lr{args.lr:g}_summary.json").write_text(
         json.dumps(summary, indent=1))
     plot_transfer(args)
     return summary
@@ -816,7 +816,7 @@ def plot_transfer(args) -> None:
                      f"{TRANSFER[direction][1]}'s tokenizer", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "transfer_bpb.png", dpi=110)
+    fig.savefig(RESULTS / f"transfer_bpb_steps{args.steps}.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------- memory

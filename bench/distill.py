@@ -145,52 +145,6 @@ def mean_abs_gap(student_ll: list, teacher_ll: list) -> float:
 # ----------------------------------------------------------------------------- throughput
 
 
-def throughput_probe(spec: dict) -> None:
-    """Child process: train ``spec['steps']`` steps; one JSON line with CPU/wall per token
-    over the steps after the first."""
-    torch.set_num_threads(spec.get("threads", 1))
-    rows = []
-    original = training.MetricsLog.log
-
-    def log(self, **figures):
-        rows.append({**figures, "cpu": time.process_time(), "wall": time.perf_counter()})
-        return original(self, **figures)
-
-    training.MetricsLog.log = log
-    out = Path(spec["out"])
-    cfg = DistillConfig(teacher=spec["teacher"], student=spec["student"], data=spec["data"],
-                        out=str(out), loss=spec["loss"], train=spec["train"],
-                        steps=spec["steps"], batch_size=4, max_length=128, lr=1e-4,
-                        warmup_steps=1, logits=spec["logits"],
-                        teacher_cache=spec.get("teacher_cache"),
-                        **({"pack": spec["pack"]} if "pack" in spec else {}),
-                        checkpoint_every=10_000, overwrite=True, quiet=True, device="cpu")
-    began = time.process_time()
-    distill(cfg)
-    timed = rows[1:]
-    tokens = sum(r["student_tokens"] for r in timed)
-    cpu = timed[-1]["cpu"] - rows[0]["cpu"]
-    wall = timed[-1]["wall"] - rows[0]["wall"]
-    shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({**{k: v for k, v in spec.items() if k not in ("data", "out")},
-                      "timed_steps": len(timed), "tokens": tokens, "cpu_s": round(cpu, 1),
-                      "wall_s": round(wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 2),
-                      "tokens_per_wall_s": round(tokens / wall, 2),
-                      "losses": [r["loss"] for r in rows],
-                      "total_cpu_s": round(time.process_time() - began, 1),
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                      "load_avg": load_avg()}))
-
-
-def run_child(args: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True,
-                          text=True, env=env)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def transfer_student() -> Path:
     """SmolLM2-135M's body with Gemma-3's 262k tokenizer: the tokenizer-transfer student's
     shape. The transplant (``tokensurgeon transplant builtin:smollm2-135m
@@ -268,40 +222,36 @@ def section_throughput(args, work: Path) -> dict:
     cache = work / "throughput-cache"
     base = {"teacher": teacher, "student": student, "data": [str(data)], "loss": "alm+sft",
             "steps": args.throughput_steps, "out": str(work / "tp-out"), "train": "full"}
-    today = {**base, "logits": "fused", "teacher_cache": str(cache)}
-    whole = {**today, "pack": "texts", "teacher_cache": str(cache) + "-texts"}
-    configs = [
-        ("before full", ("tree", base)),
-        ("cache fill (whole-text packing)", ("probe", whole)),
-        ("after full (whole-text packing)", ("probe", whole)),
-        ("cache fill", ("probe", today)),
-        ("after full", ("probe", today)),
-        ("after lora", ("probe", {**today, "train": "lora"})),
-        ("after embeddings", ("probe", {**today, "train": "embeddings"})),
-        ("after full (1 process x 2 threads)", ("probe", {**today, "threads": 2})),
-        ("after full (2 processes x 1 thread)", ("pair", today)),
+    today = {**base, "options": {"logits": "fused", "teacher_cache": str(cache)}}
+    whole = {**base, "options": {"logits": "fused", "teacher_cache": str(cache) + "-texts",
+                                 "pack": "texts"}}
+    configs = [  # name -> (source tree, spec, processes at once)
+        ("before full", (None, base, 1)),
+        ("cache fill (whole-text packing)", (ROOT, whole, 1)),
+        ("after full (whole-text packing)", (ROOT, whole, 1)),
+        ("cache fill", (ROOT, today, 1)),
+        ("after full", (ROOT, today, 1)),
+        ("after lora", (ROOT, {**today, "train": "lora"}, 1)),
+        ("after embeddings", (ROOT, {**today, "train": "embeddings"}, 1)),
+        ("after full (1 process x 2 threads)", (ROOT, {**today, "threads": 2}, 1)),
+        ("after full (2 processes x 1 thread)", (ROOT, today, 2)),
     ]
     skip = set(filter(None, args.throughput_skip.split(",")))
     saved = RESULTS / "throughput.json"
     previous = json.loads(saved.read_text()) if saved.is_file() else {}
     results = {}
-    for name, (kind, spec) in configs:
+    for name, (tree, spec, processes) in configs:
         if name in skip:  # a skipped configuration keeps its last measured figures
             if "error" not in previous.get(name, {"error": None}):
                 results[name] = {**previous[name], "carried_over": True}
             continue
-        if kind == "tree":
-            tree = before_tree(work)
-            results[name] = run_children([[str(ROOT / "bench" / "throughput_tree.py"),
-                                           str(tree), json.dumps({**spec, "out": str(work / "tp-before")})]])[0]
-        elif kind == "pair":
-            pair = run_children([[__file__, "--throughput-probe",
-                                  json.dumps({**spec, "out": str(work / f"tp-out-{k}")})]
-                                 for k in range(2)])
-            results[name] = {"processes": pair, "tokens_per_wall_s": round(
-                sum(p.get("tokens_per_wall_s", 0.0) for p in pair), 2)}
-        else:
-            results[name] = run_child(["--throughput-probe", json.dumps(spec)])
+        tree = tree or before_tree(work)
+        runs = run_children([[str(ROOT / "bench" / "throughput_probe.py"), str(tree),
+                              json.dumps({**spec, "out": f"{spec['out']}-{k}"})]
+                             for k in range(processes)])
+        results[name] = runs[0] if processes == 1 else {
+            "processes": runs,
+            "tokens_per_wall_s": round(sum(r.get("tokens_per_wall_s", 0.0) for r in runs), 2)}
         print(f"throughput {name}: {results[name]}", flush=True)
     results["matmul_gflops_1_thread"] = matmul_probe()
     cfg = modelio.load_config(modelio.resolve(student))
@@ -851,9 +801,9 @@ def section_memory(args) -> list[dict]:
     mem = []
     for probe in args.memory_probes.split(","):
         mode, batch = probe.split(":")
-        mem.append(run_child(["--memory-probe", mode, "--memory-batch", batch,
-                              "--memory-length", str(args.memory_length),
-                              "--logit-chunk", str(args.logit_chunk)]))
+        mem.append(run_children([[__file__, "--memory-probe", mode, "--memory-batch", batch,
+                                  "--memory-length", str(args.memory_length),
+                                  "--logit-chunk", str(args.logit_chunk)]])[0])
         print(f"memory {probe}: {mem[-1]}", flush=True)
     return mem
 
@@ -888,14 +838,10 @@ def main() -> None:
     p.add_argument("--memory-length", type=int, default=1024)
     p.add_argument("--logit-chunk", type=int, default=128)
     p.add_argument("--memory-probe", choices=("chunked", "naive"), help=argparse.SUPPRESS)
-    p.add_argument("--throughput-probe", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.memory_probe:
         memory_probe(args.memory_probe, args.memory_batch, args.memory_length, args.logit_chunk)
-        return
-    if args.throughput_probe:
-        throughput_probe(json.loads(args.throughput_probe))
         return
     sections = set(filter(None, args.sections.split(",")))
     result: dict = {"hardware": {

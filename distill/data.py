@@ -161,62 +161,48 @@ def build_examples(texts: Sequence[str], teacher_tokenizer, student_tokenizer,
         return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
     (t_tok, t_ids, t_len), (s_tok, s_ids, s_len) = sides
-    if pack == "fill":
-        return _filled_examples(texts, t_tok, t_ids, t_len, s_tok, s_ids, s_len, max_length,
-                                prefix)
-    groups: list[list[int]] = []
-    if pack == "texts":
-        current: list[int] = []
-        t_used = s_used = 0
-        for n in range(len(texts)):
-            t_n, s_n = len(t_ids[n]), len(s_ids[n])
-            if current and (t_used + t_n > max_length - 1 or s_used + s_n > max_length - 1):
-                groups.append(current)
-                current, t_used, s_used = [], 0, 0
-            current.append(n)
-            t_used, s_used = t_used + t_n, s_used + s_n
-        if current:
-            groups.append(current)
-    else:
-        groups = [[n] for n in range(len(texts))]
-
-    examples = []
-    for group in groups:
-        t_pre, s_pre = prefix(t_tok), prefix(s_tok)
-        t = (t_pre + [i for n in group for i in t_ids[n]])[:max_length]
-        s = (s_pre + [i for n in group for i in s_ids[n]])[:max_length]
-        tl = ([0] * len(t_pre) + [x for n in group for x in t_len[n]])[:max_length]
-        sl = ([0] * len(s_pre) + [x for n in group for x in s_len[n]])[:max_length]
-        aligned = align_chunks(tl, sl)
-        example = Example(tuple(t), tuple(s), aligned.chunk_a, aligned.chunk_b,
-                          aligned.num_chunks, sum(len(texts[n].encode()) for n in group))
-        if aligned.num_chunks and _usable(example):
-            examples.append(example)
-    if not examples:
-        raise UsageError(f"no sequence gives an aligned chunk at --max-length {max_length}; "
-                         "raise --max-length or pass longer texts")
-    return examples
-
-
-def _filled_examples(texts, t_tok, t_ids, t_len, s_tok, s_ids, s_len, max_length,
-                     prefix) -> list[Example]:
-    """``build_examples`` for ``pack="fill"``: every text in order as one stream per side,
-    cut at shared token boundaries into full sequences."""
     t_pre, s_pre = prefix(t_tok), prefix(s_tok)
-    t_all = [i for row in t_ids for i in row]
-    s_all = [i for row in s_ids for i in row]
-    tl_all = [x for row in t_len for x in row]
-    sl_all = [x for row in s_len for x in row]
+    # Each piece: teacher ids, student ids, their byte lengths, and the bytes it covers.
+    pieces: list[tuple[list[int], list[int], list[int], list[int], int]] = []
+    if pack == "fill":
+        t_all, s_all = [i for row in t_ids for i in row], [i for row in s_ids for i in row]
+        tl_all, sl_all = [x for row in t_len for x in row], [x for row in s_len for x in row]
+        for a0, a1, b0, b1 in fill_pieces(tl_all, sl_all, max_length - len(t_pre),
+                                          max_length - len(s_pre)):
+            pieces.append((t_all[a0:a1], s_all[b0:b1], tl_all[a0:a1], sl_all[b0:b1],
+                           sum(sl_all[b0:b1])))
+    else:
+        groups: list[list[int]] = []
+        if pack == "texts":
+            current: list[int] = []
+            t_used = s_used = 0
+            for n in range(len(texts)):
+                t_n, s_n = len(t_ids[n]), len(s_ids[n])
+                if current and (t_used + t_n > max_length - 1 or s_used + s_n > max_length - 1):
+                    groups.append(current)
+                    current, t_used, s_used = [], 0, 0
+                current.append(n)
+                t_used, s_used = t_used + t_n, s_used + s_n
+            if current:
+                groups.append(current)
+        else:
+            groups = [[n] for n in range(len(texts))]
+        for group in groups:
+            pieces.append(([i for n in group for i in t_ids[n]],
+                           [i for n in group for i in s_ids[n]],
+                           [x for n in group for x in t_len[n]],
+                           [x for n in group for x in s_len[n]],
+                           sum(len(texts[n].encode()) for n in group)))
+
     examples = []
-    for a0, a1, b0, b1 in fill_pieces(tl_all, sl_all, max_length - len(t_pre),
-                                      max_length - len(s_pre)):
-        t = (t_pre + t_all[a0:a1])[:max_length]
-        s = (s_pre + s_all[b0:b1])[:max_length]
-        tl = ([0] * len(t_pre) + tl_all[a0:a1])[:max_length]
-        sl = ([0] * len(s_pre) + sl_all[b0:b1])[:max_length]
+    for t_body, s_body, tl_body, sl_body, num_bytes in pieces:
+        t = (t_pre + t_body)[:max_length]
+        s = (s_pre + s_body)[:max_length]
+        tl = ([0] * len(t_pre) + tl_body)[:max_length]
+        sl = ([0] * len(s_pre) + sl_body)[:max_length]
         aligned = align_chunks(tl, sl)
         example = Example(tuple(t), tuple(s), aligned.chunk_a, aligned.chunk_b,
-                          aligned.num_chunks, sum(sl_all[b0:b1]))
+                          aligned.num_chunks, num_bytes)
         if aligned.num_chunks and _usable(example):
             examples.append(example)
     if not examples:

@@ -1,11 +1,12 @@
-"""One throughput probe of ``tokensurgeon distill`` as it was at an earlier commit.
+"""One throughput probe of ``tokensurgeon distill`` from a given source tree.
 
-Usage: ``python bench/throughput_tree.py TREE SPEC_JSON``. TREE is an exported source tree
-(``git archive COMMIT | tar -x -C TREE``); its ``distill`` and ``tokensurgeon`` packages
-are imported instead of the installed ones, and trained for ``steps`` optimizer steps with
-the options every tree since the ALM trainer landed accepts. Prints one JSON line: student
-tokens per CPU-second over the steps after the first (the method of bench/distill.py's
-in-tree probe), so an old commit's figure is measured beside today's under the same load.
+Usage: ``python bench/throughput_probe.py TREE SPEC_JSON``. TREE is this checkout or an
+exported earlier one (``git archive COMMIT | tar -x -C TREE``); its ``distill`` and
+``tokensurgeon`` packages are imported instead of the installed ones and trained for
+``steps`` optimizer steps, batch 4 x 128, with SPEC's ``options`` as further
+``DistillConfig`` fields (none for an old tree: only the fields every tree since the ALM
+trainer landed accepts). Prints one JSON line: student tokens per CPU-second over the steps
+after the first, so an old commit and today's code are measured the same way, side by side.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def main() -> None:
                         out=spec["out"], loss=spec["loss"], train=spec["train"],
                         steps=spec["steps"], batch_size=4, max_length=128, lr=1e-4,
                         warmup_steps=1, checkpoint_every=10_000, overwrite=True, quiet=True,
-                        device="cpu")
+                        device="cpu", **spec.get("options", {}))
     distill(cfg)
     timed = rows[1:]
     tokens = sum(r["student_tokens"] for r in timed)
     cpu, wall = timed[-1]["cpu"] - rows[0]["cpu"], timed[-1]["wall"] - rows[0]["wall"]
     shutil.rmtree(spec["out"], ignore_errors=True)
     print(json.dumps({"tree": tree, "loss": spec["loss"], "train": spec["train"],
+                      "options": spec.get("options", {}), "threads": spec.get("threads", 1),
                       "timed_steps": len(timed), "tokens": tokens, "cpu_s": round(cpu, 1),
                       "wall_s": round(wall, 1), "tokens_per_cpu_s": round(tokens / cpu, 2),
                       "tokens_per_wall_s": round(tokens / wall, 2),

@@ -40,8 +40,13 @@ def test_fused_path_equals_checkpointed_path(models, bpe_tokenizer, spm_tokenize
                         debias=debias, student_boundary=debias)
         runs[fused] = (losses(x), student_grad(x, student))
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5, abs=1e-7)
-    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-6)
-    assert runs[True][1].abs().max() > 0
+    fused, reference = runs[True][1], runs[False][1]
+    # float32 gradients that sum many positions: compare against the gradient's own scale
+    # (max |g| ~ 13 here; the two paths differ by ~3e-7 of it, thread count included).
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6 * scale)
+    assert float((fused - reference).norm() / reference.norm()) < 1e-5
+    assert scale > 0
 
 
 def test_cached_teacher_gives_the_online_loss(models, bpe_tokenizer, spm_tokenizer):

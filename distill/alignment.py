@@ -77,6 +77,23 @@ class ChunkAlignment:
     num_chunks: int
 
 
+def shared_cuts(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> list[tuple[int, int]]:
+    """Token counts ``(i, j)`` after which side A's first i tokens and side B's first j
+    tokens end at the same byte offset (a token of positive length ends there on both
+    sides), in increasing order; zero-byte tokens stay with the piece after the cut."""
+    cuts, i, j, end_a, end_b = [], 0, 0, 0, 0
+    while i < len(lengths_a) or j < len(lengths_b):
+        if j == len(lengths_b) or (i < len(lengths_a) and end_a <= end_b):
+            end_a += lengths_a[i]
+            i += 1
+        else:
+            end_b += lengths_b[j]
+            j += 1
+        if end_a == end_b and i and j and lengths_a[i - 1] > 0 and lengths_b[j - 1] > 0:
+            cuts.append((i, j))
+    return cuts
+
+
 def align_chunks(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> ChunkAlignment:
     """Cut two token sequences where their cumulative byte counts agree.
 
@@ -96,8 +113,7 @@ def align_chunks(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> ChunkAli
 
     ends_a, ends_b = token_ends(lengths_a), token_ends(lengths_b)
     # Cuts are byte offsets where a token ends on both sides; zero-byte tokens add none.
-    cuts = sorted({e for e, n in zip(ends_a, lengths_a) if n > 0}
-                  & {e for e, n in zip(ends_b, lengths_b) if n > 0})
+    cuts = [ends_a[i - 1] for i, _ in shared_cuts(lengths_a, lengths_b)]
     last_cut = cuts[-1] if cuts else 0
 
     def assign(lengths: Sequence[int], ends: list[int]) -> list[int]:

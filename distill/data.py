@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distill.alignment import AlignmentError, align_chunks, text_byte_lengths
+from distill.alignment import AlignmentError, align_chunks, shared_cuts, text_byte_lengths
 from tokensurgeon import validate
 from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import jsonl_rows, segment_text
@@ -78,23 +78,6 @@ def _usable(example: Example) -> bool:
     """True when some chunk has no token at position 0 on either side (it can be scored)."""
     first = {example.teacher_chunks[0], example.student_chunks[0]} - {-1}
     return any(k not in first for k in range(example.num_chunks))
-
-
-def shared_cuts(lengths_a: Sequence[int], lengths_b: Sequence[int]) -> list[tuple[int, int]]:
-    """Token counts ``(i, j)`` after which side A's first i tokens and side B's first j
-    tokens end at the same byte offset (a token of positive length ends there on both
-    sides), in increasing order; zero-byte tokens stay with the piece after the cut."""
-    cuts, i, j, end_a, end_b = [], 0, 0, 0, 0
-    while i < len(lengths_a) or j < len(lengths_b):
-        if j == len(lengths_b) or (i < len(lengths_a) and end_a <= end_b):
-            end_a += lengths_a[i]
-            i += 1
-        else:
-            end_b += lengths_b[j]
-            j += 1
-        if end_a == end_b and i and j and lengths_a[i - 1] > 0 and lengths_b[j - 1] > 0:
-            cuts.append((i, j))
-    return cuts
 
 
 def fill_pieces(lengths_a: Sequence[int], lengths_b: Sequence[int], capacity_a: int,

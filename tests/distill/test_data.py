@@ -8,14 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill.data import (
-    batch_indices,
-    build_examples,
-    epoch_order,
-    fill_pieces,
-    read_texts,
-    shared_cuts,
-)
+from distill.alignment import shared_cuts
+from distill.data import batch_indices, build_examples, epoch_order, fill_pieces, read_texts
 from tokensurgeon.errors import UsageError
 from tokensurgeon.token_identity import vocabulary
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from spec_decode import reduced_head
+from spec_decode.prompts import Example, encode_prompt, read_examples
 from tokensurgeon import modelio
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
@@ -42,6 +44,13 @@ class MakeDraftConfig:
         "help": "without --keep-layers or --from: keep this many layers, the last "
                 "min(2, depth - 1) and the rest from the start (2: the first and the last; "
                 "the default is the depth sweep's pick, docs/spec.md)"})
+    head_tokens: int = field(default=0, metadata={
+        "help": "reduced-vocabulary head (FR-Spec): the draft scores only the K most frequent "
+                "target tokens of --head-data plus every special and stop token, -inf "
+                "elsewhere (verification stays exact); 0 = the full head"})
+    head_data: str = field(default="", metadata={
+        "help": "text whose target tokens are counted for --head-tokens: .jsonl rows "
+                "(question/prompt + answer, formatted as spec train and bench see them) or .txt"})
     from_model: str = field(default="", metadata={
         "short": "--from",
         "help": "use this smaller model as the draft, transplanted onto TARGET's tokenizer"})
@@ -58,6 +67,13 @@ class MakeDraftConfig:
             raise UsageError(f"--depth {self.depth}: keep at least 1 layer")
         if self.keep_layers:
             parse_layers(self.keep_layers, None)
+        if self.head_tokens < 0:
+            raise UsageError(f"--head-tokens {self.head_tokens}: give K >= 1, or 0 for the full head")
+        if self.head_tokens and not self.head_data:
+            raise UsageError("--head-tokens needs --head-data FILE (the text whose frequent target "
+                             "tokens the head keeps, e.g. the file you will train the draft on)")
+        if self.head_data and not self.head_tokens:
+            raise UsageError("--head-data is only read with --head-tokens K; add --head-tokens")
 
 
 def depth_layers(depth: int, num_layers: int) -> list[int]:
@@ -148,12 +164,63 @@ def check_shared_vocabulary(target: modelio.ModelRef, draft: modelio.ModelRef,
             f"--from {draft.label} --out DRAFT")
 
 
+def special_and_stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id a reduced head must keep: the tokenizer's special and added special tokens,
+    its EOS/BOS/PAD, and the generation config's stop ids."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def choose_head_tokens(tokenizer, examples: list[Example], k: int, vocab_size: int,
+                       always: list[int], chat: bool = True) -> torch.Tensor:
+    """The reduced head's ids [K'] (sorted): the ``k`` target tokens most frequent in
+    ``examples`` formatted as ``spec train``/``spec bench`` see them (prompt through the chat
+    template, then the reference continuation), plus ``always``."""
+    lists = []
+    for e in examples:
+        ids = encode_prompt(tokenizer, e.prompt, chat)
+        if e.reference:
+            ids = ids + tokenizer(e.reference, add_special_tokens=False)["input_ids"]
+        lists.append(ids)
+    return reduced_head.frequent_tokens(reduced_head.token_counts(lists, vocab_size), k, always)
+
+
+def record_head(out_dir: Path, token_ids: torch.Tensor) -> None:
+    """Write a reduced head into a saved model's config.json (ids and architecture name;
+    transformers' save_pretrained rewrites the name, so this runs after every save)."""
+    import json
+
+    path = Path(out_dir) / "config.json"
+    config = reduced_head.with_head(json.loads(path.read_text()), token_ids)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _head_ids(cfg: MakeDraftConfig, head_examples, target_ref) -> torch.Tensor | None:
+    if not cfg.head_tokens:
+        return None
+    tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
+    vocab = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code)).vocab_size
+    always = special_and_stop_ids(tokenizer, modelio.load_generation_config(target_ref))
+    return choose_head_tokens(tokenizer, head_examples, cfg.head_tokens, vocab, always)
+
+
 def make_draft(cfg: MakeDraftConfig) -> dict:
     """Build the draft; returns the manifest written to OUT/draft.json."""
     t0 = time.perf_counter()
     cfg.validate()
     modelio.check_output_dir(cfg.out, cfg.overwrite)
     target_ref = modelio.resolve(cfg.target)
+    head_examples = read_examples(cfg.head_data) if cfg.head_tokens else None
+    head_ids = _head_ids(cfg, head_examples, target_ref)
+    head = {} if head_ids is None else {
+        "head_tokens": int(head_ids.numel()), "head_data": cfg.head_data}
     if cfg.from_model:
         from tokensurgeon.transplant import TransplantConfig, transplant
 
@@ -164,7 +231,9 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
             # A draft reads TARGET's token stream: it keeps TARGET's vocabulary and framing.
             conventions="donor"))
         manifest = {"kind": "transplant", "target": target_ref.label, "from": cfg.from_model,
-                    "vocab_size": report["vocab_size"], "options": config_to_dict(cfg)}
+                    "vocab_size": report["vocab_size"], **head, "options": config_to_dict(cfg)}
+        if head_ids is not None:
+            record_head(Path(cfg.out), head_ids)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(cfg.out) / "draft.json", manifest)
         write_resolved_config(Path(cfg.out), cfg)  # replaces the inner transplant's
@@ -180,10 +249,12 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
     manifest = {
         "kind": "layer_pruned", "target": target_ref.label, "kept_layers": keep,
         "target_layers": config.num_hidden_layers, "parameters": kept,
-        "target_parameters": total, "options": config_to_dict(cfg),
+        "target_parameters": total, **head, "options": config_to_dict(cfg),
     }
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         modelio.save_model(model, tokenizer, Path(tmp))
+        if head_ids is not None:
+            record_head(Path(tmp), head_ids)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         modelio.write_json(Path(tmp) / "draft.json", manifest)
         write_resolved_config(Path(tmp), cfg)

@@ -47,8 +47,9 @@ from pathlib import Path
 import torch
 
 from spec_decode.divergences import DIVERGENCES, distributions, divergence_names
-from spec_decode.draft import check_shared_vocabulary
+from spec_decode.draft import check_shared_vocabulary, record_head
 from spec_decode.prompts import Example, encode_prompt, read_examples
+from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
 from tokensurgeon.config import check_resume_options, write_resolved_config
@@ -430,6 +431,8 @@ def train(cfg: SpecTrainConfig) -> dict:
         draft.eval()
         with modelio.atomic_output_dir(out, overwrite=True) as tmp:
             modelio.save_model(draft, tokenizer, tmp)
+            if (head_ids := head_token_ids(draft.config)) is not None:
+                record_head(tmp, head_ids)  # save_pretrained renamed the architecture
             write_resolved_config(tmp, cfg)
             modelio.write_json(tmp / "train.json", summary)
             # Renames within one directory: cheap, and last so a failed save keeps them in OUT.

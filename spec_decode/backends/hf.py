@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spec_decode.backends.base import PROPOSERS, BenchPlan, config_key, register
+from spec_decode.reduced_head import apply_reduced_head, rows_head
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
 
@@ -202,30 +203,6 @@ class TargetIdEmbedding(torch.nn.Module):
         return self.embedding(self.target_to_draft[input_ids])
 
 
-class IntersectionHead(torch.nn.Module):
-    """[..., H] hidden -> [..., V_target] logits: the draft's logits on the intersection,
-    -inf elsewhere (so argmax and softmax only ever pick intersection tokens)."""
-
-    def __init__(self, head: torch.nn.Linear, vmap: VocabMap, softcap: float | None):
-        super().__init__()
-        self.weight = torch.nn.Parameter(head.weight.detach()[vmap.draft_ids].clone(),
-                                         requires_grad=False)
-        bias = getattr(head, "bias", None)
-        self.bias = None if bias is None else torch.nn.Parameter(
-            bias.detach()[vmap.draft_ids].clone(), requires_grad=False)
-        self.register_buffer("target_ids", vmap.target_ids, persistent=False)
-        self.target_size = vmap.target_size
-        self.softcap = softcap
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        out = logits.new_full((*logits.shape[:-1], self.target_size), float("-inf"))
-        out[..., self.target_ids] = logits
-        return out
-
-
 def as_tli_draft(model, vmap: VocabMap):
     """Make ``model`` (a draft with its own tokenizer) read and write target ids, in place.
 
@@ -236,7 +213,10 @@ def as_tli_draft(model, vmap: VocabMap):
     """
     config = getattr(model.config, "text_config", None) or model.config
     softcap = getattr(config, "final_logit_softcapping", None)
-    head = IntersectionHead(model.get_output_embeddings(), vmap, softcap)
+    # The draft's logits on the intersection, -inf elsewhere (argmax and softmax only ever
+    # pick intersection tokens).
+    head = rows_head(model.get_output_embeddings(), vmap.draft_ids, vmap.target_ids,
+                     vmap.target_size, softcap)
     if softcap:
         config.final_logit_softcapping = None  # applied inside the head, before the -inf fill
     model.set_output_embeddings(head)
@@ -270,10 +250,13 @@ def load_tli_draft(target: str, draft: str, mode: str, device: str = "cpu"):
 
 
 def load_draft(target: str, path: str, device: str):
-    """A draft for the exact rules: a same-vocabulary model, or a TLI draft (``tli:``)."""
+    """A draft for the exact rules: a same-vocabulary model (with its reduced head when its
+    config names one), or a TLI draft (``tli:``)."""
     directory, mode = split_draft_path(path)
     if mode is None:
-        return modelio.load_model(modelio.resolve(directory), device=device)
+        model = modelio.load_model(modelio.resolve(directory), device=device)
+        apply_reduced_head(model)
+        return model
     return load_tli_draft(target, directory, mode, device)[0]
 
 

@@ -81,6 +81,37 @@ def architecture_key(model_dir: str) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def engine_options(target_config: dict) -> dict:
+    """Extra ``vllm.LLM`` options a target needs to run with a draft (pure: config.json dict
+    in). A target whose layers keep different KV caches (Gemma-3's sliding-window and full
+    attention layers) gets ``disable_hybrid_kv_cache_manager``: with the hybrid manager,
+    vLLM 0.32 refuses every draft ("All drafting layers should belong to the same kv cache
+    group")."""
+    config = target_config.get("text_config") or target_config
+    if len(set(config.get("layer_types") or [])) > 1:
+        return {"disable_hybrid_kv_cache_manager": True}
+    return {}
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find tokensurgeon's model plugin (reduced-head drafts)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value.startswith("spec_decode.vllm_plugin")
+               for ep in entry_points(group="vllm.general_plugins"))
+
+
+def check_draft(model_dir: str) -> None:
+    """One-line UsageError when a reduced-head draft cannot be served by this vLLM install."""
+    from spec_decode.reduced_head import CONFIG_KEY
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if CONFIG_KEY in config and not plugin_installed():
+        raise UsageError(f"{model_dir} has a reduced head, which vLLM serves through "
+                         "tokensurgeon's plugin; install tokensurgeon in this environment "
+                         "(pip install -e .) so vLLM finds it")
+
+
 def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
          temperatures: list[float], draft_sample: str = "greedy") -> dict:
     return {
@@ -91,6 +122,8 @@ def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
         "max_tokens": plan.max_tokens, "seed": plan.seed, "memory": plan.vllm_memory,
         "max_model_len": plan.max_model_len, "dtype": plan.dtype,
         "enforce_eager": plan.enforce_eager,
+        "engine_options": engine_options(json.loads((Path(plan.target) / "config.json").read_text()))
+        if model == plan.target else {},
     }
 
 
@@ -98,7 +131,12 @@ def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
 def run_vllm(plan: BenchPlan) -> dict:
     """Target alone, each draft alone (greedy, for c), then every draft x gamma."""
     require_vllm()
-    result: dict = {"target": {}, "drafts_alone": {}, "speculative": []}
+    for path in plan.drafts.values():
+        if path not in PROPOSERS:
+            check_draft(path)
+    result: dict = {"target": {}, "drafts_alone": {}, "speculative": [],
+                    "engine_options": engine_options(
+                        json.loads((Path(plan.target) / "config.json").read_text()))}
     result["target"] = run_cached(
         _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet,
         plan.scratch)["timings"]

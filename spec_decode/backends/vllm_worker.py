@@ -64,7 +64,7 @@ def main(job_path: str, out_path: str) -> None:
 
     with open(job_path) as f:
         job = json.load(f)
-    kwargs = {}
+    kwargs = dict(job.get("engine_options") or {})
     if job["draft"] in PROPOSERS:
         kwargs["speculative_config"] = {**PROPOSERS[job["draft"]],
                                         "num_speculative_tokens": job["gamma"]}

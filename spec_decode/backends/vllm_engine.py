@@ -81,6 +81,12 @@ def architecture_key(model_dir: str) -> str:
     return json.dumps(config, sort_keys=True)
 
 
+def model_config(model_dir: str) -> dict:
+    """A model directory's config.json ({} when it has none: vLLM will say why)."""
+    path = Path(model_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def engine_options(target_config: dict) -> dict:
     """Extra ``vllm.LLM`` options a target needs to run with a draft (pure: config.json dict
     in). A target whose layers keep different KV caches (Gemma-3's sliding-window and full
@@ -105,8 +111,7 @@ def check_draft(model_dir: str) -> None:
     """One-line UsageError when a reduced-head draft cannot be served by this vLLM install."""
     from spec_decode.reduced_head import CONFIG_KEY
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    if CONFIG_KEY in config and not plugin_installed():
+    if CONFIG_KEY in model_config(model_dir) and not plugin_installed():
         raise UsageError(f"{model_dir} has a reduced head, which vLLM serves through "
                          "tokensurgeon's plugin; install tokensurgeon in this environment "
                          "(pip install -e .) so vLLM finds it")
@@ -122,8 +127,7 @@ def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
         "max_tokens": plan.max_tokens, "seed": plan.seed, "memory": plan.vllm_memory,
         "max_model_len": plan.max_model_len, "dtype": plan.dtype,
         "enforce_eager": plan.enforce_eager,
-        "engine_options": engine_options(json.loads((Path(plan.target) / "config.json").read_text()))
-        if model == plan.target else {},
+        "engine_options": engine_options(model_config(model)) if model == plan.target else {},
     }
 
 
@@ -135,8 +139,7 @@ def run_vllm(plan: BenchPlan) -> dict:
         if path not in PROPOSERS:
             check_draft(path)
     result: dict = {"target": {}, "drafts_alone": {}, "speculative": [],
-                    "engine_options": engine_options(
-                        json.loads((Path(plan.target) / "config.json").read_text()))}
+                    "engine_options": engine_options(model_config(plan.target))}
     result["target"] = run_cached(
         _job(plan, "target", plan.target, None, 0, plan.temperatures), plan.quiet,
         plan.scratch)["timings"]

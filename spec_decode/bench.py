@@ -163,6 +163,11 @@ def summarise(raw: dict, gammas: list[int]) -> dict:
         row["tau"] = 1 + accepted / drafts if drafts else None
         row["acceptance_per_position"] = [a / drafts for a in m["accepted_per_position"]] if drafts else []
         t, s = target.get(key), m.get("seconds")
+        if t and "token_ids" in t and "token_ids" in m:
+            # Greedy speculative decoding is exact: the share of requests whose text is
+            # the target's own (below 1 only through floating-point ties).
+            same = sum(a == b for a, b in zip(t["token_ids"], m["token_ids"]))
+            row["same_as_target"] = same / max(len(t["token_ids"]), 1)
         if s and t:
             row["tokens_per_s"] = m["output_tokens"] / s
             row["tpot_ms"] = 1000 * s / m["output_tokens"] * min(m["batch_size"], m["requests"])

@@ -65,7 +65,10 @@ RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
 class SpecTrainConfig:
     """Train DRAFT to imitate TARGET (DistillSpec): minimise a divergence between their
     next-token distributions at the decoding temperature, on a lambda mix of fixed text,
-    target continuations and the draft's own (on-policy) continuations scored by TARGET."""
+    target continuations and the draft's own (on-policy) continuations scored by TARGET.
+    The defaults are the recipe measured best (docs/spec.md): fixed text (no on-policy
+    samples), forward KL towards the target's argmax (T=0, --verify greedy: vLLM's default
+    drafting rule)."""
 
     target: str = field(metadata={"positional": True, "help": "target model (HF directory)"})
     draft: str = field(metadata={
@@ -74,20 +77,20 @@ class SpecTrainConfig:
         "help": ".jsonl with a question/prompt field (and answer for fixed data) or .txt"})
     out: str = field(default="out/spec-draft", metadata={
         "help": "output directory: the trained draft, checkpoints/, metrics.jsonl"})
-    divergence: str = field(default="tvd", metadata={
+    divergence: str = field(default="fkl", metadata={
         "choices": divergence_names, "help": "training divergence"})
     beta: float = field(default=0.5, metadata={"help": "JSD mixture weight, M = beta p + (1-beta) q"})
-    on_policy: float = field(default=1.0, metadata={
+    on_policy: float = field(default=0.0, metadata={
         "help": "lambda: share of examples continued by the draft itself"})
     target_generated: float = field(default=0.0, metadata={
         "help": "share of examples continued by the target (the rest use the file's text)"})
     schedule: str = field(default="constant", metadata={
         "choices": ["constant", "linear"],
         "help": "constant lambda, or ramp the on-policy share linearly from 0 to lambda"})
-    temperature: float = field(default=1.0, metadata={
+    temperature: float = field(default=0.0, metadata={
         "help": "decoding temperature the draft is trained for (0 = greedy); also the "
                 "sampling temperature of generated continuations"})
-    verify: str = field(default="probabilistic", metadata={
+    verify: str = field(default="greedy", metadata={
         "choices": list(DRAFT_SAMPLE_METHODS),
         "help": "the rule the draft will be verified with (vLLM draft_sample_method): "
                 "probabilistic trains the divergence at the temperature (acceptance 1 - TVD); "

@@ -8,7 +8,7 @@ For each text architecture vLLM serves (``LlamaForCausalLM``, ``Qwen2ForCausalLM
 ``Gemma3ForCausalLM``, ...) it registers ``ReducedHead<Arch>``: the same model, loaded from
 the same weights, whose ``compute_logits`` multiplies the hidden states by only the K head
 rows named in the config (:data:`~spec_decode.reduced_head.CONFIG_KEY`), applies the base
-head's logit scale and soft cap, and scatters the K logits into a -inf row of the config's
+head's soft cap and logit scale, and scatters the K logits into a -inf row of the config's
 full ``vocab_size``. vLLM's drafting (argmax, or sampling from the softmax) then never
 proposes a token outside the set, and verification is unchanged.
 """
@@ -68,19 +68,20 @@ def reduced_head_class(base: type) -> type:
                                  "rank; reduced heads need tensor_parallel_size 1 for the draft")
             index = torch.tensor(ids, dtype=torch.long, device=head.device)
             self.head_token_ids = index
-            self.head_rows = torch.nn.Parameter(head.detach()[index].clone(), requires_grad=False)
+            # A plain tensor: vLLM's loader checks that every parameter came from the files.
+            self.head_rows = head.detach()[index].clone()
             return loaded
 
         def compute_logits(self, hidden_states, *args, **kwargs):
             proc = self.logits_processor
             rows = self.head_rows.to(hidden_states.dtype)
             logits = torch.nn.functional.linear(hidden_states, rows)
+            cap = getattr(proc, "soft_cap", None)  # vLLM's order: soft cap, then scale
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
             scale = getattr(proc, "scale", 1.0)
             if scale != 1.0:
                 logits = logits * scale
-            cap = getattr(proc, "soft_cap", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
             vocab = getattr(proc, "org_vocab_size", None) or self.config.vocab_size
             out = logits.new_full((logits.shape[0], vocab), float("-inf"))
             out[:, self.head_token_ids] = logits

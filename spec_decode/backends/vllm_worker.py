@@ -85,7 +85,7 @@ def main(job_path: str, out_path: str) -> None:
         for b in job["batch_sizes"]:
             prompts = job["prompts"][str(b)]
             before = spec_counters(llm)
-            tokens = 0
+            tokens, outputs = 0, []
             t0 = time.perf_counter()
             for s in range(0, len(prompts), b):
                 chunk = prompts[s : s + b]
@@ -95,9 +95,12 @@ def main(job_path: str, out_path: str) -> None:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in chunk], params,
                                     use_tqdm=False)
                 tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+                outputs += [list(o.outputs[0].token_ids) for o in outs]
             seconds = time.perf_counter() - t0
             key = f"T{temp:g}/b{b}"
             timings[key] = {"output_tokens": tokens, "seconds": seconds, "requests": len(prompts)}
+            if temp == 0:  # greedy text: speculative decoding must reproduce the target's
+                timings[key]["token_ids"] = outputs
             runs.append({"temperature": temp, "batch_size": b, "config": key, **timings[key],
                          **delta(spec_counters(llm), before)})
     with open(out_path, "w") as f:

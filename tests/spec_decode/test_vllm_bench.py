@@ -56,3 +56,40 @@ def test_spec_bench_vllm_tiny_temperature_one(tmp_path, bpe_tokenizer):
     assert set(rows) == {"greedy", "probabilistic"}
     assert rows["probabilistic"]["alpha"] > 0.95
     assert rows["greedy"]["alpha"] < rows["probabilistic"]["alpha"]  # p(argmax p) < 1
+
+
+def test_reduced_head_draft_in_stock_vllm(tmp_path, bpe_tokenizer):
+    """Reduced-head copies of the target (make-draft --head-tokens) load in stock vLLM through
+    the plugin. With every token in the set the copy is always accepted; with 40 tokens it
+    proposes only those, so it is accepted only where the target's token is one of them;
+    greedy speculative decoding emits the target's own text either way."""
+    from spec_decode.reduced_head import CONFIG_KEY
+
+    target = tiny.save(tiny.tiny_llama(len(bpe_tokenizer), hidden=256, layers=2, seed=7),
+                       bpe_tokenizer, tmp_path / "target")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(tiny.CORPUS[:4]) + "\n")
+    data = tmp_path / "head.txt"
+    data.write_text("\n".join(tiny.corpus(2)) + "\n")
+    drafts = {}
+    for name, k in (("all", len(bpe_tokenizer)), ("reduced", 40)):
+        drafts[name] = tmp_path / name  # depth 2 of a 2-layer target: the target's weights
+        assert cli.main(["spec", "make-draft", str(target), "--depth", "2", "--head-tokens",
+                         str(k), "--head-data", str(data), "--out", str(drafts[name]),
+                         "--quiet"]) == 0
+    ids = set(json.loads((drafts["reduced"] / "config.json").read_text())[CONFIG_KEY])
+    assert len(ids) < len(bpe_tokenizer)
+    code = cli.main(["spec", "bench", str(target), *[f"--draft={n}={p}" for n, p in drafts.items()],
+                     "--prompts", str(prompts), "--gamma", "2", "--temperature", "0",
+                     "--batch-size", "1", "--max-tokens", "12", "--max-model-len", "128",
+                     "--vllm-memory", "0.05", "--enforce-eager", "--out", str(tmp_path / "r"),
+                     "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    rows = {r["draft"]: r for r in report["rows"]}
+    assert rows["all"]["alpha"] > 0.9 and rows["all"]["same_as_target"] == 1.0
+    assert rows["reduced"]["same_as_target"] == 1.0
+    emitted = {t for out in report["raw"]["target"]["T0/b1"]["token_ids"] for t in out}
+    if not emitted & ids:  # the target never says a token of the set: nothing is accepted
+        assert rows["reduced"]["num_accepted_tokens"] == 0
+    assert rows["reduced"]["num_accepted_tokens"] <= rows["all"]["num_accepted_tokens"]

@@ -185,7 +185,56 @@ def summarise(raw: dict, gammas: list[int]) -> dict:
                    "tpot_ms": 1000 * v["seconds"] / v["output_tokens"] * min(
                        int(k.split("/b")[1]), v["requests"])}
                for k, v in target.items()}
-    return {"target_alone": targets, "rows": rows, "gammas": gammas}
+    summary = {"target_alone": targets, "rows": rows, "gammas": gammas}
+    summary["verdicts"] = verdicts(summary)
+    return summary
+
+
+def verdicts(summary: dict) -> list[dict]:
+    """What each draft is worth, per temperature, drafting rule and batch size (pure): the
+    best gamma by measured speedup (by the speedup c predicts when nothing was timed), its
+    speedup, tau and c, and whether any gamma beats the target alone."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary["rows"]:
+        key = (r["draft"], r["temperature"], r.get("draft_sample", "greedy"), r["batch_size"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (name, temp, rule, batch), rows in sorted(groups.items()):
+        measured = [r for r in rows if r.get("speedup") is not None]
+        basis, pool = ("measured", measured) if measured else (
+            "predicted", [r for r in rows if r.get("predicted_speedup") is not None])
+        entry = {"draft": name, "temperature": temp, "draft_sample": rule, "batch_size": batch,
+                 "basis": basis if pool else None,
+                 "tau_by_gamma": {r["gamma"]: r["tau"] for r in rows}}
+        if pool:
+            key = "speedup" if basis == "measured" else "predicted_speedup"
+            best = max(pool, key=lambda r: r[key])
+            entry.update(best_gamma=best["gamma"], speedup=best[key], tau=best["tau"],
+                         cost_ratio=best.get("cost_ratio"), pays=best[key] > 1.0,
+                         predicted_by_gamma={r["gamma"]: r.get("predicted_speedup") for r in rows})
+        out.append(entry)
+    return out
+
+
+def verdict_lines(entries: list[dict]) -> list[str]:
+    """One line per draft configuration; a draft that slows decoding says so."""
+    lines = []
+    for v in entries:
+        where = (f"{v['draft']} (T={v['temperature']:g}"
+                 + (f" {v['draft_sample']}" if v["temperature"] > 0 else "")
+                 + f", batch {v['batch_size']})")
+        if v["basis"] is None:
+            taus = ", ".join(f"gamma {g}: {t:.2f}" for g, t in sorted(v["tau_by_gamma"].items()) if t)
+            lines.append(f"{where}: tau {taus}; no timings in this backend, so no speedup: "
+                         "measure it with --backend vllm")
+            continue
+        c = "" if v.get("cost_ratio") is None else f", c {v['cost_ratio']:.2f}"
+        head = (f"{where}: best gamma {v['best_gamma']}, {v['basis']} speedup "
+                f"{v['speedup']:.2f}x (tau {v['tau']:.2f}{c})")
+        if not v["pays"]:
+            head += " -- no gamma makes this draft faster than the target alone; do not deploy it"
+        lines.append(head)
+    return lines
 
 
 def compare_backends(measured: list[dict], exact: list[dict]) -> list[dict]:
@@ -249,7 +298,7 @@ def markdown(summary: dict) -> str:
             f"{_fmt(r['alpha'], '.3f')} | {_fmt(r['tau'])} | {pos} | {_fmt(r.get('tokens_per_s'), '.1f')} | "
             f"{_fmt(r.get('tpot_ms'), '.1f')} | {_fmt(r.get('speedup'))} | {_fmt(r.get('cost_ratio'), '.3f')} | "
             f"{_fmt(r.get('predicted_speedup'))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + verdict_lines(summary.get("verdicts", []))) + "\n"
 
 
 def plots(summary: dict, out: Path) -> list[str]:
@@ -355,5 +404,8 @@ def bench(cfg: SpecBenchConfig) -> dict:
 
 
 def render(report: dict) -> str:
-    return (markdown(report) + f"\nwrote {report['options']['out']}/report.json, report.md"
+    notes = [f"engine option {k}={v} (the target needs it to run with a draft)"
+             for k, v in (report["raw"].get("engine_options") or {}).items()]
+    return (markdown(report) + "".join(f"{n}\n" for n in notes)
+            + f"wrote {report['options']['out']}/report.json, report.md"
             + "".join(f", {p}" for p in report["plots"]) + f" in {report['seconds']} s")

@@ -21,7 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spec_decode.backends import BACKENDS, PROPOSERS, BenchPlan, backend_names, config_key
+from spec_decode.backends import (
+    BACKENDS,
+    PROPOSERS,
+    BenchPlan,
+    backend_names,
+    config_key,
+    split_draft_path,
+)
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
@@ -365,17 +372,23 @@ def bench(cfg: SpecBenchConfig) -> dict:
         raise UsageError(f"{cfg.target} is a GGUF file; spec bench needs an HF directory "
                          "(convert with: tokensurgeon spec make-draft or save_pretrained)")
     drafts = cfg.draft_dirs()
-    for path in drafts.values():
-        if path not in PROPOSERS:
-            check_shared_vocabulary(target_ref, modelio.resolve(path))
+    resolved: dict[str, str] = {}
+    for name, path in drafts.items():
+        if path in PROPOSERS:
+            resolved[name] = path
+            continue
+        directory, mode = split_draft_path(path)
+        ref = modelio.resolve(directory)
+        if mode is None:  # a TLI draft keeps its own tokenizer
+            check_shared_vocabulary(target_ref, ref)
+        resolved[name] = path[: len(path) - len(directory)] + str(ref.directory)
     examples = read_examples(cfg.prompts, cfg.num_prompts, cfg.prompt_offset)
     tokenizer = modelio.load_tokenizer(target_ref)
     prompts = [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in examples]
     gammas = parse_list(cfg.gamma, int, "--gamma")
     plan = BenchPlan(
         target=str(target_ref.directory),
-        drafts={n: p if p in PROPOSERS else str(modelio.resolve(p).directory)
-                for n, p in drafts.items()},
+        drafts=resolved,
         prompts=prompts, gammas=gammas,
         temperatures=parse_list(cfg.temperature, float, "--temperature"),
         batch_sizes=parse_list(cfg.batch_size, int, "--batch-size"),

@@ -23,4 +23,5 @@ from spec_decode.backends.base import (  # noqa: F401 (re-exported)
     backend_names,
     config_key,
     register,
+    split_draft_path,
 )

@@ -52,5 +52,19 @@ PROPOSERS: dict[str, dict] = {
     "ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
 }
 
+# A draft path with one of these prefixes has its own tokenizer (token-level intersection,
+# TLI): ``tli:`` matches tokens as strings as vLLM's ``use_heterogeneous_vocab`` does,
+# ``tli-bytes:`` by their bytes (the HF backend only).
+TLI_PREFIXES = {"tli:": "space", "tli-bytes:": "bytes"}
+
+
+def split_draft_path(path: str) -> tuple[str, str | None]:
+    """``tli:DIR`` -> (DIR, "space"); ``tli-bytes:DIR`` -> (DIR, "bytes"); DIR -> (DIR, None)."""
+    for prefix, mode in TLI_PREFIXES.items():
+        if path.startswith(prefix):
+            return path[len(prefix):], mode
+    return path, None
+
+
 register = BACKENDS.register
 backend_names = BACKENDS.names

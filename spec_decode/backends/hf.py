@@ -35,7 +35,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from spec_decode.backends.base import PROPOSERS, BenchPlan, config_key, register
+from spec_decode.backends.base import (
+    PROPOSERS,
+    BenchPlan,
+    config_key,
+    register,
+    split_draft_path,
+)
 from spec_decode.reduced_head import apply_reduced_head, rows_head
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
@@ -90,9 +96,6 @@ def block_counts(per_token: list[torch.Tensor], gamma: int, temperature: float) 
     return {"num_drafts": drafts, "num_draft_tokens": drafts * gamma,
             "num_accepted_tokens": sum(per_pos), "accepted_per_position": per_pos,
             "exact": False}
-
-
-TLI_PREFIXES = {"tli:": "space", "tli-bytes:": "bytes"}
 
 
 def space_marks(tokenizer) -> tuple[str, ...]:
@@ -225,14 +228,6 @@ def as_tli_draft(model, vmap: VocabMap):
     model.config.tie_word_embeddings = False
     config.tie_word_embeddings = False
     return model
-
-
-def split_draft_path(path: str) -> tuple[str, str | None]:
-    """``tli:DIR`` -> (DIR, "space"); ``tli-bytes:DIR`` -> (DIR, "bytes"); DIR -> (DIR, None)."""
-    for prefix, mode in TLI_PREFIXES.items():
-        if path.startswith(prefix):
-            return path[len(prefix):], mode
-    return path, None
 
 
 def load_tli_draft(target: str, draft: str, mode: str, device: str = "cpu"):

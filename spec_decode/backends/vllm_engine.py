@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from spec_decode.backends.base import PROPOSERS, BenchPlan, register
+from spec_decode.backends.base import PROPOSERS, BenchPlan, register, split_draft_path
 from tokensurgeon.errors import UsageError
 
 VLLM_MISSING = ('vLLM is not installed; pip install "tokensurgeon[vllm]" (GPU) or '
@@ -118,8 +118,10 @@ def check_draft(model_dir: str) -> None:
 
 
 def _job(plan: BenchPlan, label: str, model: str, draft: str | None, gamma: int,
-         temperatures: list[float], draft_sample: str = "greedy") -> dict:
+         temperatures: list[float], draft_sample: str = "greedy",
+         heterogeneous: bool = False) -> dict:
     return {
+        "heterogeneous": heterogeneous,
         "label": label, "model": model, "draft": draft, "gamma": gamma,
         "draft_sample": draft_sample,
         "temperatures": temperatures, "batch_sizes": plan.batch_sizes,
@@ -137,7 +139,11 @@ def run_vllm(plan: BenchPlan) -> dict:
     require_vllm()
     for path in plan.drafts.values():
         if path not in PROPOSERS:
-            check_draft(path)
+            directory, mode = split_draft_path(path)
+            if mode == "bytes":
+                raise UsageError(f"{path}: vLLM intersects vocabularies by strings only; "
+                                 f"use tli:{directory} or --backend hf")
+            check_draft(directory)
     result: dict = {"target": {}, "drafts_alone": {}, "speculative": [],
                     "engine_options": engine_options(model_config(plan.target))}
     result["target"] = run_cached(
@@ -149,6 +155,16 @@ def run_vllm(plan: BenchPlan) -> dict:
             for gamma in plan.gammas:
                 res = run_cached(_job(plan, f"{name} gamma={gamma}", plan.target, path, gamma,
                                       plan.temperatures, plan.draft_samples[0]),
+                                 plan.quiet, plan.scratch)
+                for m in res["runs"]:
+                    result["speculative"].append(
+                        {"draft": name, "gamma": gamma, "draft_sample": "greedy", **m})
+            continue
+        directory, mode = split_draft_path(path)
+        if mode is not None:  # TLI: vLLM's own heterogeneous-vocabulary drafting, greedy only
+            for gamma in plan.gammas:
+                res = run_cached(_job(plan, f"{name} gamma={gamma}", plan.target, directory, gamma,
+                                      plan.temperatures, "greedy", heterogeneous=True),
                                  plan.quiet, plan.scratch)
                 for m in res["runs"]:
                     result["speculative"].append(

@@ -73,6 +73,8 @@ def main(job_path: str, out_path: str) -> None:
             "method": "draft_model", "model": job["draft"],
             "num_speculative_tokens": job["gamma"],
             "draft_sample_method": job.get("draft_sample", "greedy")}
+        if job.get("heterogeneous"):  # the draft keeps its tokenizer (TLI)
+            kwargs["speculative_config"]["use_heterogeneous_vocab"] = True
     llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
               gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
               max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False,

@@ -1,0 +1,151 @@
+"""Drafts that pay (issue 19): our drafts against vLLM's own speculators, in one vLLM run.
+
+For each target and each prompt set, one ``tokensurgeon spec bench`` (vLLM backend, compiled
+unless --enforce-eager, batch 1, greedy, EOS ignored) times the target alone, vLLM's
+``ngram`` prompt lookup, TLI (vLLM's ``use_heterogeneous_vocab`` with the donor's original
+model, cross-tokenizer targets only) and each of our drafts, so every row shares one
+machine state. Prompt sets, none of them trained on:
+- ``gsm8k``: the first ``--num-prompts`` GSM8K **test** questions (chat template);
+- ``prose``: the opening sentence of each of the first ``--num-prompts`` paragraphs of the
+  last 20% of the WikiText-2 prose (drafts are trained on GSM8K **train** only).
+
+Table per target x prompt set: c (draft s/token alone / target s/token alone), tau, tok/s and
+speedup at each gamma, and the best gamma per proposer; with the load average before and
+after each run. Raw reports go to OUT/<target>-<set>/report.json; the summary to
+OUT/summary.json; the last stdout line is one JSON object.
+
+Example (drafts made and trained as in docs/spec.md):
+
+    python bench/spec_vllm.py --out bench/results/spec/issue19 \\
+        --smollm2-draft cut2-k4096=out/i19/fkl-s0 --gemma-draft smol-k8192=out/i19/gemma-smol
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spec_decode.bench import SpecBenchConfig, bench  # noqa: E402
+from tokensurgeon import modelio  # noqa: E402
+from tokensurgeon.errors import UsageError  # noqa: E402
+
+DATA = Path(os.environ.get("TOKENSURGEON_DATA", ROOT.parent / "shared" / "data"))
+TARGETS = {"smollm2": "builtin:smollm2-135m", "gemma": "builtin:gemma3-270m"}
+# TLI's draft for a cross-tokenizer target: the donor's original model.
+TLI = {"gemma": "builtin:smollm2-135m"}
+
+
+def load_avg() -> list[str] | None:
+    p = Path("/proc/loadavg")
+    return p.read_text().split()[:3] if p.is_file() else None
+
+
+def prompt_files(data: Path, out: Path, n: int) -> dict[str, Path]:
+    """GSM8K test questions (.jsonl) and held-out prose openings (.txt), n of each."""
+    gsm = data / "gsm8k" / "test.jsonl"
+    prose = data / "wikitext2-valid-prose.txt"
+    for p in (gsm, prose):
+        if not p.is_file():
+            raise UsageError(f"{p} is missing; set TOKENSURGEON_DATA to the folder holding "
+                             "gsm8k/test.jsonl and wikitext2-valid-prose.txt")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = gsm.read_text().splitlines()[:n]
+    (out / "prompts_gsm8k.jsonl").write_text("\n".join(rows) + "\n")
+    paragraphs = [p.strip() for p in prose.read_text().split("\n\n") if p.strip()]
+    held = paragraphs[int(0.8 * len(paragraphs)):]
+    openings = []
+    for p in held:
+        first = re.split(r"(?<=[.!?])\s", p, maxsplit=1)[0].strip()
+        if len(first) > 40:
+            openings.append(first.replace("\n", " "))
+        if len(openings) == n:
+            break
+    (out / "prompts_prose.txt").write_text("\n".join(openings) + "\n")
+    return {"gsm8k": out / "prompts_gsm8k.jsonl", "prose": out / "prompts_prose.txt"}
+
+
+def table(report: dict) -> list[dict]:
+    """One row per proposer x gamma, plus the target alone (from a spec bench report)."""
+    rows = []
+    for key, t in report["target_alone"].items():
+        if key == "T0/b1":
+            rows.append({"proposer": "target alone", "gamma": None, "c": None, "tau": None,
+                         "tok_s": t["tokens_per_s"], "speedup": 1.0})
+    for r in report["rows"]:
+        rows.append({"proposer": r["draft"], "gamma": r["gamma"], "c": r.get("cost_ratio"),
+                     "tau": r["tau"], "alpha": r["alpha"], "tok_s": r.get("tokens_per_s"),
+                     "speedup": r.get("speedup"), "predicted": r.get("predicted_speedup"),
+                     "same_as_target": r.get("same_as_target")})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/spec-vllm")
+    ap.add_argument("--targets", default="smollm2,gemma")
+    ap.add_argument("--sets", default="gsm8k,prose")
+    ap.add_argument("--smollm2-draft", action="append", default=[], help="NAME=DIR (repeat)")
+    ap.add_argument("--gemma-draft", action="append", default=[], help="NAME=DIR (repeat)")
+    ap.add_argument("--gamma", default="1,2,3")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--no-anchors", action="store_true", help="skip ngram and TLI")
+    args = ap.parse_args()
+    out = Path(args.out)
+    try:
+        targets = [t for t in args.targets.split(",") if t]
+        unknown = set(targets) - set(TARGETS)
+        if unknown:
+            raise UsageError(f"--targets: unknown {sorted(unknown)}; choose from {sorted(TARGETS)}")
+        for entry in args.smollm2_draft + args.gemma_draft:
+            if "=" not in entry or not Path(entry.split("=", 1)[1]).is_dir():
+                raise UsageError(f"--*-draft {entry!r}: give NAME=DIR of an existing draft")
+        prompts = prompt_files(DATA, out, args.num_prompts)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    results = {}
+    for target in targets:
+        drafts = list(getattr(args, f"{target}_draft"))
+        if not args.no_anchors:
+            drafts.append("ngram=ngram")
+            if target in TLI:
+                drafts.append(f"tli=tli:{modelio.resolve(TLI[target]).directory}")
+        target_dir = str(modelio.resolve(TARGETS[target]).directory)
+        for name in [s for s in args.sets.split(",") if s]:
+            load_before = load_avg()
+            t0 = time.time()
+            cfg = SpecBenchConfig(
+                target=target_dir, draft=drafts, prompts=str(prompts[name]),
+                out=str(out / f"{target}-{name}"), backend="vllm", gamma=args.gamma,
+                temperature=[0.0], batch_size=[1], num_prompts=args.num_prompts,
+                max_tokens=args.max_tokens, enforce_eager=args.enforce_eager, overwrite=True,
+                quiet=True)
+            report = bench(cfg)
+            results[f"{target}-{name}"] = {
+                "rows": table(report), "verdicts": report["verdicts"],
+                "engine_options": report["raw"].get("engine_options"),
+                "load_before": load_before, "load_after": load_avg(),
+                "wall_s": round(time.time() - t0, 1)}
+            print(f"\n## {target} / {name} (load {load_before} -> {load_avg()})")
+            print("| proposer | gamma | c | tau | tok/s | speedup |\n|---|---|---|---|---|---|")
+            for r in results[f"{target}-{name}"]["rows"]:
+                f = lambda x, s=".3f": "-" if x is None else format(x, s)  # noqa: E731
+                print(f"| {r['proposer']} | {r['gamma'] or '-'} | {f(r['c'])} | {f(r['tau'])} | "
+                      f"{f(r['tok_s'], '.1f')} | {f(r['speedup'], '.2f')} |")
+            (out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({"bench": "spec_vllm", "results": {
+        k: {r["proposer"] + (f"@{r['gamma']}" if r["gamma"] else ""): r["speedup"] for r in v["rows"]}
+        for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,10 @@ and returns one value per position; the caller masks and averages.
     divergence(target_logp [N, V], draft_logp [N, V], beta: float) -> [N]
 
 ``target_logp`` may hold ``-inf`` (a one-hot greedy target); every divergence here treats
-0 * log 0 as 0. Adding one is one new module with a ``@register("name")`` function.
+0 * log 0 as 0. A divergence that, against a one-hot p, depends on log q(argmax p) alone
+declares it as ``fn.of_argmax`` (fkl, tvd), and ``spec train --verify greedy`` then
+computes it chunk by chunk without [N, V] tensors (:func:`argmax_loss`).
+Adding one is one new module with a ``@register("name")`` function.
 """
 
 # Import the modules so they register themselves.
@@ -15,6 +18,7 @@ from spec_decode.divergences import fkl, jsd, rkl, tvd  # noqa: F401
 from spec_decode.divergences.base import (  # noqa: F401 (re-exported)
     DIVERGENCES,
     Divergence,
+    argmax_loss,
     distributions,
     divergence_names,
     kl,

@@ -19,3 +19,7 @@ def forward_kl(target_logp: torch.Tensor, draft_logp: torch.Tensor, beta: float 
         [N] non-negative values; with a one-hot p this is the cross-entropy -log q(argmax p).
     """
     return kl(target_logp, draft_logp)
+
+
+# Against a one-hot p on token a: -log q(a) (see base.argmax_loss).
+forward_kl.of_argmax = lambda logq_a: -logq_a

@@ -402,6 +402,9 @@ def transplant(cfg: TransplantConfig) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
     progress.get().start("load")
     base_ref, donor_ref = modelio.resolve(cfg.base), modelio.resolve(cfg.donor)
+    base_config = modelio.load_config(base_ref, cfg.trust_remote_code)
+    modelio.check_causal_lm(base_ref, base_config)
+    modelio.check_causal_lm(donor_ref, modelio.load_config(donor_ref, cfg.trust_remote_code))
     donor_tok = modelio.load_tokenizer(donor_ref, cfg.trust_remote_code)
     base_tok = modelio.load_tokenizer(base_ref, cfg.trust_remote_code)
     base_vocab, donor_vocab = vocabulary(base_tok), vocabulary(donor_tok)
@@ -414,7 +417,6 @@ def transplant(cfg: TransplantConfig) -> dict:
     calibration = (CALIBRATION_TEXT if cfg.calibration_text is None
                    else validate.read_text(cfg.calibration_text, option=None))
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
-    base_config = modelio.load_config(base_ref, cfg.trust_remote_code)
     want_untie = _wants_untie(cfg, base_config, base_ref.label)
     base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,

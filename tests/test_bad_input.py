@@ -299,7 +299,7 @@ def test_lone_surrogate_in_jsonl_is_one_line(capsys, tmp_path, model_dirs):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "ok \\ud800", "question": "q \\ud800", "answer": "a"}\n')
     good = model_dirs["llama_bpe"]
-    for name, argv in _text_commands(good, data, tmp_path / "sub" / "out").items():
+    for argv in _text_commands(good, data, tmp_path / "sub" / "out").values():
         run_and_check(capsys, tmp_path, argv, "lone surrogate")
 
 

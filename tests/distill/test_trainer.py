@@ -113,7 +113,7 @@ def test_bad_input_gives_one_line_error(model_dirs, data_file, tmp_path, capsys,
     assert err.startswith("tokensurgeon distill: error: ") and "\n" not in err
     expected = {
         "unwritable_out": "choose a writable OUT", "existing_out": "--overwrite",
-        "empty_dataset": "dataset is empty", "kl_across_tokenizers": "share one tokenizer",
+        "empty_dataset": "empty.txt holds no text", "kl_across_tokenizers": "share one tokenizer",
         "bad_loss": "unknown loss 'magic'", "indivisible_batch": "multiple of processes",
         "resume_without_checkpoint": "no checkpoint", "rewriting_tokenizer": "reproduce the text",
         "too_short": "raise --max-length"}[case]

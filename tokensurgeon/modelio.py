@@ -4,6 +4,12 @@ Boundary: this module turns a model reference into a tokenizer, a model, or just
 embedding matrices, and writes finished models atomically. It knows nothing about how
 embeddings are computed.
 
+Every command writes OUT through :func:`atomic_output_dir`: a temporary sibling
+``.OUT.tmp-HOST-PID-RANDOM`` renamed to OUT at the end. A run killed before it could clean
+up (SIGKILL, power loss) leaves that sibling; the next run for OUT removes it when its
+writer is dead, and names it with the command that removes it when that cannot be told
+(:func:`clean_leftovers`).
+
 A model reference is one of:
 - a Hugging Face directory with ``config.json`` and ``*.safetensors`` weights;
 - a ``.gguf`` file (dequantized to float32 on load);
@@ -401,21 +407,27 @@ def clean_leftovers(out: str | Path) -> list[Path]:
     no cleanup code ran), saying so in one line each; name the ones whose writer cannot be
     checked, with the command that removes them. Returns the removed paths."""
     found = leftovers(out)
+    removed, stuck = [], []
     for path in found["stale"]:
         size = _size(path)
         shutil.rmtree(path, ignore_errors=True)
+        if path.exists():  # not ours to delete (permissions): say how
+            stuck.append(path)
+            continue
+        removed.append(path)
         progress.get().message(f"removed {path} ({human_size(size)}), left by a killed run "
                                f"writing {out}")
     unknown = ("was left by an earlier run whose writer cannot be checked here (another "
                "machine, or an older tokensurgeon)")
     notes = [(p, unknown) for p in found["unknown"]]
     notes += [(p, "is being written by another running process") for p in found["live"]]
+    notes += [(p, "was left by a killed run but could not be removed") for p in stuck]
     for path, why in notes:
         if str(path) not in _noted:
             _noted.add(str(path))
             progress.get().message(f"note: {path} ({human_size(_size(path))}) {why} for {out}; "
                                    f"if no run is writing it, remove it: rm -rf '{path}'")
-    return found["stale"]
+    return removed
 
 
 @contextlib.contextmanager

@@ -206,11 +206,12 @@ def _model_commands(bad, good, other, text, out):
         "distill_student": ["distill", "--teacher", good, "--student", bad, "--data", text,
                             "--out", out, "--steps", "1", "--batch-size", "1"],
         "spec_make_draft": ["spec", "make-draft", bad, "--keep-layers", "0", "--out", out],
-        # --heldout 0: the 4-line text is good data (spec train reads it before any model).
+        # spec train reads --data before any model: make the 4-line text good data for it
+        # (no rows held out; on-policy continuations, as a .txt has no answers).
         "spec_train_target": ["spec", "train", bad, good, "--data", text, "--out", out,
-                              "--steps", "1", "--heldout", "0"],
+                              "--steps", "1", "--heldout", "0", "--on-policy", "1"],
         "spec_train_draft": ["spec", "train", good, bad, "--data", text, "--out", out,
-                             "--steps", "1", "--heldout", "0"],
+                             "--steps", "1", "--heldout", "0", "--on-policy", "1"],
         "spec_bench_draft": ["spec", "bench", good, "--draft", bad, "--prompts", text,
                              "--backend", "hf", "--out", out],
     }

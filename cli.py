@@ -10,12 +10,14 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tokensurgeon import progress
+from tokensurgeon import __version__, progress
 from tokensurgeon.config import add_config_arguments, resolve_config
 from tokensurgeon.errors import UsageError
 
@@ -34,6 +36,8 @@ class Command:
     config_at: str
     run_at: str
     render_at: str | Callable[[Any], str]
+    # Lines printed after the summary (from the resolved config): what OUT holds, how to use it.
+    after: tuple[Callable[[Any], list[str]], ...] = ()
 
     def config(self) -> type:
         return _load(self.config_at)
@@ -47,17 +51,22 @@ class Command:
 
 
 def _render_transplant(m: dict) -> str:
-    counts = m["counts"]
+    counts, options = m["counts"], m["options"]
+    approximated = ", ".join(f"{n} by {k}" for k, n in counts["approximated"].items())
     lines = [
-        f"wrote {m['options']['out']}: {m['base']} with the tokenizer of {m['donor']}",
-        f"  vocabulary {m['vocab_size']}: {counts['copied']} copied exactly, "
-        + ", ".join(f"{n} by {k}" for k, n in counts["approximated"].items()),
+        f"wrote {options['out']}: {options['base']} with the tokenizer of {options['donor']}",
+        f"  vocabulary {m['vocab_size']}: {counts['copied']} copied exactly, {approximated}"
+        if approximated else
+        f"  vocabulary {m['vocab_size']}: all {counts['copied']} copied exactly (no new tokens)",
     ]
     for name, stats in m["matrices"].items():
         if "heldout_relative_error_base" in stats:
+            mean = stats.get("heldout_relative_error_base_mean_init")
             lines.append(
-                f"  {name}: held-out anchors re-predicted with relative error "
-                f"{stats['heldout_relative_error_base']:.3f} (cosine {stats['heldout_cosine_base']:.3f})")
+                f"  {name}: {stats['heldout_tokens']} held-out shared tokens re-predicted with "
+                f"relative error {stats['heldout_relative_error_base']:.3f} (0 = exact"
+                + (f"; the anchor mean scores {mean:.3f}" if mean is not None else "")
+                + f"), cosine {stats['heldout_cosine_base']:.3f} (1 = exact)")
     lines.append(f"  {m['seconds']['total']} s on {m['device']} ({m['threads']} threads)")
     return "\n".join(lines)
 
@@ -69,25 +78,68 @@ def _render_eval(r: dict) -> str:
 
 
 def _render_spec_make_draft(m: dict) -> str:
+    options = m["options"]
     if m["kind"] == "transplant":
-        return f"wrote {m['options']['out']}: {m['from']} with the tokenizer of {m['target']}"
-    return (f"wrote {m['options']['out']}: layers {m['kept_layers']} of {m['target_layers']} "
+        return (f"wrote {options['out']}: {options['from_model']} with the tokenizer of "
+                f"{options['target']}")
+    return (f"wrote {options['out']}: layers {m['kept_layers']} of {m['target_layers']} "
             f"({m['parameters']:,} of {m['target_parameters']:,} parameters) in {m['seconds']} s")
+
+
+def _use_model(cfg: Any) -> list[str]:
+    """How to use a model written to OUT: score it, load it, serve it."""
+    out = shlex.quote(str(cfg.out))
+    return ["use it:",
+            f"  tokensurgeon eval {out} TEXT.txt   (bits per byte; lower is better)",
+            (f"  transformers: AutoModelForCausalLM.from_pretrained({str(cfg.out)!r}), "
+             f"AutoTokenizer.from_pretrained({str(cfg.out)!r})"),
+            f"  vLLM: vllm serve {out}"]
+
+
+def _use_draft(cfg: Any) -> list[str]:
+    """How to use a draft written to OUT: measure it, serve it behind its target."""
+    out, target = shlex.quote(str(cfg.out)), shlex.quote(str(cfg.target))
+    spec = json.dumps({"method": "draft_model", "model": str(cfg.out),
+                       "num_speculative_tokens": 3})
+    return ["use it:",
+            f"  tokensurgeon spec bench {target} --draft {out} --prompts PROMPTS.txt",
+            f"  vLLM: vllm serve {target} --speculative-config {shlex.quote(spec)}"]
+
+
+def _kept(cfg: Any) -> list[str]:
+    """What OUT holds after the run, and its size (checkpoints said apart)."""
+    from tokensurgeon.modelio import human_size
+
+    out = Path(cfg.out).expanduser()
+    if not out.is_dir():
+        return []
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+             if p.is_dir() else p.stat().st_size for p in out.iterdir()}
+    line = f"{cfg.out} holds {human_size(sum(sizes.values()))}"
+    if "checkpoints" in sizes:
+        steps = sorted((p.name for p in (out / "checkpoints").glob("step-*")),
+                       key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else 0)
+        line += (f", of which checkpoints/ ({', '.join(steps)}) {human_size(sizes['checkpoints'])}"
+                 " (kept by --keep-checkpoints)")
+    elif hasattr(cfg, "keep_checkpoints"):
+        line += "; its checkpoints were removed as the run finished (--keep-checkpoints keeps them)"
+    return [line]
 
 
 COMMANDS: dict[str, Command] = {
     "transplant": Command("tokensurgeon.transplant:TransplantConfig",
-                          "tokensurgeon.transplant:transplant", _render_transplant),
+                          "tokensurgeon.transplant:transplant", _render_transplant,
+                          (_kept, _use_model)),
     "eval": Command("tokensurgeon.evaluate:EvalConfig", "tokensurgeon.evaluate:evaluate",
                     _render_eval),
     "inspect": Command("tokensurgeon.inspection:InspectConfig", "tokensurgeon.inspection:inspect",
                        lambda r: json.dumps(r, indent=2)),
     "distill": Command("distill.trainer:DistillConfig", "distill.trainer:distill",
-                       "distill.trainer:render"),
+                       "distill.trainer:render", (_kept, _use_model)),
     "spec make-draft": Command("spec_decode.draft:MakeDraftConfig", "spec_decode.draft:make_draft",
-                               _render_spec_make_draft),
+                               _render_spec_make_draft, (_kept, _use_draft)),
     "spec train": Command("spec_decode.train:SpecTrainConfig", "spec_decode.train:train",
-                          "spec_decode.train:render"),
+                          "spec_decode.train:render", (_kept, _use_draft)),
     "spec bench": Command("spec_decode.bench:SpecBenchConfig", "spec_decode.bench:bench",
                           "spec_decode.bench:render"),
 }
@@ -113,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokensurgeon",
         description="Move knowledge between language models that do not share a tokenizer.",
     )
+    parser.add_argument("--version", action="version", version=f"tokensurgeon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():
@@ -162,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokensurgeon {args._command_name}: interrupted; nothing was written", file=sys.stderr)
         return 130
     print(command.render(result))
+    for lines in command.after:
+        print("\n".join(lines(cfg)))
     if not quiet and any(ph.seconds >= reporter.delay for ph in reporter.phases):
         print(reporter.summary(), file=sys.stderr)
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -46,20 +45,32 @@ def _row_text(row: object, data_format: str, where: str) -> str:
 def read_texts(paths: Sequence[str], data_format: str, segment_chars: int | None) -> list[str]:
     """Texts from .txt files (split at line ends into ~``segment_chars`` pieces; None: the
     whole file is one text) and .jsonl files (one text per line: ``text``,
-    ``question``+``answer`` or ``messages``)."""
+    ``question``+``answer`` or ``messages``). Blank texts are dropped; a file with none is
+    an error naming it."""
     texts: list[str] = []
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file with --data")
+        p = validate.check_input_file(path, "pass a .txt or .jsonl file with --data (repeat "
+                                            "--data for several files)")
         if p.suffix == ".jsonl":
-            for n, row in jsonl_rows(p):
-                texts.append(_row_text(row, data_format, f"{path}:{n}"))
+            found = [_row_text(row, data_format, f"{path}:{n}") for n, row in jsonl_rows(p)]
         elif segment_chars is None:
-            texts.append(validate.read_text(p))
+            found = [validate.read_text(p)]
         else:
-            texts.extend(segment_text([validate.read_text(p)], segment_chars, 0))
-    return [t for t in texts if t.strip()]
+            found = segment_text([validate.read_text(p)], segment_chars, 0)
+        found = [t for t in found if t.strip()]
+        if not found:
+            raise UsageError(f"{path} holds no text; pass --data files that hold text (or drop "
+                             "this one)")
+        texts.extend(found)
+    return texts
+
+
+def check_data(paths: Sequence[str], data_format: str) -> None:
+    """Read every ``--data`` file once, so a missing, empty or malformed one fails with its
+    one-line error before any model or tokenizer is loaded."""
+    if not paths:
+        raise UsageError("pass at least one --data file")
+    read_texts(paths, data_format, segment_chars=None)
 
 
 @dataclass(frozen=True)

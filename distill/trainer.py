@@ -30,6 +30,7 @@ from distill.data import (
     PACK_MODES,
     batch_indices,
     build_examples,
+    check_data,
     collate,
     read_texts,
 )
@@ -53,7 +54,8 @@ LOGITS_PATHS = ("fused", "checkpoint")
 # Losses served by the teacher's cached statistics (the others read its hidden states).
 CACHEABLE = {"alm", "sft"}
 # Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "teacher_cache", "logits"}
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "teacher_cache", "logits",
+                       "keep_checkpoints"}
 
 
 @dataclass
@@ -111,6 +113,8 @@ class DistillConfig:
     teacher_cache_shard: int = field(default=16, metadata={
         "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": training.KEEP_CHECKPOINTS_HELP})
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest checkpoint under OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
@@ -213,6 +217,7 @@ def _create_out(out: Path) -> None:
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
+    check_data(cfg.data, cfg.data_format)  # before any model is read
     terms = parse_loss_spec(cfg.loss)
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -398,8 +403,9 @@ def distill(cfg: DistillConfig) -> dict:
 
     progress.get().start("save")
     if is_main:
-        training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer, scheduler,
-                                 {"examples_seen": cfg.steps * cfg.batch_size})
+        if cfg.keep_checkpoints:  # otherwise finish_checkpoints removes it at once
+            training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
+                                     scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
         final = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
         final.eval()
         with modelio.atomic_output_dir(out, overwrite=True) as tmp:
@@ -409,6 +415,7 @@ def distill(cfg: DistillConfig) -> dict:
             for name in ("metrics.jsonl", "checkpoints"):
                 if (out / name).exists():
                     os.replace(out / name, tmp / name)
+        training.finish_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
             "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train}

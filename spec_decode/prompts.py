@@ -28,10 +28,8 @@ class Example:
 
 def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Example]:
     """Examples ``offset .. offset+limit`` of a .jsonl or .txt file (limit 0 = all)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{path} does not exist; pass a .jsonl file with a question/prompt "
-                         "field or a .txt file with one prompt per line")
+    p = validate.check_input_file(path, "pass a .jsonl file with a question/prompt field or a "
+                                        ".txt file with one prompt per line")
     examples: list[Example] = []
     for n, line in enumerate(validate.read_text(p).splitlines(), 1):
         if not line.strip():
@@ -53,8 +51,8 @@ def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Exa
     if limit:
         examples = examples[:limit]
     if not examples:
-        raise UsageError(f"{path} holds no prompts (after --prompt-offset/--num-prompts); "
-                         "pass a file with at least one prompt")
+        where = f" after its first {offset} rows" if offset else ""
+        raise UsageError(f"{path} holds no prompts{where}; pass a file with at least one prompt")
     return examples
 
 

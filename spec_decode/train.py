@@ -58,7 +58,7 @@ from tokensurgeon.logits import logits_at
 
 SOURCES = ("on_policy", "target", "fixed")
 # Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
+RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "keep_checkpoints"}
 
 
 @dataclass
@@ -109,6 +109,8 @@ class SpecTrainConfig:
         "help": "rows at the end of --data held out for the acceptance estimate (0 = none)"})
     eval_every: int = field(default=25, metadata={"help": "steps between held-out estimates"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": training.KEEP_CHECKPOINTS_HELP})
     target_cache: str = field(default="", metadata={
         "help": "directory of the target's cached top-k logits on the fixed text, filled on "
                 "first use and reused by later runs (exact with --verify greedy)"})
@@ -281,9 +283,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
     out = prepare_out(cfg)
-    target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
-    check_shared_vocabulary(target_ref, draft_ref)
-    examples = read_examples(cfg.data, cfg.num_examples)
+    examples = read_examples(cfg.data, cfg.num_examples)  # bad data fails before any model
     if cfg.on_policy + cfg.target_generated < 1 and any(e.reference is None for e in examples):
         raise UsageError(f"{cfg.data} has rows without an answer/completion, so it cannot "
                          "supply fixed data; pass --on-policy 1 or --target-generated")
@@ -292,6 +292,8 @@ def train(cfg: SpecTrainConfig) -> dict:
     if not train_rows:
         raise UsageError(f"{cfg.data} has no rows left after --heldout {cfg.heldout}; "
                          "pass more data or a smaller --heldout")
+    target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
+    check_shared_vocabulary(target_ref, draft_ref)
 
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
     per_process, rest = divmod(cfg.batch_size, accelerator.num_processes)
@@ -443,6 +445,7 @@ def train(cfg: SpecTrainConfig) -> dict:
             for name in ("metrics.jsonl", "checkpoints"):
                 if (out / name).exists():
                     os.replace(out / name, tmp / name)
+        training.finish_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     return summary
 
 

@@ -206,10 +206,12 @@ def _model_commands(bad, good, other, text, out):
         "distill_student": ["distill", "--teacher", good, "--student", bad, "--data", text,
                             "--out", out, "--steps", "1", "--batch-size", "1"],
         "spec_make_draft": ["spec", "make-draft", bad, "--keep-layers", "0", "--out", out],
+        # spec train reads --data before any model: make the 4-line text good data for it
+        # (no rows held out; on-policy continuations, as a .txt has no answers).
         "spec_train_target": ["spec", "train", bad, good, "--data", text, "--out", out,
-                              "--steps", "1"],
+                              "--steps", "1", "--heldout", "0", "--on-policy", "1"],
         "spec_train_draft": ["spec", "train", good, bad, "--data", text, "--out", out,
-                             "--steps", "1"],
+                             "--steps", "1", "--heldout", "0", "--on-policy", "1"],
         "spec_bench_draft": ["spec", "bench", good, "--draft", bad, "--prompts", text,
                              "--backend", "hf", "--out", out],
     }
@@ -298,5 +300,220 @@ def test_lone_surrogate_in_jsonl_is_one_line(capsys, tmp_path, model_dirs):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "ok \\ud800", "question": "q \\ud800", "answer": "a"}\n')
     good = model_dirs["llama_bpe"]
-    for name, argv in _text_commands(good, data, tmp_path / "sub" / "out").items():
+    for argv in _text_commands(good, data, tmp_path / "sub" / "out").values():
         run_and_check(capsys, tmp_path, argv, "lone surrogate")
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 23: errors that named the wrong fault or came too late, and killed runs' leftovers.
+
+def _out_commands(good, other, text, out):
+    """(command name, argv) for every command that writes an OUT."""
+    return {
+        "transplant": ["transplant", other, good, out, "-k", "4", "--holdout", "0"],
+        "distill": ["distill", "--teacher", good, "--student", good, "--data", text,
+                    "--out", out, "--steps", "1", "--batch-size", "1"],
+        "spec_make_draft": ["spec", "make-draft", good, "--keep-layers", "0", "--out", out],
+        "spec_train": ["spec", "train", good, good, "--data", text, "--out", out, "--steps", "1"],
+        "spec_bench": ["spec", "bench", good, "--draft", good, "--prompts", text,
+                       "--backend", "hf", "--out", out],
+    }
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_is_a_file_is_named_as_a_file(capsys, tmp_path, model_dirs, overwrite):
+    """Before: "pass --overwrite", then with it a second error. Now one line, either way."""
+    text = tmp_path / "sample.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 4)
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    commands = _out_commands(model_dirs["llama_bpe"], model_dirs["gemma_spm"], text, out)
+    for name, argv in commands.items():
+        try:
+            run_and_check(capsys, tmp_path, argv + (["--overwrite"] if overwrite else []),
+                          "afile is a file, not a directory")
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+    assert out.read_text() == "mine"
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if any model or tokenizer is looked up or read."""
+    from tokensurgeon import modelio
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a model was read before the data was checked")
+
+    for name in ("resolve", "load_tokenizer", "load_model", "load_config", "load_embeddings"):
+        monkeypatch.setattr(modelio, name, touched)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "data.txt holds no"),
+    ("\n  \n\n", "data.txt holds no"),
+])
+def test_empty_text_is_refused_before_any_model(capsys, tmp_path, model_dirs, no_models,
+                                                 content, needle):
+    """Before: distill loaded both models, then "the dataset is empty" (no file named)."""
+    text = tmp_path / "data.txt"
+    text.write_text(content)
+    for name, argv in _text_commands(model_dirs["llama_bpe"], text, tmp_path / "out").items():
+        if name == "spec_bench":  # reads prompts after the target (not required here)
+            continue
+        try:
+            run_and_check(capsys, tmp_path, argv, needle)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+
+def test_jsonl_without_a_text_field_is_refused_before_any_model(capsys, tmp_path, model_dirs,
+                                                               no_models):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"title": "no text here"}\n')
+    for name, argv in _text_commands(model_dirs["llama_bpe"], data, tmp_path / "out").items():
+        if name == "spec_bench":
+            continue
+        try:
+            run_and_check(capsys, tmp_path, argv, "data.jsonl:2 has no")
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+
+def test_text_that_is_a_folder_is_named_as_a_folder(capsys, tmp_path, model_dirs):
+    """Before: eval said "somedir does not exist"."""
+    folder = tmp_path / "somedir"
+    folder.mkdir()
+    (folder / "a.txt").write_text("text in a folder\n")
+    for name, argv in _text_commands(model_dirs["llama_bpe"], folder, tmp_path / "out").items():
+        try:
+            run_and_check(capsys, tmp_path, argv, "somedir is a folder, not a file")
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+
+@pytest.mark.parametrize("pair", ["same_model", "same_tokenizer"])
+def test_transplant_onto_the_same_tokenizer_is_refused_before_weights(
+        capsys, tmp_path, model_dirs, monkeypatch, pair):
+    """Before: BASE = DONOR ran, wrote a full copy and said "400 copied exactly, "."""
+    from tokensurgeon import modelio, streaming
+
+    def weights(*args, **kwargs):
+        raise AssertionError("weights were read before the tokenizers were compared")
+
+    monkeypatch.setattr(modelio, "load_embeddings", weights)
+    monkeypatch.setattr(streaming, "load_base", weights)
+    donor = model_dirs["llama_bpe"] if pair == "same_model" else model_dirs["llama_bpe_untied"]
+    needle = "are the same model" if pair == "same_model" else "have the same tokenizer"
+    run_and_check(capsys, tmp_path, ["transplant", model_dirs["llama_bpe"], donor,
+                                     tmp_path / "out"], needle)
+
+
+def test_eval_max_bytes_below_one_segment_scores_that_many_bytes(capsys, tmp_path, model_dirs):
+    """Before: --max-bytes 1000 on a 20 kB file said the file "holds no text"."""
+    text = tmp_path / "big.txt"
+    line = "The quick brown fox jumps over the lazy dog and keeps on running.\n"
+    text.write_text(line * (20_000 // len(line)))
+    capsys.readouterr()
+    assert cli.main(["eval", str(model_dirs["llama_bpe"]), str(text), "--max-bytes", "1000",
+                     "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = (1000 // len(line)) * len(line)  # cut back to the last whole line
+    assert result["segments"] == 1 and result["bytes"] <= kept
+    assert result["bytes"] >= kept - len(line.split()[0])  # only the unscored first token
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("word " * 4000)  # no line end at all: cut at a character
+    assert cli.main(["eval", str(model_dirs["llama_bpe"]), str(one_line), "--max-bytes", "700",
+                     "--quiet"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bytes"] <= 700
+    blank_start = tmp_path / "blank_start.txt"
+    blank_start.write_text("\n" * 50 + "text after blank lines\n")
+    run_and_check(capsys, tmp_path, ["eval", model_dirs["llama_bpe"], blank_start,
+                                     "--max-bytes", "10"], "raise --max-bytes")
+
+
+# -- killed runs --------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import os, signal, sys
+from tokensurgeon import modelio
+with modelio.atomic_output_dir(sys.argv[1], overwrite=False) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"x" * 100_000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _siblings(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_a_run_killed_while_saving_leaves_a_sibling_the_next_run_removes(capsys, tmp_path,
+                                                                        model_dirs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                          capture_output=True, check=False)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = _siblings(out)
+    assert len(left) == 1 and left[0].startswith(".out.tmp-"), left
+    assert not out.exists()
+    capsys.readouterr()
+    assert cli.main(["spec", "make-draft", str(model_dirs["llama_bpe"]), "--keep-layers", "0",
+                     "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {tmp_path / left[0]}" in err and "killed run" in err, err
+    assert _siblings(out) == [] and (out / "config.json").is_file()
+
+
+def _sibling(out, pid, host=None, kind="tmp"):
+    from tokensurgeon import modelio
+
+    path = out.parent / f".{out.name}.{kind}-{host or modelio._host()}-{pid}-abcd1234"
+    path.mkdir()
+    (path / "weights.bin").write_bytes(b"x" * 2000)
+    return path
+
+
+def test_leftovers_are_told_apart_by_their_writer(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from tokensurgeon import modelio, progress
+
+    out = tmp_path / "out"
+    # A dead writer whose pid is now reused by a process that started after the folder was
+    # last written (the parent of this test, backdated folder): stale.
+    reused = _sibling(out, os.getppid())
+    os.utime(reused, (0, 0))
+    old = _sibling(out, os.getppid(), kind="old")
+    os.utime(old, (0, 0))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = _sibling(out, sleeper.pid)  # a run writing OUT right now: kept, named
+        foreign = _sibling(out, 1234, host="another_machine")  # cannot be checked: named
+        legacy = out.parent / ".out.tmp-k2j4h5g6"  # named before writers were recorded
+        legacy.mkdir()
+        other = _sibling(tmp_path / "out2", 999_999_999)  # another OUT's: not touched
+        found = modelio.leftovers(out)
+        assert found == {"stale": [old, reused], "unknown": [foreign, legacy], "live": [live]}
+        stream = __import__("io").StringIO()
+        with progress.use(progress.Progress(stream=stream, tty=False)):
+            assert modelio.clean_leftovers(out) == [old, reused]
+            modelio.clean_leftovers(out)  # a second look names nothing twice
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 5, lines
+        assert sum("left by a killed run" in x for x in lines) == 2
+        for kept in (live, foreign, legacy):
+            assert kept.is_dir() and any(f"rm -rf '{kept}'" in x for x in lines)
+        assert not reused.exists() and not old.exists() and other.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its writer gone (and reaped), the live one is stale now.
+    assert modelio.leftovers(out)["stale"] == [live]

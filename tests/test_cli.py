@@ -155,3 +155,62 @@ def test_transplant_and_make_draft_write_their_resolved_options(tmp_path, model_
     assert cli.main(["spec", "make-draft", str(model_dirs["llama_bpe"]), "--keep-layers", "0",
                      "--out", str(draft), "--quiet"]) == 0
     assert yaml.safe_load((draft / "config.yaml").read_text())["keep_layers"] == "0"
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tokensurgeon {version('tokensurgeon')}"
+
+
+def test_transplant_summary_names_models_as_typed_and_says_how_to_use_out(
+        tmp_path, model_dirs, capsys, monkeypatch):
+    monkeypatch.chdir(model_dirs["gemma_spm"].parent)  # relative names, as a user types them
+    capsys.readouterr()
+    assert cli.main(["transplant", "gemma_spm", "llama_bpe", str(tmp_path / "t"), "-k", "4",
+                     "--holdout", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"wrote {tmp_path / 't'}: gemma_spm with the tokenizer of llama_bpe"
+    assert str(model_dirs["gemma_spm"]) not in out  # no resolved (cache) paths
+    assert not any(line.rstrip().endswith(",") for line in lines), out
+    assert "0 = exact; the anchor mean scores" in out and "(1 = exact)" in out
+    assert any(line.startswith(f"{tmp_path / 't'} holds ") for line in lines), out
+    use = lines[lines.index("use it:"):]
+    assert any(f"tokensurgeon eval {tmp_path / 't'}" in line for line in use)
+    assert any("AutoModelForCausalLM.from_pretrained(" in line for line in use)
+    assert any(f"vllm serve {tmp_path / 't'}" in line for line in use)
+
+
+def test_transplant_summary_without_new_tokens_has_no_dangling_comma():
+    manifest = {"options": {"out": "o", "base": "builtin:gemma3-270m", "donor": "d"},
+                "counts": {"copied": 400, "approximated": {}}, "vocab_size": 400,
+                "matrices": {"embed": {}}, "seconds": {"total": 1.0}, "device": "cpu",
+                "threads": 2}
+    text = cli._render_transplant(manifest)
+    assert "vocabulary 400: all 400 copied exactly (no new tokens)" in text
+    assert "builtin:gemma3-270m" in text and ", \n" not in text and not text.endswith(", ")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_distill_summary_says_what_out_kept(tmp_path, model_dirs, capsys, keep):
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog.\n" * 20)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert cli.main(["distill", "--teacher", str(model_dirs["llama_bpe"]), "--student",
+                     str(model_dirs["llama_bpe"]), "--data", str(data), "--out", str(out),
+                     "--loss", "sft", "--steps", "2", "--checkpoint-every", "1",
+                     "--batch-size", "1", "--max-length", "16", "--quiet"]
+                    + (["--keep-checkpoints"] if keep else [])) == 0
+    text = capsys.readouterr().out
+    assert (out / "checkpoints").is_dir() == keep
+    if keep:
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+        assert "of which checkpoints/ (step-1, step-2)" in text, text
+    else:
+        assert "checkpoints were removed" in text and "--keep-checkpoints" in text, text
+    assert f"{out} holds " in text and f"vllm serve {out}" in text

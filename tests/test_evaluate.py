@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cli
-from tokensurgeon.evaluate import bits_per_byte, chunked_token_logprobs, segment_text
+from tokensurgeon.evaluate import bits_per_byte, chunked_token_logprobs, first_bytes, segment_text
 from tokensurgeon.modelio import load_model, load_tokenizer, resolve
 
 
@@ -58,3 +60,26 @@ def test_eval_cli_rejects_empty_text(model_dirs, tmp_path, capsys):
     text.write_text("")
     assert cli.main(["eval", str(model_dirs["gemma_spm"]), str(text), "--quiet"]) == 2
     assert "no text" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(docs=st.lists(st.text(alphabet=st.sampled_from("ab é東🙂\n"), max_size=40), max_size=4),
+       max_bytes=st.integers(0, 120))
+def test_first_bytes_is_a_prefix_within_the_budget(docs, max_bytes):
+    """--max-bytes keeps a prefix of the text of at most that many bytes, cut at the last
+    line end within the budget (at a character when there is none), so no budget that
+    covers some text keeps nothing."""
+    kept = first_bytes(docs, max_bytes)
+    whole, part = "".join(docs), "".join(kept)
+    assert whole.startswith(part) and len(kept) <= len(docs)
+    if max_bytes == 0 or len(whole.encode()) <= max_bytes:
+        assert kept == docs
+        return
+    assert len(part.encode()) <= max_bytes
+    if kept:
+        cut_doc = docs[len(kept) - 1]
+        head = cut_doc.encode()[: max_bytes - len("".join(kept[:-1]).encode())]
+        if b"\n" in head:
+            assert kept[-1].endswith("\n")
+        else:  # every whole character of the budget is kept
+            assert len(head) - len(kept[-1].encode()) < 4

@@ -103,3 +103,24 @@ def test_metrics_log_appends_json_lines(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] is None
     training.MetricsLog(tmp_path / "off.jsonl", enabled=False).log(step=1)
     assert not (tmp_path / "off.jsonl").exists()
+
+
+def _checkpointed_run(root, steps=(1, 2, 3)):
+    model, optimizer, scheduler = tiny_setup()
+    for s in steps:
+        step(model, optimizer, scheduler)
+        training.save_checkpoint(root, s, model, optimizer, scheduler, keep=3)
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_kept(tmp_path):
+    kept_root, dropped_root = tmp_path / "kept" / "checkpoints", tmp_path / "dropped" / "checkpoints"
+    _checkpointed_run(kept_root)
+    _checkpointed_run(dropped_root)
+    size = sum(f.stat().st_size for f in kept_root.rglob("*") if f.is_file())
+    assert training.finish_checkpoints(kept_root, keep=True) == {
+        "kept": ["step-1", "step-2", "step-3"], "bytes": size, "removed_bytes": 0}
+    assert training.latest_checkpoint(kept_root).name == "step-3"
+    assert training.finish_checkpoints(dropped_root, keep=False) == {
+        "kept": [], "bytes": 0, "removed_bytes": size}
+    assert not dropped_root.exists() and dropped_root.parent.is_dir()
+    assert training.finish_checkpoints(tmp_path / "none", keep=False)["removed_bytes"] == 0

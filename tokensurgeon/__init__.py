@@ -4,4 +4,9 @@ This package holds the transplant and the shared core (model I/O, token identity
 evaluation). ``distill`` (ALM) and ``spec_decode`` (DistillSpec) build on it.
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # one source: the version in pyproject.toml, as installed
+    __version__ = _metadata.version("tokensurgeon")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed (pip install -e .)
+    __version__ = "unknown (not installed)"

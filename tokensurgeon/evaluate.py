@@ -86,9 +86,7 @@ def jsonl_rows(path: Path, encoding: str = "utf-8", option: str | None = None):
 def read_documents(path: str | Path, field_name: str = "auto", encoding: str = "utf-8",
                    option: str | None = None) -> list[str]:
     """Documents of a .txt file (the whole file) or a .jsonl file (one per line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{path} does not exist; pass a .txt or .jsonl file")
+    p = validate.check_input_file(path, "pass a .txt or .jsonl file")
     if p.suffix == ".jsonl":
         docs = []
         for n, row in jsonl_rows(p, encoding, option):
@@ -99,6 +97,28 @@ def read_documents(path: str | Path, field_name: str = "auto", encoding: str = "
             docs.append(value)
         return docs
     return [validate.read_text(p, encoding, option)]
+
+
+def first_bytes(docs: list[str], max_bytes: int) -> list[str]:
+    """The documents cut to their first ``max_bytes`` UTF-8 bytes in all (0 keeps
+    everything). The cut falls at the last line end within the budget, or, when the kept
+    part of the document has none, at the last whole character."""
+    if not max_bytes:
+        return list(docs)
+    kept: list[str] = []
+    left = max_bytes
+    for doc in docs:
+        raw = doc.encode("utf-8")
+        if len(raw) <= left:
+            kept.append(doc)
+            left -= len(raw)
+            continue
+        head = raw[:left]
+        line_end = head.rfind(b"\n")
+        head = head[: line_end + 1] if line_end >= 0 else head
+        kept.append(head.decode("utf-8", errors="ignore"))  # drops a split last character
+        break
+    return kept
 
 
 def segment_text(docs: list[str], segment_chars: int, max_bytes: int) -> list[str]:
@@ -252,11 +272,14 @@ def bos_check(model, tokenizer, segments: list[str], probe_bytes: int, **kwargs)
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     device = modelio.resolve_device(cfg.device)
-    segments = segment_text(read_documents(cfg.text, cfg.field_name, cfg.encoding, "--encoding"),
-                            cfg.segment_chars, cfg.max_bytes)
+    docs = read_documents(cfg.text, cfg.field_name, cfg.encoding, "--encoding")
+    # --max-bytes cuts the text itself (not whole segments), so any budget keeps some text.
+    segments = segment_text(first_bytes(docs, cfg.max_bytes), cfg.segment_chars, 0)
     if not segments:
-        raise UsageError(f"{cfg.text} holds no text to evaluate (or --max-bytes is smaller "
-                         "than its first segment); pass a non-empty file")
+        if any(d.strip() for d in docs):
+            raise UsageError(f"the first {cfg.max_bytes} bytes of {cfg.text} are blank; raise "
+                             "--max-bytes (0 = all)")
+        raise UsageError(f"{cfg.text} holds no text to evaluate; pass a non-empty file")
     progress.get().start("load")
     ref = modelio.resolve(cfg.model)
     tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)

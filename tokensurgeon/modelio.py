@@ -4,6 +4,12 @@ Boundary: this module turns a model reference into a tokenizer, a model, or just
 embedding matrices, and writes finished models atomically. It knows nothing about how
 embeddings are computed.
 
+Every command writes OUT through :func:`atomic_output_dir`: a temporary sibling
+``.OUT.tmp-HOST-PID-RANDOM`` renamed to OUT at the end. A run killed before it could clean
+up (SIGKILL, power loss) leaves that sibling; the next run for OUT removes it when its
+writer is dead, and names it with the command that removes it when that cannot be told
+(:func:`clean_leftovers`).
+
 A model reference is one of:
 - a Hugging Face directory with ``config.json`` and ``*.safetensors`` weights;
 - a ``.gguf`` file (dequantized to float32 on load);
@@ -19,10 +25,13 @@ unless the caller turns it on.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -291,12 +300,14 @@ def load_embeddings(ref: ModelRef, trust_remote_code: bool = False):
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail fast, before any work, if OUT cannot be written."""
+    """Fail fast, before any work, if OUT cannot be written; remove what killed runs left
+    beside it (see :func:`clean_leftovers`)."""
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a directory; OUT must be a directory: remove "
+                         "the file or choose another OUT")
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it or choose another OUT")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a directory; remove it or choose another OUT")
     # Nothing is created here (bad input must leave the file system as it was): the nearest
     # existing ancestor must be a writable directory.
     parent = out.resolve().parent
@@ -304,25 +315,139 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"{parent} is not a writable directory; choose a writable OUT")
+    clean_leftovers(out)
     return out
+
+
+# A temporary sibling of OUT is named ``.OUT.tmp-HOST-PID-RANDOM`` (``.old-`` for the OUT it
+# replaces), so a later run can tell whether the process that wrote it is still alive.
+_LEFTOVER = re.compile(r"^\.(?P<out>.+)\.(?P<kind>tmp|old)-(?:(?P<host>.+)-(?P<pid>\d+)-)?"
+                       r"[A-Za-z0-9_]+$")
+_noted: set[str] = set()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _writer_alive(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` of this host may still be writing ``path``: it runs, is not a
+    zombie, and started before ``path`` last changed (a later process reuses a dead
+    writer's pid)."""
+    try:
+        import psutil
+    except ImportError:  # no psutil: a running pid counts as the writer
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        started = proc.create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    return started <= path.stat().st_mtime + 1.0
+
+
+def _temp_sibling(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{_host()}-{os.getpid()}-",
+                                 dir=out.resolve().parent))
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def human_size(n: int) -> str:
+    """``1.2 GB``, ``508 MB``, ``12 kB``, ``7 B`` (decimal units, as ``du --si``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} B"
+
+
+def leftovers(out: str | Path) -> dict[str, list[Path]]:
+    """Temporary siblings of ``out`` that earlier runs left, by state:
+
+    - ``stale``: written on this host by a process that is no longer alive (a killed run);
+    - ``unknown``: written on another host, or named before writers were recorded, so
+      whether a run still writes it cannot be told here;
+    - ``live``: its writer is still running (e.g. a run writing the same OUT now).
+    """
+    out = Path(out).expanduser()
+    parent = out.resolve().parent
+    found: dict[str, list[Path]] = {"stale": [], "unknown": [], "live": []}
+    if not parent.is_dir():
+        return found
+    host = _host()
+    for path in sorted(parent.glob(f".{glob.escape(out.name)}.*-*")):
+        m = _LEFTOVER.match(path.name)
+        if not m or m["out"] != out.name or not path.is_dir() or path.is_symlink():
+            continue
+        if m["pid"] is None or m["host"] != host:
+            found["unknown"].append(path)
+        elif int(m["pid"]) == os.getpid():
+            continue  # this process's own, in use
+        elif _writer_alive(int(m["pid"]), path):
+            found["live"].append(path)
+        else:
+            found["stale"].append(path)
+    return found
+
+
+def clean_leftovers(out: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` that killed runs left (SIGKILL, power loss:
+    no cleanup code ran), saying so in one line each; name the ones whose writer cannot be
+    checked, with the command that removes them. Returns the removed paths."""
+    found = leftovers(out)
+    removed, stuck = [], []
+    for path in found["stale"]:
+        size = _size(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():  # not ours to delete (permissions): say how
+            stuck.append(path)
+            continue
+        removed.append(path)
+        progress.get().message(f"removed {path} ({human_size(size)}), left by a killed run "
+                               f"writing {out}")
+    unknown = ("was left by an earlier run whose writer cannot be checked here (another "
+               "machine, or an older tokensurgeon)")
+    notes = [(p, unknown) for p in found["unknown"]]
+    notes += [(p, "is being written by another running process") for p in found["live"]]
+    notes += [(p, "was left by a killed run but could not be removed") for p in stuck]
+    for path, why in notes:
+        if str(path) not in _noted:
+            _noted.add(str(path))
+            progress.get().message(f"note: {path} ({human_size(_size(path))}) {why} for {out}; "
+                                   f"if no run is writing it, remove it: rm -rf '{path}'")
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block succeeds.
 
-    On any error the temporary directory is removed and ``out`` is left untouched.
+    On any error the temporary directory is removed and ``out`` is left untouched. A run
+    killed before it could clean up leaves the sibling behind; its name records the host and
+    process id of its writer, and the next run for ``out`` removes it (:func:`clean_leftovers`).
     """
     out = check_output_dir(out, overwrite)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    tmp = _temp_sibling(out, "tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT should not be
     try:
         yield tmp
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            trash = _temp_sibling(out, "old")
             os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

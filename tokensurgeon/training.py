@@ -27,6 +27,8 @@ API (all functions are small; read them):
   trainer's ``extra`` dict, e.g. its data position, via ``torch.save`` of plain state dicts)
   and keeps the newest ``keep`` checkpoints.
 - ``latest_checkpoint(root)`` -> the newest complete ``step-N`` directory or None.
+- ``finish_checkpoints(root, keep)``: at the end of a finished run, remove ``root`` (it
+  can no longer be resumed) unless ``keep`` (``--keep-checkpoints``); returns what is kept.
 - ``load_checkpoint(path, model, optimizer, scheduler)`` -> ``(step, extra)``; restores RNG
   too, and unpickles with ``weights_only=True`` only.
 - ``MetricsLog(path)``: append one JSON object per step (``log(step=..., **figures)``).
@@ -214,6 +216,35 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
     for old in _checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# Help text of the trainers' --keep-checkpoints option (one wording for both).
+KEEP_CHECKPOINTS_HELP = (
+    "keep OUT/checkpoints when the run finishes (by default they are removed then: a finished "
+    "run cannot be resumed, since --resume refuses a changed --steps, and a full-model "
+    "checkpoint with its AdamW state is ~3x the model's size)")
+
+
+def finish_checkpoints(root: str | Path, keep: bool) -> dict[str, Any]:
+    """What a finished run keeps of its checkpoints under ``root`` (``OUT/checkpoints``).
+
+    Checkpoints exist so that a killed run can ``--resume``; a run that finished has nothing
+    left to resume (the learning-rate schedule ends at ``--steps``, which ``--resume`` may not
+    change), so unless ``keep`` the folder is removed. Call it after the final model is in
+    OUT: a run killed before that keeps its checkpoints.
+
+    Returns:
+        {"kept": [step directory names], "bytes": their total size, "removed_bytes": size
+        of what was removed}.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return {"kept": [], "bytes": 0, "removed_bytes": 0}
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    if keep:
+        return {"kept": [p.name for p in _checkpoints(root)], "bytes": size, "removed_bytes": 0}
+    shutil.rmtree(root)
+    return {"kept": [], "bytes": 0, "removed_bytes": size}
 
 
 def _checkpoints(root: Path) -> list[Path]:

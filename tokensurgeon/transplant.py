@@ -190,6 +190,20 @@ def untie_model(model) -> None:
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
+def check_different_tokenizers(base: Vocabulary, donor: Vocabulary, base_name: str,
+                               donor_name: str) -> None:
+    """Refuse a transplant that would change nothing: DONOR's tokenizer spells every id as
+    BASE's does (same bytes, same special tokens), so every row would be copied in place
+    and OUT would be BASE itself (e.g. BASE = DONOR)."""
+    if (base.size == donor.size and base.token_bytes == donor.token_bytes
+            and base.special_keys == donor.special_keys):
+        same = "are the same model" if base_name == donor_name else "have the same tokenizer"
+        raise UsageError(f"BASE {base_name} and DONOR {donor_name} {same} ({base.size} tokens, "
+                         "each at the same id), so there is nothing to transplant and OUT would "
+                         "be a copy of BASE; use BASE as it is, or pick a DONOR with another "
+                         "tokenizer")
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).any(dim=-1).nonzero().flatten()[:5].tolist()
@@ -388,15 +402,21 @@ def transplant(cfg: TransplantConfig) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
     progress.get().start("load")
     base_ref, donor_ref = modelio.resolve(cfg.base), modelio.resolve(cfg.donor)
+    base_config = modelio.load_config(base_ref, cfg.trust_remote_code)
+    modelio.check_causal_lm(base_ref, base_config)
+    modelio.check_causal_lm(donor_ref, modelio.load_config(donor_ref, cfg.trust_remote_code))
     donor_tok = modelio.load_tokenizer(donor_ref, cfg.trust_remote_code)
     base_tok = modelio.load_tokenizer(base_ref, cfg.trust_remote_code)
+    base_vocab, donor_vocab = vocabulary(base_tok), vocabulary(donor_tok)
+    check_different_tokenizers(base_vocab, donor_vocab, cfg.base, cfg.donor)
     conv_ref, conv_tok = (base_ref, base_tok) if cfg.conventions == "base" else (donor_ref, donor_tok)
     conv = conventions.observe(conv_tok, modelio.load_generation_config(conv_ref))
     added_tokens = conventions.add_missing(donor_tok, conv)  # rows copied from BASE below
+    if added_tokens:
+        donor_vocab = vocabulary(donor_tok)
     calibration = (CALIBRATION_TEXT if cfg.calibration_text is None
                    else validate.read_text(cfg.calibration_text, option=None))
     donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
-    base_config = modelio.load_config(base_ref, cfg.trust_remote_code)
     want_untie = _wants_untie(cfg, base_config, base_ref.label)
     base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,
@@ -411,7 +431,6 @@ def transplant(cfg: TransplantConfig) -> dict:
     t_loaded = time.perf_counter()
 
     progress.get().start("match tokens")
-    base_vocab, donor_vocab = vocabulary(base_tok), vocabulary(donor_tok)
     donor_rows = donor_in.shape[0]
     new_size = max(donor_rows, len(donor_tok))
     plan = plan_vocabulary(base_vocab, donor_vocab, emb.weight.shape[0], donor_rows, new_size)

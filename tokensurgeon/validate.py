@@ -12,6 +12,7 @@ Checks:
   shards an index names exist; a tokenizer file is present and, when JSON, parses.
 - :func:`check_weight_shapes`: every tensor whose name the model's architecture knows has
   the shape ``config.json`` implies (e.g. ``embed_tokens`` is [vocab_size, hidden_size]).
+- :func:`check_input_file`: an input path is a file (not missing, not a folder).
 - :func:`read_text`: a text file decoded strictly; a bad byte is reported with its offset.
 """
 
@@ -220,6 +221,19 @@ def check_weight_shapes(directory: Path, config, fix: str = "re-download or re-s
                     raise UsageError(f"{shard}: {key} is stored as {entry['dtype']}, not a float "
                                      f"dtype; {fix}")
                 break
+
+
+def check_input_file(path: str | Path, fix: str) -> Path:
+    """``path`` as a Path when it is a readable regular file; otherwise a one-line UsageError
+    that names what it is instead (missing, a folder, a device) and ends with ``fix``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{path} is a folder, not a file; {fix}")
+    if not p.exists():
+        raise UsageError(f"{path} does not exist; {fix}")
+    if not p.is_file():
+        raise UsageError(f"{path} is not a regular file; {fix}")
+    return p
 
 
 def read_text(path: str | Path, encoding: str = "utf-8", option: str | None = None) -> str:

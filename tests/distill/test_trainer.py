@@ -63,7 +63,8 @@ def test_distill_writes_a_model_directory(model_dirs, data_file, tmp_path, capsy
 
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["loss"] == "alm+sft" and resolved["tau"] == 100.0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    # A finished run cannot be resumed: its checkpoints are removed unless asked for.
+    assert not (out / "checkpoints").exists()
     before = weights(model_dirs["gemma_spm"])
     assert any(not torch.equal(before[k], v) for k, v in weights(out).items())
 
@@ -112,7 +113,7 @@ def test_bad_input_gives_one_line_error(model_dirs, data_file, tmp_path, capsys,
     assert err.startswith("tokensurgeon distill: error: ") and "\n" not in err
     expected = {
         "unwritable_out": "choose a writable OUT", "existing_out": "--overwrite",
-        "empty_dataset": "dataset is empty", "kl_across_tokenizers": "share one tokenizer",
+        "empty_dataset": "empty.txt holds no text", "kl_across_tokenizers": "share one tokenizer",
         "bad_loss": "unknown loss 'magic'", "indivisible_batch": "multiple of processes",
         "resume_without_checkpoint": "no checkpoint", "rewriting_tokenizer": "reproduce the text",
         "too_short": "raise --max-length"}[case]
@@ -227,7 +228,8 @@ def test_resume_from_an_earlier_checkpoint_reaches_the_same_final_loss(model_dir
     common = ["--steps", "6", "--checkpoint-every", "3", "--loss", "alm+sft", "--lr", "5e-3"]
     reference, out = tmp_path / "reference", tmp_path / "resumed"
     assert cli.main(args(model_dirs, data_file, reference, *common)) == 0
-    assert cli.main(args(model_dirs, data_file, out, *common)) == 0
+    assert cli.main(args(model_dirs, data_file, out, *common, "--keep-checkpoints")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-6"]
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "step-6")

@@ -104,7 +104,7 @@ def test_train_loss_decreases_and_resumes(tmp_path, target_dir, prompts_file):
     common = {"target": str(target_dir), "draft": str(tmp_path / "cut"), "data": str(prompts_file),
               "out": str(tmp_path / "trained"), "steps": 24, "batch_size": 4, "lr": 3e-3,
               "warmup_steps": 0, "max_new_tokens": 8, "heldout": 4, "eval_every": 12,
-              "checkpoint_every": 12,
+              "checkpoint_every": 12, "keep_checkpoints": True,
               "quiet": True, "on_policy": 0.5, "target_generated": 0.25, "divergence": "tvd",
               "temperature": 1.0, "verify": "probabilistic", "device": "cpu"}
     summary = train(SpecTrainConfig(**common))
@@ -213,7 +213,8 @@ def test_verify_greedy_logs_the_rule_it_trains_for(tmp_path, target_dir, prompts
     assert first["heldout_rule_acceptance"] == first["heldout_greedy_acceptance"] < 0.99
     # OUT holds the finished draft, its config and the run's files; no temporary left over.
     names = {p.name for p in (tmp_path / "o").iterdir()}
-    assert {"config.yaml", "train.json", "metrics.jsonl", "checkpoints", "config.json"} <= names
+    assert {"config.yaml", "train.json", "metrics.jsonl", "config.json"} <= names
+    assert "checkpoints" not in names  # a finished run keeps none unless --keep-checkpoints
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
 

@@ -15,6 +15,10 @@ Field metadata keys:
 - ``comma``: a list field given on the command line as one comma list (``--gamma 2,3,4``)
   rather than by repeating the flag.
 
+Registry members own their options: :func:`member_options` gives a command's dataclass the
+fields of every registered member's options dataclass (``member.options``), so a method's
+``--k`` is declared once, in the method's module, and reads like any other option.
+
 YAML values go through the same conversion and checks as flags: an ``int`` option must be a
 YAML integer (``steps: '300'`` is refused), a list option takes one value or a list
 (``data: x.txt`` becomes ``[x.txt]``), a comma option also takes ``"2,3,4"``, and
@@ -58,6 +62,58 @@ def _default_of(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return dataclasses.MISSING
+
+
+def member_options(registry: dict[str, Any], after: str) -> Any:
+    """Class decorator: the config dataclass gains the fields of each member's options
+    dataclass (``registry[name].options``, when given) right after its field ``after``.
+
+    Each field keeps its default and metadata, so it becomes a flag, a YAML key and an
+    attribute of the config like any field declared there. Members may share an option
+    (same name, type and default); a member option that clashes with the config's own
+    fields, or with another member's differing one, is a TypeError at import. Applying
+    the decorator again adds only members registered since (e.g. in a test).
+    """
+    def wrap(cls: type) -> type:
+        hints = typing.get_type_hints(cls)
+        contributed: dict[str, tuple] = dict(getattr(cls, "__member_options__", {}))
+        added: list[tuple[str, Any, dataclasses.Field]] = []
+        for name in sorted(registry):
+            options = getattr(registry[name], "options", None)
+            if options is None:
+                continue
+            option_hints = typing.get_type_hints(options)
+            for f in dataclasses.fields(options):
+                spec = (option_hints[f.name], _default_of(f))
+                if f.name in contributed:
+                    if contributed[f.name] != spec:
+                        raise TypeError(f"{cls.__name__}: option {f.name!r} of {name!r} differs "
+                                        "from another member's option of that name")
+                    continue
+                if f.name in hints:
+                    raise TypeError(f"{cls.__name__}: option {f.name!r} of {name!r} clashes "
+                                    f"with the config's own field; rename it")
+                if spec[1] is dataclasses.MISSING:
+                    raise TypeError(f"{name!r} option {f.name!r} needs a default")
+                contributed[f.name] = spec
+                added.append((f.name, option_hints[f.name], dataclasses.field(
+                    default=f.default, default_factory=f.default_factory,
+                    metadata=f.metadata)))
+        own = [(f.name, hints[f.name], dataclasses.field(
+            default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            for f in dataclasses.fields(cls)]
+        at = max(i for i, (n, _, _) in enumerate(own) if n == after or n in contributed) + 1
+        generated = {"__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__",
+                     "__init__", "__repr__", "__eq__", "__hash__", "__match_args__",
+                     "__annotations__", "__member_options__"}
+        namespace = {k: v for k, v in vars(cls).items()
+                     if k not in generated and k not in hints}
+        new = dataclasses.make_dataclass(cls.__name__, own[:at] + added + own[at:],
+                                         bases=cls.__bases__, namespace=namespace)
+        new.__member_options__ = contributed
+        return new
+
+    return wrap
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

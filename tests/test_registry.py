@@ -74,7 +74,7 @@ def test_a_new_method_brings_its_options_through_the_orchestrator(model_dirs, tm
         rows = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.detach()
         return manifest, rows
 
-    (m1, one), (m3, three) = run("1"), run("3")
+    (_, one), (m3, three) = run("1"), run("3")
     assert m3["counts"]["approximated"]["scaled"] > 0 and m3["options"]["scale"] == 3.0
     with safe_open(str(tmp_path / "out3" / m3["per_token"]), framework="pt") as f:
         new, copied = f.get_tensor("new_donor_ids"), f.get_tensor("copied_donor_ids")

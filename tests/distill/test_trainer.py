@@ -237,3 +237,36 @@ def test_resume_from_an_earlier_checkpoint_reaches_the_same_final_loss(model_dir
     assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-6, abs=1e-7)
     for k, v in weights(reference).items():
         torch.testing.assert_close(weights(out)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_loss_runs_through_the_trainer_by_its_traits(model_dirs, data_file, tmp_path,
+                                                           monkeypatch):
+    """A loss registered by a test, which reads nothing of the teacher: the trainer trains
+    with it, logs it under its name, and never loads the teacher model (it asks the loss,
+    it does not know its name)."""
+    from distill.losses import LOSSES, Loss, register
+    from tokensurgeon import modelio
+
+    def total(x):  # a stand-in objective: the student's squared final hidden states
+        h = x.student.hidden.float().pow(2).mean(-1)
+        return torch.where(x.student.predicted, h, torch.zeros_like(h)).sum()
+
+    register(Loss("hidden_norm", lambda x: int(x.student.predicted.sum()), total,
+                  teacher="none"))
+    loaded = []
+    real_load = modelio.load_model
+    monkeypatch.setattr(modelio, "load_model",
+                        lambda ref, **kw: loaded.append(ref.label) or real_load(ref, **kw))
+    try:
+        out = tmp_path / "out"
+        assert cli.main(args(model_dirs, data_file, out, "--steps", "3", "--loss",
+                             "hidden_norm", "--lr", "1e-2", "--teacher-cache",
+                             str(tmp_path / "cache"))) == 0
+    finally:
+        del LOSSES["hidden_norm"]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["units_hidden_norm"] > 0 and r["loss"] == r["loss_hidden_norm"] for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert loaded == [str(model_dirs["gemma_spm"])]  # the student only
+    assert not (tmp_path / "cache").exists()  # nothing of the teacher to cache

@@ -29,8 +29,8 @@ import torch
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import (
     LOGIT_CHUNK,
-    apply_softcap,
     checkpointed_position_statistics,
+    head_logits,
     map_logit_chunks,
     position_statistics,
 )
@@ -449,7 +449,7 @@ def _uld_total(x: LossInputs) -> torch.Tensor:
 
     def distance(student_logits: torch.Tensor, teacher_hidden: torch.Tensor):
         with torch.no_grad():
-            teacher_logits = apply_softcap(teacher.head(teacher_hidden).float(), teacher.softcap)
+            teacher_logits = head_logits(teacher_hidden, teacher.head, teacher.softcap)
         return (sorted_probability_l1(student_logits, teacher_logits),)
 
     (d,) = map_logit_chunks(distance, hs.unsqueeze(0), x.student.head, (ht.unsqueeze(0),),
@@ -467,7 +467,7 @@ def _kl_total(x: LossInputs, reverse: bool) -> torch.Tensor:
     def distance(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
                  mask: torch.Tensor):
         with torch.no_grad():
-            teacher_logits = apply_softcap(teacher.head(teacher_hidden).float(), teacher.softcap)
+            teacher_logits = head_logits(teacher_hidden, teacher.head, teacher.softcap)
         kl = token_kl(student_logits, teacher_logits, reverse)
         return (torch.where(mask, kl, torch.zeros_like(kl)),)
 

@@ -321,11 +321,7 @@ def distill(cfg: DistillConfig) -> dict:
             (combined * world).backward()
             totals += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
             x.student.hidden = None
-        training.average_gradients(accelerator, params)
-        grad_norm = training.clip_gradients(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
 
         per_loss = accelerator.reduce(totals.to(device), reduction="sum").cpu()
         all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum"))

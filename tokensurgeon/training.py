@@ -20,6 +20,8 @@ API (all functions are small; read them):
   across processes. Trainers call it once per optimizer step instead of wrapping the model
   in DDP, so any forward path (chunked heads, recomputation, peft) stays data-parallel.
 - ``clip_gradients(params, max_norm=1.0)`` -> the total norm before clipping.
+- ``apply_gradients(accelerator, params, optimizer, scheduler)`` -> the norm: average,
+  clip, step the optimizer and the schedule, clear the gradients (one optimizer step).
 - ``trainable_state(model)`` / ``load_trainable_state(model, tensors)``: the parameters with
   ``requires_grad`` (the full model, a LoRA adapter, or embeddings only), by name.
 - ``save_checkpoint(root, step, model, optimizer, scheduler, extra)``: atomically writes
@@ -160,6 +162,20 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float = 1.0) 
     if not grads:
         return 0.0
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+def apply_gradients(accelerator, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scheduler: Any,
+                    max_norm: float = 1.0) -> float:
+    """One optimizer step from the accumulated ``.grad``: average over processes, clip the
+    global norm to ``max_norm``, step the optimizer and the schedule, clear the gradients.
+    Returns the norm before clipping."""
+    average_gradients(accelerator, params)
+    grad_norm = clip_gradients(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

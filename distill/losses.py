@@ -321,9 +321,9 @@ class LossInputs:
 
 
 # What a loss reads of the teacher: nothing; its per-token statistics (realised-token and
-# boundary-set log-probs, which the teacher cache can serve); or its hidden states, which
-# only the teacher itself, run online, can give.
-TEACHER_NEEDS = ("none", "statistics", "hidden")
+# boundary-set log-probs, which the teacher cache can serve); or its hidden states, so the
+# teacher runs online.
+TEACHER_NEEDS = ("none", "statistics", "online")
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ class Loss:
     name: str
     count: Callable[[LossInputs], int]
     total: Callable[[LossInputs], torch.Tensor]
-    teacher: str = "hidden"
+    teacher: str = "online"
     student_boundary: bool = False
     needs_same_vocab: bool = False
     needs_same_hidden: bool = False
@@ -354,7 +354,7 @@ class Loss:
     @property
     def cacheable(self) -> bool:
         """The teacher cache can serve everything it reads of the teacher."""
-        return self.teacher != "hidden"
+        return self.teacher != "online"
 
 
 LOSSES: Registry[Loss] = Registry("loss")

@@ -226,7 +226,7 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_parts.extend([model, *decoder_and_head(model)])
         return tuple(teacher_parts[1:])
 
-    online = "hidden" in needs or ("statistics" in needs and not cfg.teacher_cache)
+    online = "online" in needs or ("statistics" in needs and not cfg.teacher_cache)
     if online:
         teacher_model()
     student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)

@@ -67,6 +67,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tokensurgeon import modelio
+from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -389,12 +391,9 @@ def prepare_out(cfg: Any, free: Iterable[str] = ()) -> Path:
     """Check ``cfg.out`` before anything is loaded: a fresh OUT (or ``--overwrite``), or a
     ``--resume`` with a complete checkpoint and the options it was written with (those in
     ``free`` and :data:`RESUME_FREE_OPTIONS` may differ). Nothing is written."""
-    from tokensurgeon.config import check_resume_options
-    from tokensurgeon.modelio import check_output_dir
-
     out = Path(cfg.out).expanduser()
     if not cfg.resume:
-        return check_output_dir(out, cfg.overwrite)
+        return modelio.check_output_dir(out, cfg.overwrite)
     if latest_checkpoint(out / "checkpoints") is None:
         raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
                          "run without --resume first")
@@ -411,8 +410,6 @@ def start_run(cfg: Any, out: Path, model: torch.nn.Module, optimizer: torch.opti
     drops a previous run's checkpoints and metrics; under ``--overwrite`` the old model
     stays until :func:`save_final` replaces it. A resumed run forgets the metrics rows a
     killed run logged after its last checkpoint."""
-    from tokensurgeon.config import write_resolved_config
-
     start = 0
     if cfg.resume:
         start, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"), model, optimizer,
@@ -454,9 +451,6 @@ def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
     """Replace OUT atomically with the trained ``model`` (a LoRA adapter merged in), its
     tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
     checkpoints and metrics move along. Call on the main process only."""
-    from tokensurgeon import modelio
-    from tokensurgeon.config import write_resolved_config
-
     final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     final.eval()
     with modelio.atomic_output_dir(out, overwrite=True) as tmp:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tokensurgeon.config import member_options
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import (
     LOGIT_CHUNK,
@@ -226,20 +227,6 @@ class AlmOptions:
             raise UsageError("--theta must be in [0, 1)")
 
 
-@dataclass
-class LossSettings(AlmOptions):
-    """What the losses read besides their inputs: the loss options, plus ``logit_chunk``;
-    ``fused``: per-position statistics with the closed-form backward of
-    :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
-    checkpointing, the earlier path); ``student_boundary``: the student's boundary-set
-    log-prob is needed (ALM with debiasing); otherwise it is not computed."""
-
-    logit_chunk: int = LOGIT_CHUNK
-    recompute: bool = True
-    fused: bool = True
-    student_boundary: bool = True
-
-
 def chunk_end_mask(chunk_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] bool: the token is the last of its chunk (from [B, T] chunk ids, -1 none)."""
     following = torch.cat([chunk_ids[:, 1:], torch.full_like(chunk_ids[:, :1], -1)], dim=1)
@@ -334,8 +321,8 @@ class Loss:
     - ``teacher``: what it reads of the teacher (one of :data:`TEACHER_NEEDS`);
     - ``student_boundary``: it reads the student's boundary-set log-probs (when debiasing);
     - ``needs_same_vocab`` / ``needs_same_hidden``: teacher and student must share them;
-    - ``options``: its options dataclass, whose fields become ``distill`` flags and fill the
-      same-named :class:`LossSettings` fields.
+    - ``options``: its options dataclass, whose fields become ``distill`` flags and
+      :class:`LossSettings` fields (so a loss reads them as ``x.settings.NAME``).
     """
 
     name: str
@@ -492,6 +479,22 @@ register(Loss("kl_reverse", _token_count, lambda x: _kl_total(x, reverse=True),
 DEFAULT_LOSS = "alm+sft"
 
 
+@member_options(LOSSES, after="student_boundary")
+@dataclass
+class LossSettings:
+    """What the losses read besides their inputs: every registered loss's options (fields
+    of their options dataclasses, e.g. ``tau``), plus ``logit_chunk``; ``fused``:
+    per-position statistics with the closed-form backward of
+    :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
+    checkpointing, the earlier path); ``student_boundary``: the student's boundary-set
+    log-prob is needed (ALM with debiasing); otherwise it is not computed."""
+
+    logit_chunk: int = LOGIT_CHUNK
+    recompute: bool = True
+    fused: bool = True
+    student_boundary: bool = True
+
+
 def loss_settings(values: Any, names: Iterable[str], **settings: Any) -> LossSettings:
     """:class:`LossSettings` for the losses ``names``: the loss options from same-named
     attributes of ``values`` (a config), then ``settings``; the student's boundary
@@ -506,7 +509,7 @@ def loss_settings(values: Any, names: Iterable[str], **settings: Any) -> LossSet
 def validate_loss_options(values: Any) -> None:
     """Check every registered loss's options as ``values`` (a config) gives them."""
     for loss in LOSSES.values():
-        if loss.options is not None:
+        if hasattr(loss.options, "validate"):  # an options dataclass may check its values
             loss.options(**{f.name: getattr(values, f.name)
                             for f in dataclasses.fields(loss.options)}).validate()
 

@@ -173,3 +173,10 @@ def test_a_run_starts_out_fresh_or_resumes_its_checkpoint(tmp_path):
     assert rows[0]["tokens_per_s"] == 5.0 and rows[0]["tokens"] == 10
     with pytest.raises(UsageError, match="no checkpoint"):
         training.prepare_out(Cfg(resume=True, out=str(tmp_path / "none")))
+    # A run saved before an option existed resumes when the option keeps its default.
+    saved = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text("\n".join(line for line in saved.splitlines()
+                                               if not line.startswith("grad_accum:")))
+    assert training.prepare_out(resumed) == out
+    with pytest.raises(UsageError, match="differ from the checkpointed run.*grad_accum"):
+        training.prepare_out(Cfg(resume=True, grad_accum=2))

@@ -329,11 +329,14 @@ def write_resolved_config(directory: str | Path, config: Any) -> Path:
 
 def check_resume_options(out: Path, config: Any, free: set[str]) -> None:
     """Refuse a ``--resume`` whose options differ from those saved in ``out/config.yaml``
-    (except the ``free`` ones, which do not change the result)."""
+    (except the ``free`` ones, which do not change the result). An option the saved file
+    lacks (added since that run) counts as its default, which keeps the earlier behaviour."""
     saved_path = Path(out) / "config.yaml"
     saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
     now = config_to_dict(config)
-    changed = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    default = {f.name: _default_of(f) for f in dataclasses.fields(config)}
+    changed = sorted(k for k in now
+                     if k not in free and saved.get(k, default.get(k)) != now[k])
     if changed:
         raise UsageError(f"--resume with options that differ from the checkpointed run "
                          f"({', '.join(changed)}); pass the original options")

@@ -1,12 +1,15 @@
-"""``tokensurgeon distill``: the ALM training loop (one readable loop, torchtune style).
+"""``tokensurgeon distill``: the distillation training loop (one readable loop, torchtune style).
 
 Boundary: wires data, models and losses together and owns the step. The loss math lives in
 :mod:`distill.losses`, alignment in :mod:`distill.alignment`, and optimisation, checkpoints
-and logging in :mod:`tokensurgeon.training`.
+and logging in :mod:`tokensurgeon.training`. The loop names no loss: it asks each loss of
+``--loss`` what it reads of the teacher (nothing, statistics the teacher cache can serve,
+or hidden states that need the teacher online) and of the student, and a loss's options
+are flags through :func:`tokensurgeon.config.member_options`.
 
 One optimizer step:
 1. take this process's share of the step's global batch and split it into micro-batches;
-2. run the teacher (no gradient) on every micro-batch and count each loss's units (ALM
+2. run the teacher (no gradient) on every micro-batch and count each loss's units (aligned
    chunks after merging, tokens, ...); sum the counts over processes;
 3. run the student on each micro-batch; every loss is its sum divided by the global count,
    so the gradient equals that of one process holding the whole batch;
@@ -16,15 +19,13 @@ Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT at
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import (
     DATA_FORMATS,
     PACK_MODES,
@@ -35,33 +36,42 @@ from distill.data import (
     read_texts,
 )
 from distill.losses import (
-    ALM_UNITS,
+    DEFAULT_LOSS,
     LOSSES,
     LossInputs,
-    LossSettings,
     Side,
+    loss_settings,
     parse_loss_spec,
     side_statistics,
+    validate_loss_options,
 )
 from tokensurgeon import modelio, progress, training
-from tokensurgeon.config import check_resume_options, write_resolved_config
+from tokensurgeon.config import member_options
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
+from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 from tokensurgeon.token_identity import vocabulary
 
 TRAINABLE = ("full", "lora", "embeddings")
 LOGITS_PATHS = ("fused", "checkpoint")
-# Losses served by the teacher's cached statistics (the others read its hidden states).
-CACHEABLE = {"alm", "sft"}
-# Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "teacher_cache", "logits",
-                       "keep_checkpoints"}
+# Options besides the shared ones (training.RESUME_FREE_OPTIONS) that may change between a
+# run and its --resume without changing the result.
+RESUME_FREE_OPTIONS = {"teacher_cache", "logits"}
 
 
+def _listed(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+_CACHEABLE = sorted(name for name, loss in LOSSES.items() if loss.cacheable)
+_ONLINE = sorted(name for name, loss in LOSSES.items() if not loss.cacheable)
+
+
+@member_options(LOSSES, after="loss")
 @dataclass
-class DistillConfig:
-    """Distil TEACHER into STUDENT with ALM (cross-tokenizer) or a baseline loss, and write
-    the trained student to OUT as a Hugging Face model directory."""
+class DistillConfig(training.TrainingOptions):
+    """Distil TEACHER into STUDENT, whose tokenizer may differ, with the losses --loss
+    names, and write the trained student to OUT as a Hugging Face model directory."""
 
     teacher: str = field(metadata={"help": "teacher: HF directory, .gguf file or builtin:NAME"})
     student: str = field(metadata={
@@ -69,16 +79,14 @@ class DistillConfig:
     data: list[str] = field(metadata={
         "help": ".txt or .jsonl (text / question+answer / messages); repeat for several"})
     out: str = field(metadata={"help": "output HF model directory; checkpoints go under it"})
-    loss: str = field(default="alm+sft", metadata={
+    loss: str = field(default=DEFAULT_LOSS, metadata={
         "names": LOSSES.names,
-        "help": "losses joined by + with optional :weight, e.g. alm+sft or alm:1+sft:0.5"})
+        "help": f"losses joined by + with optional :weight, e.g. {DEFAULT_LOSS} or "
+                f"{DEFAULT_LOSS.replace('+', ':1+', 1)}:0.5"})
     train: str = field(default="full", metadata={
         "help": "what is trained", "choices": TRAINABLE})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (--train lora)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (--train lora)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step, all processes"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step per process"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence, each side"})
     pack: str = field(default=PACK_MODES[0], metadata={
         "help": "fill: texts joined and cut where both tokenizations agree, so every "
@@ -87,17 +95,6 @@ class DistillConfig:
         "choices": PACK_MODES})
     data_format: str = field(default="auto", metadata={
         "help": "JSONL layout", "choices": DATA_FORMATS})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
-    alm_units: str = field(default=ALM_UNITS[0], metadata={
-        "help": "ALM loss units: probability (the paper's binarised KL, about 1/tau of a "
-                "log-likelihood distance) or nats (times tau: comparable with sft's nats per "
-                "token, so alm+sft weights compare like with like)", "choices": ALM_UNITS})
-    theta: float = field(default=0.1, metadata={
-        "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
-    debias: bool = field(default=True, metadata={
-        "help": "ALM append-space debiasing (boundary-set log-prob at chunk ends)"})
     gradmag: bool = field(default=False, metadata={
         "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
     logit_chunk: int = field(default=LOGIT_CHUNK, metadata={
@@ -107,46 +104,35 @@ class DistillConfig:
                 "they fit 1 GiB) or checkpoint (autograd with recomputation; the earlier, "
                 "slower path)", "choices": LOGITS_PATHS})
     teacher_cache: str | None = field(default=None, metadata={
-        "help": "directory of the teacher's cached ALM statistics, filled on first use and "
-                "reused by later runs on the same teacher, data and options (alm and sft "
-                "only; uld, hidden and kl run the teacher online)"})
+        "help": "directory of the teacher's cached per-token statistics, filled on first use "
+                "and reused by later runs on the same teacher, data and options "
+                f"({_listed(_CACHEABLE)} only; {_listed(_ONLINE)} run the teacher online)"})
     teacher_cache_shard: int = field(default=16, metadata={
         "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: bool = field(default=False, metadata={
-        "help": training.KEEP_CHECKPOINTS_HELP})
-    resume: bool = field(default=False, metadata={
-        "help": "continue from the newest checkpoint under OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow custom model code (off: safer)"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "logit_chunk",
-                     "checkpoint_every", "lora_rank", "teacher_cache_shard"):
+        super().validate()
+        for name in ("max_length", "logit_chunk", "lora_rank", "teacher_cache_shard"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length < 2:
             raise UsageError("--max-length must be >= 2 (a token and its prefix)")
-        if not self.lr > 0 or self.tau <= 0:
-            raise UsageError("--lr and --tau must be > 0")
-        if not 0 <= self.theta < 1:
-            raise UsageError("--theta must be in [0, 1)")
-        if self.warmup_steps < 0:
-            raise UsageError("--warmup-steps must be >= 0")
+        validate_loss_options(self)
         if not self.data:
             raise UsageError("pass at least one --data file")
+        online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
+        if self.teacher_cache and online:
+            raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
+                             f"{', '.join(online)} reads the teacher's hidden states: drop "
+                             "--teacher-cache")
+
+    @cached_property
+    def terms(self) -> list[tuple[str, float]]:
+        """``--loss`` parsed once: [(loss name, weight), ...]."""
         try:
-            terms = parse_loss_spec(self.loss)
+            return parse_loss_spec(self.loss)
         except ValueError as exc:
             raise UsageError(f"--loss {self.loss!r}: {exc}") from None
-        online = sorted({n for n, _ in terms} - CACHEABLE)
-        if self.teacher_cache and online:
-            raise UsageError(f"--teacher-cache serves alm and sft only; {', '.join(online)} "
-                             "reads the teacher's hidden states: drop --teacher-cache")
 
 
 def boundary_ids(token_bytes: tuple[bytes | None, ...]) -> torch.Tensor:
@@ -180,7 +166,8 @@ def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
     options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
                "device": device_type}
     return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
-                        data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard)
+                        data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard,
+                        flag="--teacher-cache")
 
 
 def last_layer_params(model) -> list[torch.nn.Parameter]:
@@ -190,42 +177,15 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
     return last or [p for p in model.parameters() if p.requires_grad]
 
 
-def _prepare_out(cfg: DistillConfig) -> Path:
-    out = Path(cfg.out).expanduser()
-    if cfg.resume:
-        if training.latest_checkpoint(out / "checkpoints") is None:
-            raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
-                             "run without --resume first")
-        check_resume_options(out, cfg, RESUME_FREE_OPTIONS)
-        return out
-    return modelio.check_output_dir(out, cfg.overwrite)
-
-
-def _create_out(out: Path) -> None:
-    """Create OUT (a fresh run) only now that writing starts, so bad input leaves nothing."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write into {out} ({exc.strerror}); choose a writable OUT") from None
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
     check_data(cfg.data, cfg.data_format)  # before any model is read
-    terms = parse_loss_spec(cfg.loss)
+    terms = cfg.terms
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    per_process, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rest or per_process == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of processes x "
-                         f"--grad-accum = {world * cfg.grad_accum}")
-    out = _prepare_out(cfg) if is_main else Path(cfg.out).expanduser()
+    per_process = training.micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
+    out = training.prepare_out(cfg, RESUME_FREE_OPTIONS) if is_main else Path(cfg.out).expanduser()
     accelerator.wait_for_everyone()
 
     progress.get().start("load")
@@ -245,16 +205,19 @@ def distill(cfg: DistillConfig) -> dict:
         for ref in (t_ref, s_ref))
     for name, _ in terms:
         if LOSSES[name].needs_same_vocab and t_vocab.token_bytes != s_vocab.token_bytes:
+            across = sorted(n for n, loss in LOSSES.items()
+                            if not (loss.needs_same_vocab or loss.needs_same_hidden
+                                    or loss.teacher == "none"))
             raise UsageError(f"--loss {name} needs teacher and student to share one tokenizer; "
-                             "use alm or uld across tokenizers")
+                             f"use {_listed(across).replace(' and ', ' or ')} across tokenizers")
         if LOSSES[name].needs_same_hidden and t_hidden_size != s_hidden_size:
             raise UsageError(f"--loss {name} needs equal hidden sizes (tokenizer transfer); "
                              "drop it for a differently sized student")
 
     device = accelerator.device
-    names = {n for n, _ in terms}
-    # The teacher runs online only for losses that read its hidden states, or for ALM
-    # without a cache; with a cache it is loaded only if a shard is missing.
+    needs = {LOSSES[n].teacher for n, _ in terms}
+    # The teacher runs online only for losses that read its hidden states, or for its
+    # statistics without a cache; with a cache it is loaded only if a shard is missing.
     teacher_parts: list = []
 
     def teacher_model() -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -265,39 +228,26 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_parts.extend([model, *decoder_and_head(model)])
         return tuple(teacher_parts[1:])
 
-    online = bool(names - CACHEABLE) or ("alm" in names and not cfg.teacher_cache)
+    online = "online" in needs or ("statistics" in needs and not cfg.teacher_cache)
     if online:
         teacher_model()
     student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = training.build_optimizer(params, cfg.lr)
+    optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
-    start = 0
-    if cfg.resume:
-        start, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
-                                            student, optimizer, scheduler)
-    if is_main:
-        if not cfg.resume:
-            _create_out(out)
-        write_resolved_config(out, cfg)
-    metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
-    if cfg.resume:
-        metrics.drop_after(start)
+    start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
     t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
         boundary_ids(s_vocab.token_bytes).to(device)
     t_pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
     s_pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else 0
-    settings = LossSettings(tau=cfg.tau, theta=cfg.theta, debias=cfg.debias,
-                            logit_chunk=cfg.logit_chunk, recompute=True,
-                            fused=cfg.logits == "fused",
-                            student_boundary="alm" in names and cfg.debias,
-                            alm_units=cfg.alm_units)
+    settings = loss_settings(cfg, [n for n, _ in terms], recompute=True,
+                             fused=cfg.logits == "fused")
     cache = None
-    if cfg.teacher_cache and "alm" in names:
+    if cfg.teacher_cache and "statistics" in needs:
         cache = open_teacher_cache(cfg, t_ref, examples, device.type)
 
     def teacher_side(t: dict, hidden: torch.Tensor | None) -> Side:
@@ -373,28 +323,23 @@ def distill(cfg: DistillConfig) -> dict:
             (combined * world).backward()
             totals += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
             x.student.hidden = None
-        training.average_gradients(accelerator, params)
-        grad_norm = training.clip_gradients(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
 
         per_loss = accelerator.reduce(totals.to(device), reduction="sum").cpu()
         all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum"))
         seconds = time.perf_counter() - began
         weights = [w for _, w in terms]
         loss_value = float(sum(w * float(v) for w, v in zip(weights, per_loss)) / sum(weights))
-        last = {"step": step + 1, "loss": loss_value,
+        last = {**training.step_figures(step + 1, loss_value, grad_norm,
+                                        scheduler.get_last_lr()[0], all_tokens, seconds),
                 **{f"loss_{name}": float(per_loss[j]) for j, (name, _) in enumerate(terms)},
                 **{f"units_{name}": int(global_counts[j]) for j, (name, _) in enumerate(terms)},
                 **({f"gradmag_norm_{name}": float(last_layer_norms[j]) / len(inputs)
-                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {}),
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                "student_tokens": all_tokens, "tokens_per_s": all_tokens / seconds}
+                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {})}
         metrics.log(**last)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{all_tokens / seconds:.0f}")
         bar.update(1)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if training.checkpoint_due(step + 1, cfg.checkpoint_every, cfg.steps):
             if is_main:
                 training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
                                          scheduler, {"examples_seen": (step + 1) * cfg.batch_size})
@@ -403,19 +348,10 @@ def distill(cfg: DistillConfig) -> dict:
 
     progress.get().start("save")
     if is_main:
-        if cfg.keep_checkpoints:  # otherwise finish_checkpoints removes it at once
+        if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
             training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
                                      scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
-        final = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-        final.eval()
-        with modelio.atomic_output_dir(out, overwrite=True) as tmp:
-            modelio.save_model(final, s_tok, tmp)
-            write_resolved_config(tmp, cfg)
-            # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
-            for name in ("metrics.jsonl", "checkpoints"):
-                if (out / name).exists():
-                    os.replace(out / name, tmp / name)
-        training.finish_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+        training.save_final(cfg, out, student, s_tok)
     accelerator.wait_for_everyone()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
             "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train}

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 
 import torch
 
+from tokensurgeon.logits import apply_softcap
+
 CONFIG_KEY = "draft_head_token_ids"
 ARCH_PREFIX = "ReducedHead"
 
@@ -70,9 +72,8 @@ class ScatterHead(torch.nn.Module):
         self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = apply_softcap(torch.nn.functional.linear(hidden, self.weight, self.bias),
+                               self.softcap)
         out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
         out[..., self.token_ids] = logits
         return out

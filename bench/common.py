@@ -82,7 +82,7 @@ def require_paths(paths: Iterable[tuple[str, str | Path]]) -> None:
     """Check that inputs the bench reads exist: (flag, path) pairs, one line otherwise."""
     for flag, path in paths:
         if not Path(path).exists():
-            raise UsageError(f"{flag} {path} does not exist; make it first or pass another")
+            raise UsageError(f"{flag}: {path} does not exist; make it first or pass another")
 
 
 def _subset(cls: type, names: Iterable[str]) -> type:

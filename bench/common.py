@@ -46,7 +46,9 @@ SHAKESPEARE = "tinyshakespeare.txt"
 OMP_V1 = {"centre": False, "search": "exact", "k": 64, "candidates": 256, "refreshes": 10,
           "coefficients": "lstsq", "shrink": 1.0, "output_shrink": "1", "untie": False}
 
-# SpecBenchConfig fields every speculative-decoding bench takes as flags (defaults from it).
+# SpecBenchConfig fields every speculative-decoding bench takes as flags, with that config's
+# defaults (--gamma, --temperature, ...): bench/spec.py, bench/spec_crosstok.py and any new
+# spec bench add them with add_config_options(parser, SpecBenchConfig, SPEC_PROMPT_OPTIONS).
 SPEC_PROMPT_OPTIONS = ("gamma", "temperature", "num_prompts", "prompt_offset", "max_tokens",
                        "seed")
 
@@ -127,6 +129,14 @@ def config_values(args: argparse.Namespace, cls: type, names: Iterable[str]) -> 
             elif f.default_factory is not dataclasses.MISSING:
                 out[f.name] = f.default_factory()
     return out
+
+
+def resolve_options(args: argparse.Namespace, cls: type, names: Iterable[str]) -> dict[str, Any]:
+    """Set every named field on ``args`` (the flag when given, else ``cls``'s default) and
+    return them; ``cls(**fixed, **resolve_options(...))`` then builds the bench's config."""
+    values = config_values(args, cls, names)
+    vars(args).update(values)
+    return values
 
 
 def cli_flags(options: dict[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ whatever ``tokensurgeon eval`` defaults to.
     python bench/distill.py --sections throughput
     python bench/distill.py --sections teacher_student --steps 12 --seeds 0,1,2
     python bench/distill.py --sections transfer1 --steps 12 --seeds 0,1,2 \
-        --methods "sft,alm nats,alm+sft nats" --cache-dir /tmp/teacher-cache --resume-runs
+        --methods "sft,alm nats,alm+sft nats" --cache-dir out/teacher-cache --resume-runs
 
 Raw per-run results (per-step metrics, evaluations) go to ``bench/results/distill/``;
 the figure to ``bench/results/distill/heldout_bpb.png``; the last stdout line is one JSON
@@ -54,22 +54,21 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import GSM8K_TEST, GSM8K_TRAIN, PROSE, ROOT, SHAKESPEARE, add_data_root, require, run
 
 from distill.data import build_examples
 from distill.trainer import DistillConfig, boundary_ids, distill
 from tokensurgeon import modelio, training
+from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
 from tokensurgeon.logits import decoder_and_head, position_statistics
 from tokensurgeon.token_identity import vocabulary
 
-DATA = ROOT.parent / "shared" / "data"
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
+# The data root: set once in main() from --data-root / $TOKENSURGEON_DATA / data/, after the
+# files the chosen sections read are checked.
+DATA = Path()
 RESULTS = ROOT / "bench" / "results" / "distill"
 WORK = modelio.cache_dir() / "work"
-PROSE = DATA / "wikitext2-valid-prose.txt"
 METHODS = {  # name -> (loss, gradmag, ALM units)
     "alm+sft": ("alm+sft", False, "probability"),
     "alm": ("alm", False, "probability"),
@@ -80,6 +79,14 @@ METHODS = {  # name -> (loss, gradmag, ALM units)
     "alm+sft nats": ("alm+sft", False, "nats"),
     "alm nats": ("alm", False, "nats"),
 }
+
+
+# Data files each section reads (checked before anything is written).
+SECTION_DATA = {"throughput": [SHAKESPEARE], "diagnose": [PROSE],
+                "teacher_student": [PROSE, GSM8K_TEST, SHAKESPEARE],
+                "transfer": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
+                "transfer1": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
+                "transfer2": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE], "memory": []}
 
 
 def load_avg() -> list[float]:
@@ -216,7 +223,7 @@ def section_throughput(args, work: Path) -> dict:
     sets and process layouts. Cache fills run first so timed steps never fill a shard."""
     student = str(transfer_student())
     teacher = str(modelio.resolve("builtin:smollm2-135m").directory)
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    text = (DATA / SHAKESPEARE).read_text(encoding="utf-8")[:60_000]
     data = work / "shakespeare60k.txt"
     data.write_text(text, encoding="utf-8")
     cache = work / "throughput-cache"
@@ -376,7 +383,7 @@ def section_diagnose(args, work: Path) -> dict:
 def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
     """First ``fraction`` of the prose file (cut at a line end) to a training file; the
     rest is returned as held-out text."""
-    text = PROSE.read_text(encoding="utf-8")
+    text = (DATA / PROSE).read_text(encoding="utf-8")
     cut = text.rfind("\n", 0, int(len(text) * fraction)) + 1
     path = work / "prose-train.txt"
     path.write_text(text[:cut], encoding="utf-8")
@@ -429,9 +436,9 @@ def section_teacher_student(args, work: Path) -> dict:
     train_path, heldout_text = split_prose(work, 0.8)
     sets = {
         "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
                                    2000, args.retention_bytes),
-        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
                                      [-200_000:]], 2000, args.retention_bytes),
     }
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
@@ -645,13 +652,13 @@ def section_transfer(args, work: Path, direction: int) -> dict:
     student_dir = student_ref.directory
     train_path = work / "gsm8k-train-answers.jsonl"
     train_path.write_text("".join(json.dumps({"text": a}) + "\n" for a in read_documents(
-        DATA / "gsm8k" / "train.jsonl", "answer")), encoding="utf-8")
+        DATA / GSM8K_TRAIN, "answer")), encoding="utf-8")
     _, heldout_text = split_prose(work, 0.8)
     sets = {
         "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
                                      [-200_000:]], 2000, args.retention_bytes),
-        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
                                    2000, args.retention_bytes),
     }
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
@@ -838,12 +845,21 @@ def main() -> None:
     p.add_argument("--memory-length", type=int, default=1024)
     p.add_argument("--logit-chunk", type=int, default=128)
     p.add_argument("--memory-probe", choices=("chunked", "naive"), help=argparse.SUPPRESS)
+    add_data_root(p)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.memory_probe:
         memory_probe(args.memory_probe, args.memory_batch, args.memory_length, args.logit_chunk)
         return
+    # Every input is checked before anything is written (results, the work dir, the cache).
     sections = set(filter(None, args.sections.split(",")))
+    if not sections or sections - set(SECTION_DATA):
+        raise UsageError(f"--sections {args.sections}: choose from {','.join(SECTION_DATA)}")
+    unknown = {m.strip() for m in args.methods.split(",")} - set(METHODS)
+    if unknown:
+        raise UsageError(f"--methods: unknown {sorted(unknown)}; choose from {','.join(METHODS)}")
+    global DATA
+    DATA = require(args, sorted({f for s in sections for f in SECTION_DATA[s]}))
     result: dict = {"hardware": {
         "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -869,4 +885,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/distill.py")

@@ -353,7 +353,7 @@ def main() -> None:
     unknown = {int(d) for d in args.depths.split(",") if d} - set(CUTS) if args.depths else set()
     if unknown:
         raise UsageError(f"--depths: no cut for {sorted(unknown)}; choose from {sorted(CUTS)}")
-    if args.models_dir:
+    if args.models_dir and not args.depths:  # reused, not trained into
         require_paths([("--models-dir", args.models_dir)])
     if args.tau_from:
         require_paths([("--tau-from", args.tau_from)])

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# First on the path, before bench/ itself: bench/distill.py must not shadow the distill package.
+sys.path.insert(0, str(ROOT))
 
 from tokensurgeon.config import add_config_arguments
 from tokensurgeon.errors import UsageError

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -149,6 +150,26 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
         else:
             flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return flags
+
+
+def portable(obj: Any) -> Any:
+    """``obj`` (JSON-like) with the machine paths in its strings written relative to the
+    repository or with a name for their root ($TOKENSURGEON_CACHE, $TMPDIR, ~), so a result
+    file can be committed (tests/test_no_machine_paths.py)."""
+    from tokensurgeon import modelio
+
+    roots = [(str(ROOT) + "/", ""), (str(ROOT), "."),
+             (str(modelio.cache_dir()), "$TOKENSURGEON_CACHE"),
+             (tempfile.gettempdir().rstrip("/") + "/", "$TMPDIR/"), (str(Path.home()) + "/", "~/")]
+    if isinstance(obj, str):
+        for old, new in roots:
+            obj = obj.replace(old, new)
+        return obj
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
 
 
 def run(main: Callable[[], None], name: str) -> None:

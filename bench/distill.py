@@ -54,7 +54,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import GSM8K_TEST, GSM8K_TRAIN, PROSE, ROOT, SHAKESPEARE, add_data_root, require, run
+from common import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    PROSE,
+    ROOT,
+    SHAKESPEARE,
+    add_data_root,
+    portable,
+    require,
+    run,
+)
 
 from distill.data import build_examples
 from distill.trainer import DistillConfig, boundary_ids, distill
@@ -373,7 +383,7 @@ def section_diagnose(args, work: Path) -> dict:
         "alm_push_tau_units_mean": round(float(push[bucket == b].mean() * args.tau_probe), 4),
         "v_mean": round(float(v[bucket == b].mean()), 3)} for b in range(5)]
     print(json.dumps(out, indent=1), flush=True)
-    (RESULTS / "diagnose.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "diagnose.json").write_text(json.dumps(portable(out), indent=1))
     return out
 
 
@@ -869,7 +879,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "throughput" in sections:
         result["throughput"] = section_throughput(args, work)
-        (RESULTS / "throughput.json").write_text(json.dumps(result["throughput"], indent=1))
+        (RESULTS / "throughput.json").write_text(json.dumps(portable(result["throughput"]),
+                                                            indent=1))
     if "diagnose" in sections:
         result["diagnose"] = section_diagnose(args, work)
     if "teacher_student" in sections:

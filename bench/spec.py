@@ -63,6 +63,7 @@ from common import (
     SPEC_PROMPT_OPTIONS,
     add_config_options,
     add_data_root,
+    portable,
     require,
     require_paths,
     resolve_options,
@@ -287,7 +288,7 @@ def cost_only(args, drafts: dict[str, Path], out: Path) -> None:
             print(f"| {r['draft']} | {r['gamma']} | {r['tau']:.3f} | {r['c']:.3f} | "
                   f"{r['speedup']:.3f} | {r['verify_ratio']:.2f} | "
                   f"{r['speedup_measured_verify']:.3f} |")
-    modelio.write_json(out / "cost.json", result)
+    modelio.write_json(out / "cost.json", portable(result))
     print(json.dumps(result))
 
 
@@ -455,7 +456,7 @@ def main() -> None:
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    modelio.write_json(out / "figures.json", figures)
+    modelio.write_json(out / "figures.json", portable(figures))
     print(json.dumps(figures))
 
 

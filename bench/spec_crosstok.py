@@ -45,6 +45,7 @@ from common import (
     SPEC_PROMPT_OPTIONS,
     add_config_options,
     add_data_root,
+    portable,
     require,
     resolve_options,
     run,
@@ -86,7 +87,7 @@ def write(out: Path, name: str, payload: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(portable(payload), indent=1))
     tmp.replace(path)
     return path
 

@@ -46,6 +46,7 @@ from common import (
     WIKITEXT_RAW,
     add_data_root,
     cli_flags,
+    portable,
     require,
     run,
 )
@@ -311,7 +312,7 @@ def main() -> None:
                      "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
     })
     out = ROOT / "bench" / "results" / "transplant_v2.json"
-    out.write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(portable(results), indent=1))
     print(json.dumps(results))
 
 

@@ -29,7 +29,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import GSM8K_TEST, GSM8K_TRAIN, OMP_V1, PROSE, ROOT, add_data_root, require, run
+from common import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    OMP_V1,
+    PROSE,
+    ROOT,
+    add_data_root,
+    portable,
+    require,
+    run,
+)
 
 from tokensurgeon import modelio, omp
 from tokensurgeon.evaluate import segment_text
@@ -236,7 +246,7 @@ def main() -> None:
         result["tune"] = tune(s, cache, tag, args.search)
     if not args.grid:
         result["seconds"] = round(time.time() - t0)
-        out.write_text(json.dumps(result, indent=1))
+        out.write_text(json.dumps(portable(result), indent=1))
         print(json.dumps(result))
         return
     rows = {"mean": rows_mean(s)}
@@ -254,7 +264,7 @@ def main() -> None:
             grid[key] = s.score(h, rows[out_name])
             print(key, json.dumps(grid[key]), flush=True)
     result.update({"grid": grid, "seconds": round(time.time() - t0)})
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(portable(result), indent=1))
     print(json.dumps(result))
 
 

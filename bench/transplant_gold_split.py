@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import ROOT, add_data_root, require, require_paths, run
+from common import ROOT, add_data_root, portable, require, require_paths, run
 from safetensors import safe_open
 from transplant import TEXT_FILES, eval_segments
 
@@ -80,7 +80,7 @@ def main() -> None:
         name, path = item.split("=", 1)
         results["models"][name] = {"path": path, **split(path, segments)}
         print(name, json.dumps(results["models"][name]), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(portable(results), indent=1) + "\n")
     print(json.dumps(results))
 
 

@@ -152,6 +152,11 @@ def cli_flags(options: dict[str, Any]) -> list[str]:
     return flags
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, for the record of every bench run."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def portable(obj: Any) -> Any:
     """``obj`` (JSON-like) with the machine paths in its strings written relative to the
     repository or with a name for their root ($TOKENSURGEON_CACHE, $TMPDIR, ~), so a result

@@ -61,6 +61,7 @@ from common import (
     ROOT,
     SHAKESPEARE,
     add_data_root,
+    load_average,
     portable,
     require,
     run,
@@ -97,10 +98,6 @@ SECTION_DATA = {"throughput": [SHAKESPEARE], "diagnose": [PROSE],
                 "transfer": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
                 "transfer1": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
                 "transfer2": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE], "memory": []}
-
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -373,7 +370,7 @@ def section_diagnose(args, work: Path) -> dict:
         "tau": args.tau_probe,
         "grad_cosine_alm_vs_sft_last_layer": [round(c, 4) for c in cosines],
         "grad_norm_alm_sft_last_layer": [[round(a, 5), round(b, 4)] for a, b in norms],
-        "load_avg": load_avg(),
+        "load_avg": load_average(),
     }
     # Push-up per chunk, bucketed by the student's excess (quintiles).
     qs = torch.quantile(excess, torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64))
@@ -427,7 +424,7 @@ def cached_baselines(saved: Path, key: str, teacher_ref, student_ref, sets: dict
         baselines["gap_before"] = mean_abs_gap(
             heldout_chunk_stats(model, s_tok, gap_examples, "student", s_bound), teacher_ll)
         baselines["cpu_s"] = round(time.process_time() - began, 1)
-        baselines["load_avg"] = load_avg()
+        baselines["load_avg"] = load_average()
         del model
         gc.collect()
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -527,7 +524,7 @@ def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, se
                       "budget": budget, "curve": {str(k): v for k, v in curve.items()},
                       "train_tokens_per_step": [m["student_tokens"] for m in metrics],
                       "cpu_s": round(time.process_time() - began_cpu, 1),
-                      "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg(),
+                      "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_average(),
                       "metrics": metrics}
             with runs_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -647,7 +644,7 @@ def transfer_transplant(direction: int) -> Path:
                         "--threads", "1", "--quiet"], check=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         (WORK / f"transfer-d{direction}.timing.json").write_text(json.dumps(
-            {"wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg()}))
+            {"wall_s": round(time.perf_counter() - began, 1), "load_avg": load_average()}))
     return out
 
 
@@ -874,7 +871,7 @@ def main() -> None:
         "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "dtype": "float32", "shared_machine": True},
-        "load_average_at_start": load_avg(), "args": vars(args)}
+        "load_average_at_start": load_average(), "args": vars(args)}
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "throughput" in sections:
@@ -890,7 +887,7 @@ def main() -> None:
             result[f"transfer_d{direction}"] = section_transfer(args, work, direction)
     if "memory" in sections:
         result["memory"] = section_memory(args)
-    result["load_average_at_end"] = load_avg()
+    result["load_average_at_end"] = load_average()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 

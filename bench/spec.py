@@ -63,6 +63,7 @@ from common import (
     SPEC_PROMPT_OPTIONS,
     add_config_options,
     add_data_root,
+    load_average,
     portable,
     require,
     require_paths,
@@ -216,7 +217,7 @@ def measure_cost(args, drafts: dict[str, Path]) -> dict:
     samples: dict[str, list[dict]] = {n: [] for n in models}
     loads, cpu0, wall0 = [], time.process_time(), time.perf_counter()
     for r in range(args.cost_repeats):
-        loads.append(Path("/proc/loadavg").read_text().split()[:3])
+        loads.append(load_average())
         for name, model in models.items():
             samples[name].append(step_times(model, prompts[r % len(prompts)], args.cost_steps, verify))
     med = {n: {"decode": statistics.median(s["decode"] for s in v),
@@ -451,8 +452,7 @@ def main() -> None:
             "predicted_speedup", "num_drafts", "num_draft_tokens", "num_accepted_tokens")}
             for r in report["rows"]],
         "vllm_vs_exact": agreement,
-        "load_average": Path("/proc/loadavg").read_text().split()[:3]
-        if Path("/proc/loadavg").is_file() else None,
+        "load_average": load_average(),
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -45,6 +45,7 @@ from common import (
     SPEC_PROMPT_OPTIONS,
     add_config_options,
     add_data_root,
+    load_average,
     portable,
     require,
     resolve_options,
@@ -71,11 +72,6 @@ MAKE = {
                  "bench/results/spec/crosstok/train_distilled.yaml --data data/gsm8k/train.jsonl "
                  "--out {path}",
 }
-
-
-def load_avg():
-    p = Path("/proc/loadavg")
-    return p.read_text().split()[:3] if p.is_file() else None
 
 
 def cpu_seconds() -> float:
@@ -178,7 +174,7 @@ def hf_uag(args, target, prompt_ids, temperatures, gammas, timed=False) -> list[
             r = run_generate(target, prompt_ids, temp, args.max_tokens, args.seed,
                              assistant_model=smol, tokenizer=t_tok, assistant_tokenizer=s_tok)
             rows.append({"draft": "hf-uag", "method": "UAG" if temp == 0 else "USD",
-                         "temperature": temp, "gamma": gamma, **r, "load_average": load_avg()})
+                         "temperature": temp, "gamma": gamma, **r, "load_average": load_average()})
             print(f"hf-uag T={temp:g} gamma={gamma}: tau {r['tau']:.3f} "
                   f"({r['output_tokens']} tokens / {r['target_calls']} target calls)", flush=True)
             del smol
@@ -209,7 +205,7 @@ def section_acceptance(args, out: Path) -> dict:
 
     def save():
         payload.update(seconds=round(time.perf_counter() - t0, 1),
-                       cpu_seconds=round(cpu_seconds() - c0, 1), load_average=load_avg())
+                       cpu_seconds=round(cpu_seconds() - c0, 1), load_average=load_average())
         write(out, "acceptance", payload)
 
     save()  # the exact rows first: the slower generate() runs below may be cut short
@@ -263,7 +259,7 @@ def section_timing(args, out: Path) -> dict:
                 r.update(draft=name, temperature=temp, gamma=gamma, c=c,
                          speedup=alone[temp]["s_per_token"] / r["s_per_token"],
                          predicted=r["tau"] / (1 + gamma * c) if c else None,
-                         load_average=load_avg())
+                         load_average=load_average())
                 rows.append(r)
                 print(f"{name:>11} T={temp:g} gamma={gamma}: tau {r['tau']:.2f} c {c:.3f} "
                       f"speedup {r['speedup']:.2f} (predicted {r['predicted']:.2f})", flush=True)
@@ -276,7 +272,7 @@ def section_timing(args, out: Path) -> dict:
                   f"{r['speedup']:.2f}", flush=True)
     payload = {"target_alone": {str(k): v for k, v in alone.items()}, "drafts_alone": draft_alone,
                "rows": rows, "timed_prompts": len(ps), "max_tokens": args.max_tokens,
-               "threads": args.threads, "load_average": load_avg(),
+               "threads": args.threads, "load_average": load_average(),
                "seconds": round(time.perf_counter() - t0, 1)}
     write(out, "timing", payload)
     return payload
@@ -320,12 +316,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.perf_counter()
-    result = {"load_average_start": load_avg()}
+    result = {"load_average_start": load_average()}
     for section in sections:
         result[section] = {"acceptance": section_acceptance, "cost": section_cost,
                            "timing": section_timing}[section](args, out)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["load_average_end"] = load_avg()
+    result["load_average_end"] = load_average()
     print(json.dumps(result))
 
 

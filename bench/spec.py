@@ -359,6 +359,9 @@ def main() -> None:
         require_paths([("--models-dir", args.models_dir)])
     if args.tau_from:
         require_paths([("--tau-from", args.tau_from)])
+    if args.cost:  # timed drafts must exist: --cost trains nothing
+        require_paths((f"--cost {n}", Path(args.models_dir or Path(args.out) / "drafts") / n)
+                      for n in args.cost.split(","))
     global DATA
     DATA = require(args, [GSM8K_TRAIN, GSM8K_TEST])
 

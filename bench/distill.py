@@ -29,7 +29,7 @@ whatever ``tokensurgeon eval`` defaults to.
     python bench/distill.py --sections throughput
     python bench/distill.py --sections teacher_student --steps 12 --seeds 0,1,2
     python bench/distill.py --sections transfer1 --steps 12 --seeds 0,1,2 \
-        --methods "sft,alm nats,alm+sft nats" --cache-dir /tmp/teacher-cache --resume-runs
+        --methods "sft,alm nats,alm+sft nats" --cache-dir out/teacher-cache --resume-runs
 
 Raw per-run results (per-step metrics, evaluations) go to ``bench/results/distill/``;
 the figure to ``bench/results/distill/heldout_bpb.png``; the last stdout line is one JSON
@@ -54,22 +54,32 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    PROSE,
+    ROOT,
+    SHAKESPEARE,
+    add_data_root,
+    load_average,
+    portable,
+    require,
+    run,
+)
 
 from distill.data import build_examples
 from distill.trainer import DistillConfig, boundary_ids, distill
 from tokensurgeon import modelio, training
+from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
 from tokensurgeon.logits import decoder_and_head, position_statistics
 from tokensurgeon.token_identity import vocabulary
 
-DATA = ROOT.parent / "shared" / "data"
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
+# The data root: set once in main() from --data-root / $TOKENSURGEON_DATA / data/, after the
+# files the chosen sections read are checked.
+DATA = Path()
 RESULTS = ROOT / "bench" / "results" / "distill"
 WORK = modelio.cache_dir() / "work"
-PROSE = DATA / "wikitext2-valid-prose.txt"
 METHODS = {  # name -> (loss, gradmag, ALM units)
     "alm+sft": ("alm+sft", False, "probability"),
     "alm": ("alm", False, "probability"),
@@ -82,8 +92,12 @@ METHODS = {  # name -> (loss, gradmag, ALM units)
 }
 
 
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+# Data files each section reads (checked before anything is written).
+SECTION_DATA = {"throughput": [SHAKESPEARE], "diagnose": [PROSE],
+                "teacher_student": [PROSE, GSM8K_TEST, SHAKESPEARE],
+                "transfer": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
+                "transfer1": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE],
+                "transfer2": [GSM8K_TRAIN, GSM8K_TEST, PROSE, SHAKESPEARE], "memory": []}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -216,7 +230,7 @@ def section_throughput(args, work: Path) -> dict:
     sets and process layouts. Cache fills run first so timed steps never fill a shard."""
     student = str(transfer_student())
     teacher = str(modelio.resolve("builtin:smollm2-135m").directory)
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    text = (DATA / SHAKESPEARE).read_text(encoding="utf-8")[:60_000]
     data = work / "shakespeare60k.txt"
     data.write_text(text, encoding="utf-8")
     cache = work / "throughput-cache"
@@ -356,7 +370,7 @@ def section_diagnose(args, work: Path) -> dict:
         "tau": args.tau_probe,
         "grad_cosine_alm_vs_sft_last_layer": [round(c, 4) for c in cosines],
         "grad_norm_alm_sft_last_layer": [[round(a, 5), round(b, 4)] for a, b in norms],
-        "load_avg": load_avg(),
+        "load_avg": load_average(),
     }
     # Push-up per chunk, bucketed by the student's excess (quintiles).
     qs = torch.quantile(excess, torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64))
@@ -366,7 +380,7 @@ def section_diagnose(args, work: Path) -> dict:
         "alm_push_tau_units_mean": round(float(push[bucket == b].mean() * args.tau_probe), 4),
         "v_mean": round(float(v[bucket == b].mean()), 3)} for b in range(5)]
     print(json.dumps(out, indent=1), flush=True)
-    (RESULTS / "diagnose.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "diagnose.json").write_text(json.dumps(portable(out), indent=1))
     return out
 
 
@@ -376,7 +390,7 @@ def section_diagnose(args, work: Path) -> dict:
 def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
     """First ``fraction`` of the prose file (cut at a line end) to a training file; the
     rest is returned as held-out text."""
-    text = PROSE.read_text(encoding="utf-8")
+    text = (DATA / PROSE).read_text(encoding="utf-8")
     cut = text.rfind("\n", 0, int(len(text) * fraction)) + 1
     path = work / "prose-train.txt"
     path.write_text(text[:cut], encoding="utf-8")
@@ -410,7 +424,7 @@ def cached_baselines(saved: Path, key: str, teacher_ref, student_ref, sets: dict
         baselines["gap_before"] = mean_abs_gap(
             heldout_chunk_stats(model, s_tok, gap_examples, "student", s_bound), teacher_ll)
         baselines["cpu_s"] = round(time.process_time() - began, 1)
-        baselines["load_avg"] = load_avg()
+        baselines["load_avg"] = load_average()
         del model
         gc.collect()
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -429,9 +443,9 @@ def section_teacher_student(args, work: Path) -> dict:
     train_path, heldout_text = split_prose(work, 0.8)
     sets = {
         "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
                                    2000, args.retention_bytes),
-        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
                                      [-200_000:]], 2000, args.retention_bytes),
     }
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
@@ -510,7 +524,7 @@ def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, se
                       "budget": budget, "curve": {str(k): v for k, v in curve.items()},
                       "train_tokens_per_step": [m["student_tokens"] for m in metrics],
                       "cpu_s": round(time.process_time() - began_cpu, 1),
-                      "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg(),
+                      "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_average(),
                       "metrics": metrics}
             with runs_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -630,7 +644,7 @@ def transfer_transplant(direction: int) -> Path:
                         "--threads", "1", "--quiet"], check=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
         (WORK / f"transfer-d{direction}.timing.json").write_text(json.dumps(
-            {"wall_s": round(time.perf_counter() - began, 1), "load_avg": load_avg()}))
+            {"wall_s": round(time.perf_counter() - began, 1), "load_avg": load_average()}))
     return out
 
 
@@ -645,13 +659,13 @@ def section_transfer(args, work: Path, direction: int) -> dict:
     student_dir = student_ref.directory
     train_path = work / "gsm8k-train-answers.jsonl"
     train_path.write_text("".join(json.dumps({"text": a}) + "\n" for a in read_documents(
-        DATA / "gsm8k" / "train.jsonl", "answer")), encoding="utf-8")
+        DATA / GSM8K_TRAIN, "answer")), encoding="utf-8")
     _, heldout_text = split_prose(work, 0.8)
     sets = {
         "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "shakespeare": segment_text([(DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
                                      [-200_000:]], 2000, args.retention_bytes),
-        "gsm8k_test": segment_text(read_documents(DATA / "gsm8k" / "test.jsonl", "answer"),
+        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
                                    2000, args.retention_bytes),
     }
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
@@ -838,22 +852,32 @@ def main() -> None:
     p.add_argument("--memory-length", type=int, default=1024)
     p.add_argument("--logit-chunk", type=int, default=128)
     p.add_argument("--memory-probe", choices=("chunked", "naive"), help=argparse.SUPPRESS)
+    add_data_root(p)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.memory_probe:
         memory_probe(args.memory_probe, args.memory_batch, args.memory_length, args.logit_chunk)
         return
+    # Every input is checked before anything is written (results, the work dir, the cache).
     sections = set(filter(None, args.sections.split(",")))
+    if not sections or sections - set(SECTION_DATA):
+        raise UsageError(f"--sections {args.sections}: choose from {','.join(SECTION_DATA)}")
+    unknown = {m.strip() for m in args.methods.split(",")} - set(METHODS)
+    if unknown:
+        raise UsageError(f"--methods: unknown {sorted(unknown)}; choose from {','.join(METHODS)}")
+    global DATA
+    DATA = require(args, sorted({f for s in sections for f in SECTION_DATA[s]}))
     result: dict = {"hardware": {
         "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "dtype": "float32", "shared_machine": True},
-        "load_average_at_start": load_avg(), "args": vars(args)}
+        "load_average_at_start": load_average(), "args": vars(args)}
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "throughput" in sections:
         result["throughput"] = section_throughput(args, work)
-        (RESULTS / "throughput.json").write_text(json.dumps(result["throughput"], indent=1))
+        (RESULTS / "throughput.json").write_text(json.dumps(portable(result["throughput"]),
+                                                            indent=1))
     if "diagnose" in sections:
         result["diagnose"] = section_diagnose(args, work)
     if "teacher_student" in sections:
@@ -863,10 +887,10 @@ def main() -> None:
             result[f"transfer_d{direction}"] = section_transfer(args, work, direction)
     if "memory" in sections:
         result["memory"] = section_memory(args)
-    result["load_average_at_end"] = load_avg()
+    result["load_average_at_end"] = load_average()
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/distill.py")

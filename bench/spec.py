@@ -54,12 +54,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    SPEC_PROMPT_OPTIONS,
+    add_config_options,
+    add_data_root,
+    load_average,
+    portable,
+    require,
+    require_paths,
+    resolve_options,
+    run,
+)
 
 from spec_decode.bench import (
     SpecBenchConfig,
@@ -72,9 +82,14 @@ from spec_decode.bench import (
 from spec_decode.draft import MakeDraftConfig, make_draft
 from spec_decode.train import SpecTrainConfig, train
 from tokensurgeon import modelio
+from tokensurgeon.errors import UsageError
 
-DATA = ROOT.parent / "shared" / "data"
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", DATA))  # another checkout's data: set this
+# The data root: set once in main() (--data-root / $TOKENSURGEON_DATA / data/) after its
+# files are checked.
+DATA = Path()
+# SpecBenchConfig fields this bench takes besides the shared prompt options.
+BENCH_OPTIONS = (*SPEC_PROMPT_OPTIONS, "draft_sample", "timed_prompts", "dtype", "vllm_memory",
+                 "enforce_eager")
 TARGET = modelio.builtin_dir("smollm2-135m")  # builtin:smollm2-135m as converted now (v2)
 
 
@@ -122,7 +137,7 @@ def train_once(cfg: SpecTrainConfig) -> dict:
 
 def warm_start(args, models: Path) -> dict:
     """Cut, heal, then fixed-data FKL vs on-policy DistillSpec at equal extra positions."""
-    common = {"target": args.target, "data": str(DATA / "gsm8k" / "train.jsonl"),
+    common = {"target": args.target, "data": str(DATA / GSM8K_TRAIN),
               "num_examples": args.num_examples, "heldout": 0, "batch_size": args.batch_size,
               "lr": args.lr, "max_new_tokens": args.max_new_tokens,
               "temperature": args.train_temperature, "verify": args.verify,
@@ -194,7 +209,7 @@ def measure_cost(args, drafts: dict[str, Path]) -> dict:
 
     torch.set_num_threads(1)
     tok = modelio.load_tokenizer(modelio.resolve(args.target))
-    rows = read_examples(DATA / "gsm8k" / "test.jsonl", limit=args.cost_prompts)
+    rows = read_examples(DATA / GSM8K_TEST, limit=args.cost_prompts)
     prompts = [encode_prompt(tok, r.prompt, chat=True) for r in rows]
     models = {"target": modelio.load_model(modelio.resolve(args.target))}
     models |= {n: modelio.load_model(modelio.resolve(str(p))) for n, p in drafts.items()}
@@ -202,7 +217,7 @@ def measure_cost(args, drafts: dict[str, Path]) -> dict:
     samples: dict[str, list[dict]] = {n: [] for n in models}
     loads, cpu0, wall0 = [], time.process_time(), time.perf_counter()
     for r in range(args.cost_repeats):
-        loads.append(Path("/proc/loadavg").read_text().split()[:3])
+        loads.append(load_average())
         for name, model in models.items():
             samples[name].append(step_times(model, prompts[r % len(prompts)], args.cost_steps, verify))
     med = {n: {"decode": statistics.median(s["decode"] for s in v),
@@ -274,7 +289,7 @@ def cost_only(args, drafts: dict[str, Path], out: Path) -> None:
             print(f"| {r['draft']} | {r['gamma']} | {r['tau']:.3f} | {r['c']:.3f} | "
                   f"{r['speedup']:.3f} | {r['verify_ratio']:.2f} | "
                   f"{r['speedup_measured_verify']:.3f} |")
-    modelio.write_json(out / "cost.json", result)
+    modelio.write_json(out / "cost.json", portable(result))
     print(json.dumps(result))
 
 
@@ -284,28 +299,19 @@ def main() -> None:
     ap.add_argument("--target", default=str(TARGET), help="SmolLM2-135M HF directory")
     ap.add_argument("--models-dir", default="", help="reuse drafts from here; skip training")
     ap.add_argument("--keep-layers", default="0-5,28,29")
-    ap.add_argument("--divergence", default="tvd")
+    add_config_options(ap, SpecTrainConfig, ["divergence"])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="training continuation length")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf", "none"],
                     help="none: train only (print the training figures)")
-    ap.add_argument("--gamma", default="2,3,4")
-    ap.add_argument("--temperature", default="0,1")
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--num-prompts", type=int, default=50)
-    ap.add_argument("--timed-prompts", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--vllm-memory", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
+    add_config_options(ap, SpecBenchConfig, BENCH_OPTIONS)
+    ap.add_argument("--batch-sizes", help="spec bench's --batch-size (default: its own); "
+                    "--batch-size here is the training batch")
     ap.add_argument("--drafts", default="distillspec,fkl-fixed,cut",
                     help="drafts to benchmark, in this order; with --models-dir any "
                          "subdirectory names")
-    ap.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation")
-    ap.add_argument("--draft-sample", default="greedy,probabilistic",
-                    help="vLLM drafting rules run at T > 0 (draft_sample_method)")
     ap.add_argument("--anchors", default="ngram",
                     help="comma list of vLLM proposers without a model benchmarked beside the "
                          "drafts ('' for none)")
@@ -338,7 +344,26 @@ def main() -> None:
     ap.add_argument("--cost-repeats", type=int, default=7)
     ap.add_argument("--cost-steps", type=int, default=32, help="decoding steps per timing")
     ap.add_argument("--cost-prompts", type=int, default=4)
+    add_data_root(ap)
     args = ap.parse_args()
+    # Every input is checked before anything is written (OUT, drafts, the model cache).
+    resolve_options(args, SpecTrainConfig, ["divergence"])
+    resolve_options(args, SpecBenchConfig, BENCH_OPTIONS)
+    sizes = {"batch_size": args.batch_sizes} if args.batch_sizes else {}
+    SpecBenchConfig(target=args.target, draft=["d"], prompts="p", **sizes, **{
+        k: getattr(args, k) for k in BENCH_OPTIONS}).validate()
+    unknown = {int(d) for d in args.depths.split(",") if d} - set(CUTS) if args.depths else set()
+    if unknown:
+        raise UsageError(f"--depths: no cut for {sorted(unknown)}; choose from {sorted(CUTS)}")
+    if args.models_dir and not args.depths:  # reused, not trained into
+        require_paths([("--models-dir", args.models_dir)])
+    if args.tau_from:
+        require_paths([("--tau-from", args.tau_from)])
+    if args.cost:  # timed drafts must exist: --cost trains nothing
+        require_paths((f"--cost {n}", Path(args.models_dir or Path(args.out) / "drafts") / n)
+                      for n in args.cost.split(","))
+    global DATA
+    DATA = require(args, [GSM8K_TRAIN, GSM8K_TEST])
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -362,7 +387,7 @@ def main() -> None:
         make_draft(MakeDraftConfig(target=args.target, out=str(drafts["cut"]),
                                    keep_layers=args.keep_layers, overwrite=True, quiet=True))
         common = {"target": args.target, "draft": str(drafts["cut"]),
-                  "data": str(DATA / "gsm8k" / "train.jsonl"), "steps": args.steps,
+                  "data": str(DATA / GSM8K_TRAIN), "steps": args.steps,
                   "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": max(1, args.steps // 10),
                   "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "heldout": 8,
                   "eval_every": args.steps, "checkpoint_every": args.steps,
@@ -396,22 +421,17 @@ def main() -> None:
     report = bench(SpecBenchConfig(
         target=args.target,
         draft=[f"{n}={drafts[n]}" for n in names] + [f"{a}={a}" for a in anchors],
-        draft_sample=args.draft_sample,
-        prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report"),
-        backend=args.backend, gamma=args.gamma, temperature=args.temperature,
-        batch_size=args.batch_sizes, num_prompts=args.num_prompts,
-        timed_prompts=args.timed_prompts, max_tokens=args.max_tokens, seed=args.seed,
-        vllm_memory=args.vllm_memory, dtype=args.dtype, enforce_eager=args.enforce_eager,
-        overwrite=True, quiet=True))
+        prompts=str(DATA / GSM8K_TEST), out=str(out / "report"), backend=args.backend,
+        **sizes, **{k: getattr(args, k) for k in BENCH_OPTIONS}, overwrite=True, quiet=True))
     print(markdown(report))
     agreement = []
     if args.hf_check:
         exact = bench(SpecBenchConfig(
             target=args.target, draft=[f"{n}={drafts[n]}" for n in names],
-            prompts=str(DATA / "gsm8k" / "test.jsonl"), out=str(out / "report_hf"),
-            backend="hf", gamma=args.gamma, temperature=args.temperature,
-            draft_sample=args.draft_sample, batch_size="1", num_prompts=args.num_prompts,
-            max_tokens=args.max_tokens, seed=args.seed, device="cpu", overwrite=True, quiet=True))
+            prompts=str(DATA / GSM8K_TEST), out=str(out / "report_hf"), backend="hf",
+            **{k: getattr(args, k) for k in SPEC_PROMPT_OPTIONS},
+            draft_sample=args.draft_sample, batch_size=[1], device="cpu", overwrite=True,
+            quiet=True))
         agreement = compare_backends(report["rows"], exact["rows"])
         print("| draft | T | rule | gamma | vLLM pos-1 acceptance (± se) | exact per-token | rel. diff "
               "| vLLM alpha | exact alpha (indep.) |\n|---|---|---|---|---|---|---|---|---|")
@@ -435,14 +455,13 @@ def main() -> None:
             "predicted_speedup", "num_drafts", "num_draft_tokens", "num_accepted_tokens")}
             for r in report["rows"]],
         "vllm_vs_exact": agreement,
-        "load_average": Path("/proc/loadavg").read_text().split()[:3]
-        if Path("/proc/loadavg").is_file() else None,
+        "load_average": load_average(),
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    modelio.write_json(out / "figures.json", figures)
+    modelio.write_json(out / "figures.json", portable(figures))
     print(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/spec.py")

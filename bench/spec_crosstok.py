@@ -36,27 +36,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import torch
+from common import (
+    GSM8K_TEST,
+    SPEC_PROMPT_OPTIONS,
+    add_config_options,
+    add_data_root,
+    load_average,
+    portable,
+    require,
+    resolve_options,
+    run,
+)
 
 from spec_decode.backends.base import BenchPlan
 from spec_decode.backends.hf import load_draft, run_hf, split_draft_path
-from spec_decode.bench import summarise, weights_per_token
+from spec_decode.bench import SpecBenchConfig, summarise, weights_per_token
 from spec_decode.prompts import encode_prompt, read_examples
 from tokensurgeon import modelio
+from tokensurgeon.errors import UsageError
 
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", ROOT.parent / "shared" / "data"))
-
-
-def load_avg():
-    p = Path("/proc/loadavg")
-    return p.read_text().split()[:3] if p.is_file() else None
+# The data root: set once in main() (--data-root / $TOKENSURGEON_DATA / data/) after its
+# files are checked.
+DATA = Path()
+SECTIONS = ("acceptance", "cost", "timing")
+DRAFTS = ("tli", "tli-bytes", "transplant", "distilled", "hf-uag")
+# How to make the two drafts this bench reads from disk (the recorded run's recipe).
+MAKE = {
+    "transplant": "tokensurgeon spec make-draft builtin:gemma3-270m --from builtin:smollm2-135m "
+                  "--out {path}",
+    "distilled": "tokensurgeon spec train builtin:gemma3-270m out/crosstok/transplant --config "
+                 "bench/results/spec/crosstok/train_distilled.yaml --data data/gsm8k/train.jsonl "
+                 "--out {path}",
+}
 
 
 def cpu_seconds() -> float:
@@ -68,14 +83,14 @@ def write(out: Path, name: str, payload: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(portable(payload), indent=1))
     tmp.replace(path)
     return path
 
 
 def prompts(target: str, n: int, offset: int = 0) -> list[list[int]]:
     tok = modelio.load_tokenizer(modelio.resolve(target))
-    rows = read_examples(DATA / "gsm8k" / "test.jsonl", limit=n, offset=offset)
+    rows = read_examples(DATA / GSM8K_TEST, limit=n, offset=offset)
     return [encode_prompt(tok, r.prompt, chat=True) for r in rows]
 
 
@@ -159,7 +174,7 @@ def hf_uag(args, target, prompt_ids, temperatures, gammas, timed=False) -> list[
             r = run_generate(target, prompt_ids, temp, args.max_tokens, args.seed,
                              assistant_model=smol, tokenizer=t_tok, assistant_tokenizer=s_tok)
             rows.append({"draft": "hf-uag", "method": "UAG" if temp == 0 else "USD",
-                         "temperature": temp, "gamma": gamma, **r, "load_average": load_avg()})
+                         "temperature": temp, "gamma": gamma, **r, "load_average": load_average()})
             print(f"hf-uag T={temp:g} gamma={gamma}: tau {r['tau']:.3f} "
                   f"({r['output_tokens']} tokens / {r['target_calls']} target calls)", flush=True)
             del smol
@@ -169,8 +184,7 @@ def hf_uag(args, target, prompt_ids, temperatures, gammas, timed=False) -> list[
 def section_acceptance(args, out: Path) -> dict:
     target_dir = str(modelio.resolve(args.target).directory)
     ps = prompts(args.target, args.num_prompts, args.prompt_offset)
-    temps = [float(x) for x in args.temperature.split(",")]
-    gammas = [int(x) for x in args.gamma.split(",")]
+    temps, gammas = list(args.temperature), list(args.gamma)
     drafts = drafts_of(args)
     t0, c0 = time.perf_counter(), cpu_seconds()
     plan = BenchPlan(target=target_dir, drafts=drafts, prompts=ps, gammas=gammas,
@@ -191,7 +205,7 @@ def section_acceptance(args, out: Path) -> dict:
 
     def save():
         payload.update(seconds=round(time.perf_counter() - t0, 1),
-                       cpu_seconds=round(cpu_seconds() - c0, 1), load_average=load_avg())
+                       cpu_seconds=round(cpu_seconds() - c0, 1), load_average=load_average())
         write(out, "acceptance", payload)
 
     save()  # the exact rows first: the slower generate() runs below may be cut short
@@ -245,7 +259,7 @@ def section_timing(args, out: Path) -> dict:
                 r.update(draft=name, temperature=temp, gamma=gamma, c=c,
                          speedup=alone[temp]["s_per_token"] / r["s_per_token"],
                          predicted=r["tau"] / (1 + gamma * c) if c else None,
-                         load_average=load_avg())
+                         load_average=load_average())
                 rows.append(r)
                 print(f"{name:>11} T={temp:g} gamma={gamma}: tau {r['tau']:.2f} c {c:.3f} "
                       f"speedup {r['speedup']:.2f} (predicted {r['predicted']:.2f})", flush=True)
@@ -258,7 +272,7 @@ def section_timing(args, out: Path) -> dict:
                   f"{r['speedup']:.2f}", flush=True)
     payload = {"target_alone": {str(k): v for k, v in alone.items()}, "drafts_alone": draft_alone,
                "rows": rows, "timed_prompts": len(ps), "max_tokens": args.max_tokens,
-               "threads": args.threads, "load_average": load_avg(),
+               "threads": args.threads, "load_average": load_average(),
                "seconds": round(time.perf_counter() - t0, 1)}
     write(out, "timing", payload)
     return payload
@@ -269,33 +283,47 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/spec/crosstok")
     ap.add_argument("--sections", default="cost,acceptance")
     ap.add_argument("--target", default="builtin:gemma3-270m")
-    ap.add_argument("--smol", default=str(modelio.cache_dir() / "models" / "smollm2-135m-v2"),
+    ap.add_argument("--smol", default=str(modelio.builtin_dir("smollm2-135m")),
                     help="SmolLM2-135M HF directory (its own tokenizer), for tli and hf-uag")
     ap.add_argument("--transplant", default="out/crosstok/transplant")
     ap.add_argument("--distilled", default="out/crosstok/distilled")
-    ap.add_argument("--drafts", default="tli,tli-bytes,transplant,distilled,hf-uag")
-    ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--prompt-offset", type=int, default=0)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--gamma", default="2,4")
-    ap.add_argument("--temperature", default="0,1")
+    ap.add_argument("--drafts", default=",".join(DRAFTS))
+    add_config_options(ap, SpecBenchConfig, SPEC_PROMPT_OPTIONS)
     ap.add_argument("--timed-prompts", type=int, default=8)
     ap.add_argument("--timing-gamma", default="2")
     ap.add_argument("--timing-temperature", default="0")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    add_data_root(ap)
     args = ap.parse_args()
+    # Every input is checked before anything is written (OUT, the model cache).
+    resolve_options(args, SpecBenchConfig, SPEC_PROMPT_OPTIONS)
+    SpecBenchConfig(target=args.target, draft=["d"], prompts="p", **{
+        k: getattr(args, k) for k in SPEC_PROMPT_OPTIONS}).validate()
+    sections = [x for x in args.sections.split(",") if x]
+    if not sections or set(sections) - set(SECTIONS):
+        raise UsageError(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
+    names = [x for x in args.drafts.split(",") if x]
+    if set(names) - set(DRAFTS):
+        raise UsageError(f"--drafts: unknown {sorted(set(names) - set(DRAFTS))}; choose from "
+                         f"{','.join(DRAFTS)}")
+    for name in (n for n in names if n in MAKE):
+        path = getattr(args, name)
+        if not Path(path).is_dir():
+            raise UsageError(f"--{name} {path} does not exist; make it with `"
+                             f"{MAKE[name].format(path=path)}`, or leave {name} out of --drafts")
+    global DATA
+    DATA = require(args, [GSM8K_TEST])
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.perf_counter()
-    result = {"load_average_start": load_avg()}
-    for section in args.sections.split(","):
+    result = {"load_average_start": load_average()}
+    for section in sections:
         result[section] = {"acceptance": section_acceptance, "cost": section_cost,
                            "timing": section_timing}[section](args, out)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["load_average_end"] = load_avg()
+    result["load_average_end"] = load_average()
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/spec_crosstok.py")

@@ -16,8 +16,9 @@ OUT=${OUT:-out/spec-gpu}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 if ! python3 -c "import vllm, matplotlib, tokensurgeon" 2>/dev/null; then
-  python3 -m venv /tmp/spec-gpu-venv
-  . /tmp/spec-gpu-venv/bin/activate
+  VENV=${VENV:-"${TMPDIR:-/tmp}/spec-gpu-venv"}
+  python3 -m venv "$VENV"
+  . "$VENV/bin/activate"
   pip install -q "vllm==0.33.0" "matplotlib>=3.7" "gguf>=0.10" "accelerate>=1.0" \
       sentencepiece protobuf pyyaml psutil tqdm
   pip install -q --no-deps -e .

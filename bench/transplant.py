@@ -17,8 +17,8 @@ convention before it followed the tokenizer) on held-out text: GSM8K test answer
 mergekit: direction 1 in full, direction 2 its OMP on a subset, extrapolated; when its
 environment is not installed the run says so and the table cites issue 8's measurements.
 
-Runnable example (CPU; ~1 hour on 2 shared cores):
-    python bench/transplant.py --workdir bench/runs/transplant3
+Runnable example (CPU; ~1 hour on 2 shared cores; texts from data/, or --data-root DIR):
+    python bench/transplant.py --directions 1,2 --methods omp,mean,zero,subword --eval-bytes 12000
     python bench/transplant.py --directions 1 --eval-bytes 8000   # quicker
 mergekit runs from its own environment (it pins other packages):
     python3 -m venv ../venv-mergekit && ../venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
@@ -38,16 +38,25 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import (
+    GSM8K_TEST,
+    OMP_V1,
+    PROSE,
+    ROOT,
+    WIKITEXT_RAW,
+    add_data_root,
+    cli_flags,
+    portable,
+    require,
+    run,
+)
 
 from tokensurgeon import modelio, omp
+from tokensurgeon.errors import UsageError
 from tokensurgeon.evaluate import bits_per_byte, read_documents, segment_text
 from tokensurgeon.token_identity import vocabulary
 from tokensurgeon.transplant import plan_vocabulary
 
-DATA = ROOT.parent / "shared" / "data"
 GEMMA, SMOL = "builtin:gemma3-270m", "builtin:smollm2-135m"
 DIRECTIONS = {1: (GEMMA, SMOL), 2: (SMOL, GEMMA)}
 TIME_FMT = "%e %M %U %S"
@@ -80,9 +89,7 @@ METHODS = {
     # The two fixed output-row weights that --output-shrink auto chooses between.
     "omp-out0": ["--method", "omp", "--output-shrink", "0"],
     "omp-out1": ["--method", "omp", "--output-shrink", "1"],
-    "omp-v1": ["--method", "omp", "--no-centre", "--search", "exact", "-k", "64",
-               "--candidates", "256", "--refreshes", "10", "--coefficients", "lstsq",
-               "--shrink", "1", "--output-shrink", "1", "--no-untie"],
+    "omp-v1": ["--method", "omp", *cli_flags(OMP_V1)],
     "mean": ["--method", "mean"],
     "zero": ["--method", "zero"],
     "subword": ["--method", "subword"],
@@ -120,7 +127,7 @@ def run_mergekit_full(work: Path, direction: int, env_dir: Path) -> dict:
     if not exe.exists():
         raise SystemExit(f"{exe} not found; install mergekit==0.1.5 there (see the docstring)")
     cmd = [str(exe), str(modelio.resolve(base).directory), str(modelio.resolve(donor).directory),
-           str(out), "-k", "64", "--approximation-method", "omp"]
+           str(out), "-k", str(OMP_V1["k"]), "--approximation-method", "omp"]
     return timed(cmd, work / f"d{direction}-mergekit.log")
 
 
@@ -132,7 +139,7 @@ targets, anchors = data["targets"], data["anchors"]
 torch.set_num_threads(int(sys.argv[3]))
 t = time.perf_counter()
 for s in range(0, targets.shape[0], 512):  # mergekit's default --batch-size
-    idx, coef = batch_omp(targets[s:s + 512], anchors, 64)
+    idx, coef = batch_omp(targets[s:s + 512], anchors, int(sys.argv[4]))
 json.dump({"seconds": time.perf_counter() - t, "tokens": targets.shape[0]}, open(sys.argv[2], "w"))
 '''
 
@@ -157,7 +164,7 @@ def mergekit_extrapolated(work: Path, env_dir: Path, n: int) -> dict:
     torch.save({"targets": targets, "anchors": anchors}, blob)
     out = work / "d2-mergekit-subset.result.json"
     t = timed([str(env_dir / "bin" / "python"), "-c", MERGEKIT_SUBSET, str(blob), str(out),
-               str(os.cpu_count())], work / "d2-mergekit-subset.log")
+               str(os.cpu_count()), str(OMP_V1["k"])], work / "d2-mergekit-subset.log")
     measured = json.loads(out.read_text())
     per_token = measured["seconds"] / measured["tokens"]
     return {
@@ -172,13 +179,15 @@ def mergekit_extrapolated(work: Path, env_dir: Path, n: int) -> dict:
 def fast_vs_exact(direction: int, n: int) -> dict:
     targets, anchors, _ = problem_subset(direction, n, seed=1)
     t = time.perf_counter()
-    e_idx, e_coef = omp.omp_exact(targets, anchors, 64)
+    k, candidates = OMP_V1["k"], OMP_V1["candidates"]
+    e_idx, e_coef = omp.omp_exact(targets, anchors, k)
     exact_s = time.perf_counter() - t
     exact = float(omp.relative_error(targets, omp.reconstruct(anchors, e_idx, e_coef)).mean())
     row = {"tokens": n, "exact_error": round(exact, 4), "exact_s": round(exact_s, 1)}
     for refreshes in (0, 5, 10):
         t = time.perf_counter()
-        idx, coef = omp.omp_fast(targets, anchors, 64, 256, refresh=omp.refresh_schedule(64, refreshes))
+        idx, coef = omp.omp_fast(targets, anchors, k, candidates,
+                                 refresh=omp.refresh_schedule(k, refreshes))
         err = float(omp.relative_error(targets, omp.reconstruct(anchors, idx, coef)).mean())
         row[f"fast_r{refreshes}_error"] = round(err, 4)
         row[f"fast_r{refreshes}_ratio"] = round(err / exact, 4)
@@ -193,14 +202,23 @@ def eval_model(path: str, segments: dict[str, list[str]]) -> dict:
             for name, segs in segments.items()}
 
 
-def eval_segments(n_bytes: int) -> dict[str, list[str]]:
-    gsm = [json.loads(x)["answer"] for x in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
-    prose = (DATA / "wikitext2-valid-prose.txt").read_text(encoding="utf-8")
-    held = prose[int(len(prose) * 0.8):]
-    held = held[held.index("\n") + 1:]  # start at a line
-    return {"gsm8k_test": segment_text(gsm, 2000, n_bytes),
-            "prose_heldout": segment_text([held], 2000, n_bytes),
-            "wikitext_raw": segment_text(read_documents(DATA / "wikitext2-valid.txt"), 2000, n_bytes)}
+# Held-out text name -> the data file it is cut from.
+TEXT_FILES = {"gsm8k_test": GSM8K_TEST, "prose_heldout": PROSE, "wikitext_raw": WIKITEXT_RAW}
+
+
+def eval_segments(data: Path, names: list[str], n_bytes: int) -> dict[str, list[str]]:
+    out = {}
+    if "gsm8k_test" in names:
+        gsm = [json.loads(x)["answer"] for x in (data / GSM8K_TEST).read_text().splitlines()]
+        out["gsm8k_test"] = segment_text(gsm, 2000, n_bytes)
+    if "prose_heldout" in names:
+        prose = (data / PROSE).read_text(encoding="utf-8")
+        held = prose[int(len(prose) * 0.8):]
+        held = held[held.index("\n") + 1:]  # start at a line
+        out["prose_heldout"] = segment_text([held], 2000, n_bytes)
+    if "wikitext_raw" in names:
+        out["wikitext_raw"] = segment_text(read_documents(data / WIKITEXT_RAW), 2000, n_bytes)
+    return out
 
 
 # Issue 8's measurements of mergekit 0.1.5 on this machine, cited when its env is absent.
@@ -217,18 +235,31 @@ def main() -> None:
     ap.add_argument("--skip", default="2:omp-v1",
                     help="direction:method pairs not run (comma-separated)")
     ap.add_argument("--eval-bytes", type=int, default=12_000, help="bytes of each held-out text")
-    ap.add_argument("--mergekit-env", default=str(Path(__file__).resolve().parents[2] / "venv-mergekit"))
+    ap.add_argument("--mergekit-env", default=str(ROOT.parent / "venv-mergekit"),
+                    help="venv with mergekit 0.1.5 (default: venv-mergekit beside the repository)")
     ap.add_argument("--mergekit-subset", type=int, default=1024)
     ap.add_argument("--texts", default="gsm8k_test,prose_heldout,wikitext_raw")
     ap.add_argument("--eval-models", default="",
                     help="comma-separated models to evaluate (default: base and every method)")
     ap.add_argument("--exact-subset", type=int, default=0,
                     help="new tokens for the fast-vs-exact OMP check (0 skips it)")
+    add_data_root(ap)
     args = ap.parse_args()
+    # Every input is checked before anything is written (workdir, results, the model cache).
+    directions = [int(d) for d in args.directions.split(",") if d.strip().isdigit()]
+    if not directions or set(directions) - set(DIRECTIONS) or \
+            len(directions) != len(args.directions.split(",")):
+        raise UsageError(f"--directions {args.directions}: give 1, 2 or 1,2")
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        raise UsageError(f"--methods: unknown {sorted(unknown)}; choose from {','.join(METHODS)}")
+    texts = [t for t in args.texts.split(",") if t]
+    if not texts or set(texts) - set(TEXT_FILES):
+        raise UsageError(f"--texts {args.texts}: choose from {','.join(TEXT_FILES)}")
+    data = require(args, [TEXT_FILES[t] for t in texts])
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    directions = [int(d) for d in args.directions.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     env_dir = Path(args.mergekit_env)
     have_mergekit = (env_dir / "bin" / "mergekit-tokensurgeon").exists()
@@ -257,8 +288,7 @@ def main() -> None:
                                         lambda d=d: fast_vs_exact(d, args.exact_subset))
         results["directions"][d] = r
 
-    segments = {k: v for k, v in eval_segments(args.eval_bytes).items()
-                if k in args.texts.split(",")}
+    segments = eval_segments(data, texts, args.eval_bytes)
     for d in directions:
         r = results["directions"][d]
         models = {"base": DIRECTIONS[d][0]}
@@ -282,7 +312,7 @@ def main() -> None:
                      "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
     })
     out = ROOT / "bench" / "results" / "transplant_v2.json"
-    out.write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(portable(results), indent=1))
     print(json.dumps(results))
 
 
@@ -316,4 +346,4 @@ def print_table(results: dict, directions: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/transplant.py")

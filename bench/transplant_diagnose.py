@@ -25,34 +25,40 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import (
+    GSM8K_TEST,
+    GSM8K_TRAIN,
+    OMP_V1,
+    PROSE,
+    ROOT,
+    add_data_root,
+    portable,
+    require,
+    run,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tokensurgeon import modelio, omp
+from tokensurgeon.evaluate import segment_text
+from tokensurgeon.token_identity import vocabulary
+from tokensurgeon.transplant import plan_vocabulary
 
-from tokensurgeon import modelio, omp  # noqa: E402
-from tokensurgeon.evaluate import segment_text  # noqa: E402
-from tokensurgeon.token_identity import vocabulary  # noqa: E402
-from tokensurgeon.transplant import plan_vocabulary  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
 BASE, DONOR = "builtin:smollm2-135m", "builtin:gemma3-270m"
 
 
-def texts(kind: str, n_bytes: int) -> dict[str, list[str]]:
+def texts(data: Path, kind: str, n_bytes: int) -> dict[str, list[str]]:
     """Held-out evaluation texts (``eval``) or training texts for tuning (``train``)."""
-    prose = (DATA / "wikitext2-valid-prose.txt").read_text(encoding="utf-8")
+    prose = (data / PROSE).read_text(encoding="utf-8")
     cut = int(len(prose) * 0.8)
     if kind == "eval":
-        gsm = [json.loads(x)["answer"] for x in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
+        gsm = [json.loads(x)["answer"] for x in (data / GSM8K_TEST).read_text().splitlines()]
         prose_part = prose[cut:]
         prose_part = prose_part[prose_part.index("\n") + 1:]
     else:
-        gsm = [json.loads(x)["answer"] for x in (DATA / "gsm8k" / "train.jsonl").read_text().splitlines()]
+        gsm = [json.loads(x)["answer"] for x in (data / GSM8K_TRAIN).read_text().splitlines()]
         prose_part = prose[:cut]
     return {"gsm8k": segment_text(gsm, 2000, n_bytes),
             "prose": segment_text([prose_part], 2000, n_bytes)}
@@ -61,7 +67,7 @@ def texts(kind: str, n_bytes: int) -> dict[str, list[str]]:
 class Setup:
     """BASE model, DONOR tokenizer and embeddings, the vocabulary plan, encoded texts."""
 
-    def __init__(self, text_kind: str, n_bytes: int, n_sample: int, seed: int = 0):
+    def __init__(self, data: Path, text_kind: str, n_bytes: int, n_sample: int, seed: int = 0):
         b_ref, d_ref = modelio.resolve(BASE), modelio.resolve(DONOR)
         self.tok = modelio.load_tokenizer(d_ref)
         self.model = modelio.load_model(b_ref)
@@ -72,7 +78,7 @@ class Setup:
         self.plan = plan_vocabulary(vocabulary(modelio.load_tokenizer(b_ref)), vocabulary(self.tok),
                                     self.base.shape[0], self.donor.shape[0], self.donor.shape[0])
         prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
-        self.texts = texts(text_kind, n_bytes)
+        self.texts = texts(data, text_kind, n_bytes)
         self.encoded = {name: [[prefix] + self.tok(s, add_special_tokens=False)["input_ids"]
                                for s in segs] for name, segs in self.texts.items()}
         self.bytes = {name: sum(len(s.encode()) for s in segs) for name, segs in self.texts.items()}
@@ -150,8 +156,10 @@ def rows_mean(s: Setup) -> torch.Tensor:
     return mu.expand(s.needed.numel(), -1).clone()
 
 
-def rows_omp_old(s: Setup, refreshes: int, k: int = 64, candidates: int = 256) -> torch.Tensor:
-    """The shipped method: uncentred least-squares OMP over raw DONOR anchors."""
+def rows_omp_old(s: Setup, refreshes: int) -> torch.Tensor:
+    """The v1 method: uncentred least-squares OMP over raw DONOR anchors (OMP_V1's k and
+    candidates)."""
+    k, candidates = OMP_V1["k"], OMP_V1["candidates"]
     A, B = s.anchors()
     T = s.donor[s.needed]
     out = []
@@ -214,18 +222,21 @@ def main() -> None:
     ap.add_argument("--texts", default="eval", choices=["eval", "train"])
     ap.add_argument("--bytes", type=int, default=12_000)
     ap.add_argument("--sample", type=int, default=2048)
-    ap.add_argument("--cache", default="/tmp/tokensurgeon-diagnose")
+    ap.add_argument("--cache", default=str(ROOT / "bench" / "runs" / "transplant_diagnose"),
+                    help="rows computed once and reused (not committed)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", action="store_true", help="the v1 diagnosis grid")
     ap.add_argument("--tune", action="store_true", help="v2 output shrink on these texts")
     ap.add_argument("--search", default="exact", help="v2 candidate search for --tune")
+    add_data_root(ap)
     args = ap.parse_args()
+    data = require(args, [PROSE, GSM8K_TEST if args.texts == "eval" else GSM8K_TRAIN])
     out = Path(args.out or ROOT / "bench" / "results" / f"transplant_diagnose_{args.texts}.json")
     torch.set_num_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    s = Setup(args.texts, args.bytes, args.sample)
+    s = Setup(data, args.texts, args.bytes, args.sample)
     tag = f"{args.texts}-{args.bytes}-{args.sample}"
     print(f"setup {time.time() - t0:.0f}s: {s.in_text.numel()} new tokens in the texts, "
           f"sample {s.sample.numel()} (weight {s.sample_weight:.1f})", flush=True)
@@ -235,7 +246,7 @@ def main() -> None:
         result["tune"] = tune(s, cache, tag, args.search)
     if not args.grid:
         result["seconds"] = round(time.time() - t0)
-        out.write_text(json.dumps(result, indent=1))
+        out.write_text(json.dumps(portable(result), indent=1))
         print(json.dumps(result))
         return
     rows = {"mean": rows_mean(s)}
@@ -253,9 +264,9 @@ def main() -> None:
             grid[key] = s.score(h, rows[out_name])
             print(key, json.dumps(grid[key]), flush=True)
     result.update({"grid": grid, "seconds": round(time.time() - t0)})
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(portable(result), indent=1))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/transplant_diagnose.py")

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
+from common import ROOT, add_data_root, portable, require, require_paths, run
 from safetensors import safe_open
-from transplant import eval_segments
+from transplant import TEXT_FILES, eval_segments
 
 from tokensurgeon import diagnostics, modelio
+from tokensurgeon.errors import UsageError
 
 
 def split(path: str, segments: dict[str, list[str]]) -> dict:
@@ -68,17 +64,25 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=12_000)
     ap.add_argument("--texts", default="gsm8k_test,prose_heldout")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "transplant_gold_split.json"))
+    add_data_root(ap)
     args = ap.parse_args()
-    segments = {k: v for k, v in eval_segments(args.eval_bytes).items()
-                if k in args.texts.split(",")}
+    texts = [t for t in args.texts.split(",") if t]
+    if not texts or set(texts) - set(TEXT_FILES):
+        raise UsageError(f"--texts {args.texts}: choose from {','.join(TEXT_FILES)}")
+    if any("=" not in item for item in args.models):
+        raise UsageError("--models takes NAME=PATH pairs, e.g. omp=bench/runs/transplant3/d1-omp")
+    require_paths((f"--models {item.split('=', 1)[0]}", item.split("=", 1)[1])
+                  for item in args.models if not item.split("=", 1)[1].startswith("builtin:"))
+    data = require(args, [TEXT_FILES[t] for t in texts])
+    segments = eval_segments(data, texts, args.eval_bytes)
     results = {"eval_bytes": args.eval_bytes, "bos": "always (prepended by hand)", "models": {}}
     for item in args.models:
         name, path = item.split("=", 1)
         results["models"][name] = {"path": path, **split(path, segments)}
         print(name, json.dumps(results["models"][name]), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(portable(results), indent=1) + "\n")
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/transplant_gold_split.py")

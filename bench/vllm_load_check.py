@@ -7,10 +7,15 @@ Prints ``VLLM_OK`` and the greedy continuation.
 """
 import json
 import sys
-
-from vllm import LLM, SamplingParams
+from pathlib import Path
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "config.json").is_file():
+        print("bench/vllm_load_check.py: error: pass one model directory (with config.json), "
+              "e.g. out/gemma-smoltok", file=sys.stderr)
+        raise SystemExit(2)
+    from vllm import LLM, SamplingParams
+
     path = sys.argv[1]
     llm = LLM(model=path, dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True, max_model_len=512)
     out = llm.generate(["Question: Natalia sold 48 clips in April and half as many in May. How many in total?\nAnswer:"],

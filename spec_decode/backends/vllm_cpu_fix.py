@@ -105,8 +105,8 @@ def engine_check(fix: bool, methods=("greedy", "probabilistic"), prompts: int = 
     from spec_decode.prompts import encode_prompt, read_examples
     from tokensurgeon import modelio
 
-    target = str(modelio.cache_dir() / "models" / "smollm2-135m")
-    data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    target = str(modelio.builtin_dir("smollm2-135m"))
+    data = Path(__file__).resolve().parents[2] / "data" / "gsm8k" / "test.jsonl"  # vendored
     tok = modelio.load_tokenizer(modelio.resolve(target))
     ids = [encode_prompt(tok, e.prompt, True) for e in read_examples(data, prompts)]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -16,7 +16,8 @@ OUT/summary.json; the last stdout line is one JSON object.
 
 Example (drafts made and trained as in docs/spec.md):
 
-    python bench/spec_vllm.py --out bench/results/spec/issue19 \\
+    python bench/spec_vllm.py --out bench/results/spec/issue19 --gamma 1,2,3 \\
+        --num-prompts 8 --max-tokens 64 \\
         --smollm2-draft cut2-k4096=out/i19/fkl-s0 --gemma-draft smol-k8192=out/i19/gemma-smol
 """
 
@@ -24,38 +25,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common  # noqa: F401  (puts the repository first on sys.path)
+from common import (
+    GSM8K_TEST,
+    PROSE,
+    SPEC_PROMPT_OPTIONS,
+    add_config_options,
+    add_data_root,
+    load_average,
+    portable,
+    require,
+    require_paths,
+    resolve_options,
+)
 
-from spec_decode.bench import SpecBenchConfig, bench  # noqa: E402
-from tokensurgeon import modelio  # noqa: E402
-from tokensurgeon.errors import UsageError  # noqa: E402
+from spec_decode.bench import SpecBenchConfig, bench
+from tokensurgeon import modelio
+from tokensurgeon.errors import UsageError
 
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", ROOT.parent / "shared" / "data"))
+# Greedy only (the targets of issue 19): every prompt option of the spec benches but T.
+OPTIONS = tuple(o for o in SPEC_PROMPT_OPTIONS if o != "temperature")
 TARGETS = {"smollm2": "builtin:smollm2-135m", "gemma": "builtin:gemma3-270m"}
 # TLI's draft for a cross-tokenizer target: the donor's original model.
 TLI = {"gemma": "builtin:smollm2-135m"}
 
 
-def load_avg() -> list[str] | None:
-    p = Path("/proc/loadavg")
-    return p.read_text().split()[:3] if p.is_file() else None
-
-
 def prompt_files(data: Path, out: Path, n: int) -> dict[str, Path]:
     """GSM8K test questions (.jsonl) and held-out prose openings (.txt), n of each."""
-    gsm = data / "gsm8k" / "test.jsonl"
-    prose = data / "wikitext2-valid-prose.txt"
-    for p in (gsm, prose):
-        if not p.is_file():
-            raise UsageError(f"{p} is missing; set TOKENSURGEON_DATA to the folder holding "
-                             "gsm8k/test.jsonl and wikitext2-valid-prose.txt")
+    gsm, prose = data / GSM8K_TEST, data / PROSE
     out.mkdir(parents=True, exist_ok=True)
     rows = gsm.read_text().splitlines()[:n]
     (out / "prompts_gsm8k.jsonl").write_text("\n".join(rows) + "\n")
@@ -94,58 +95,57 @@ def main() -> None:
     ap.add_argument("--sets", default="gsm8k,prose")
     ap.add_argument("--smollm2-draft", action="append", default=[], help="NAME=DIR (repeat)")
     ap.add_argument("--gemma-draft", action="append", default=[], help="NAME=DIR (repeat)")
-    ap.add_argument("--gamma", default="1,2,3")
-    ap.add_argument("--num-prompts", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-anchors", action="store_true", help="skip ngram and TLI")
+    add_data_root(ap)
+    add_config_options(ap, SpecBenchConfig, OPTIONS)
     args = ap.parse_args()
+    spec_options = resolve_options(args, SpecBenchConfig, OPTIONS)
     out = Path(args.out)
-    try:
-        targets = [t for t in args.targets.split(",") if t]
-        unknown = set(targets) - set(TARGETS)
-        if unknown:
-            raise UsageError(f"--targets: unknown {sorted(unknown)}; choose from {sorted(TARGETS)}")
-        for entry in args.smollm2_draft + args.gemma_draft:
-            if "=" not in entry or not Path(entry.split("=", 1)[1]).is_dir():
-                raise UsageError(f"--*-draft {entry!r}: give NAME=DIR of an existing draft")
-        prompts = prompt_files(DATA, out, args.num_prompts)
-    except UsageError as e:
-        sys.exit(f"error: {e}")
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise UsageError(f"--targets: unknown {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    drafts_given = {t: list(getattr(args, f"{t}_draft")) for t in TARGETS}
+    for entry in [e for t in targets for e in drafts_given[t]]:
+        if "=" not in entry:
+            raise UsageError(f"--*-draft {entry!r}: give NAME=DIR")
+    require_paths((f"--{t}-draft", e.split("=", 1)[1]) for t in targets for e in drafts_given[t])
+    data = require(args, [GSM8K_TEST, PROSE])
+    prompts = prompt_files(data, out, spec_options["num_prompts"])
     results = {}
     for target in targets:
-        drafts = list(getattr(args, f"{target}_draft"))
+        drafts = list(drafts_given[target])
         if not args.no_anchors:
             drafts.append("ngram=ngram")
             if target in TLI:
                 drafts.append(f"tli=tli:{modelio.resolve(TLI[target]).directory}")
         target_dir = str(modelio.resolve(TARGETS[target]).directory)
         for name in [s for s in args.sets.split(",") if s]:
-            load_before = load_avg()
+            load_before = load_average()
             t0 = time.time()
             cfg = SpecBenchConfig(
                 target=target_dir, draft=drafts, prompts=str(prompts[name]),
-                out=str(out / f"{target}-{name}"), backend="vllm", gamma=args.gamma,
-                temperature=[0.0], batch_size=[1], num_prompts=args.num_prompts,
-                max_tokens=args.max_tokens, enforce_eager=args.enforce_eager, overwrite=True,
-                quiet=True)
+                out=str(out / f"{target}-{name}"), backend="vllm", batch_size=[1],
+                enforce_eager=args.enforce_eager, overwrite=True, quiet=True,
+                temperature=[0.0], **spec_options)
             report = bench(cfg)
             results[f"{target}-{name}"] = {
                 "rows": table(report), "verdicts": report["verdicts"],
                 "engine_options": report["raw"].get("engine_options"),
-                "load_before": load_before, "load_after": load_avg(),
+                "load_before": load_before, "load_after": load_average(),
                 "wall_s": round(time.time() - t0, 1)}
-            print(f"\n## {target} / {name} (load {load_before} -> {load_avg()})")
+            print(f"\n## {target} / {name} (load {load_before} -> {load_average()})")
             print("| proposer | gamma | c | tau | tok/s | speedup |\n|---|---|---|---|---|---|")
             for r in results[f"{target}-{name}"]["rows"]:
                 f = lambda x, s=".3f": "-" if x is None else format(x, s)  # noqa: E731
                 print(f"| {r['proposer']} | {r['gamma'] or '-'} | {f(r['c'])} | {f(r['tau'])} | "
                       f"{f(r['tok_s'], '.1f')} | {f(r['speedup'], '.2f')} |")
-            (out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({"bench": "spec_vllm", "results": {
+            (out / "summary.json").write_text(json.dumps(portable(results), indent=1) + "\n")
+    print(json.dumps({"bench": "spec_vllm", "options": portable(spec_options), "results": {
         k: {r["proposer"] + (f"@{r['gamma']}" if r["gamma"] else ""): r["speedup"] for r in v["rows"]}
         for k, v in results.items()}}))
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main, "spec_vllm")

@@ -142,9 +142,10 @@ def main() -> None:
                 print(f"| {r['proposer']} | {r['gamma'] or '-'} | {f(r['c'])} | {f(r['tau'])} | "
                       f"{f(r['tok_s'], '.1f')} | {f(r['speedup'], '.2f')} |")
             (out / "summary.json").write_text(json.dumps(portable(results), indent=1) + "\n")
-    print(json.dumps({"bench": "spec_vllm", "options": portable(spec_options), "results": {
-        k: {r["proposer"] + (f"@{r['gamma']}" if r["gamma"] else ""): r["speedup"] for r in v["rows"]}
-        for k, v in results.items()}}))
+    speedups = {k: {r["proposer"] + (f"@{r['gamma']}" if r["gamma"] else ""): r["speedup"]
+                    for r in v["rows"]} for k, v in results.items()}
+    print(json.dumps({"bench": "spec_vllm", "options": portable(spec_options),
+                      "speedups": speedups}))
 
 
 if __name__ == "__main__":

@@ -522,7 +522,7 @@ def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, se
             metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             record = {"method": method, "seed": seed, "budget_key": budget_key,
                       "budget": budget, "curve": {str(k): v for k, v in curve.items()},
-                      "train_tokens_per_step": [m["student_tokens"] for m in metrics],
+                      "train_tokens_per_step": [m["tokens"] for m in metrics],
                       "cpu_s": round(time.process_time() - began_cpu, 1),
                       "wall_s": round(time.perf_counter() - began, 1), "load_avg": load_average(),
                       "metrics": metrics}

@@ -45,7 +45,8 @@ def main() -> None:
                         device="cpu", **spec.get("options", {}))
     distill(cfg)
     timed = rows[1:]
-    tokens = sum(r.get("tokens", r.get("student_tokens", 0)) for r in timed)  # the a44fea8 tree wrote student_tokens
+    # The exported a44fea8 tree names the key student_tokens; today's trainer, tokens.
+    tokens = sum(r.get("tokens", r.get("student_tokens", 0)) for r in timed)
     cpu, wall = timed[-1]["cpu"] - rows[0]["cpu"], timed[-1]["wall"] - rows[0]["wall"]
     shutil.rmtree(spec["out"], ignore_errors=True)
     print(json.dumps({"tree": tree, "loss": spec["loss"], "train": spec["train"],

@@ -45,14 +45,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spec_decode.divergences import DIVERGENCES, distributions, divergence_names
+from spec_decode.divergences import DIVERGENCES, argmax_loss, distributions, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
 from tokensurgeon.errors import UsageError
-from tokensurgeon.logits import logits_at
+from tokensurgeon.logits import decoder_and_head, final_hidden_states, head_logits, logits_at
 from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 
 SOURCES = ("on_policy", "target", "fixed")
@@ -356,15 +356,27 @@ def train(cfg: SpecTrainConfig) -> dict:
                   for p in parts]
         tokens = sum(int(mask.sum()) for _, _, mask in packed)
         draft.train()
+        # --verify greedy with a divergence that depends on log q(argmax p) alone (fkl, tvd):
+        # the loss comes from hidden states chunk by chunk (divergences.argmax_loss).
+        of_argmax = getattr(DIVERGENCES[cfg.divergence], "of_argmax", None) \
+            if cfg.verify == "greedy" else None
+        _, head, softcap = decoder_and_head(draft)
         loss_value = accept = 0.0
         for p, (ids, attn, mask) in zip(parts, packed):
             with torch.no_grad():
                 p_logits = target_logits(target, ids, attn, mask, sources[p], row_ids[p], cached,
                                          cfg.cache_top_k)
-            q_logits = logits_at(draft, ids, attn, mask)
-            logp, logq = distributions(p_logits, q_logits, cfg.temperature,
-                                       greedy_target=cfg.verify == "greedy")
-            per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
+            if of_argmax is not None:  # one-hot target: no [N, V] tensor kept for backward
+                hidden = final_hidden_states(draft, ids, attn)[mask]
+                per_pos = argmax_loss(hidden, head, p_logits.argmax(-1), of_argmax,
+                                      cfg.temperature, softcap)
+                with torch.no_grad():
+                    q_logits = head_logits(hidden.detach(), head, softcap)
+            else:
+                q_logits = logits_at(draft, ids, attn, mask)
+                logp, logq = distributions(p_logits, q_logits, cfg.temperature,
+                                           greedy_target=cfg.verify == "greedy")
+                per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
             share = per_pos.numel() / max(tokens, 1)
             loss = per_pos.mean() * share
             loss.backward()
@@ -372,6 +384,7 @@ def train(cfg: SpecTrainConfig) -> dict:
             with torch.no_grad():
                 accept += share * float(rule_acceptance(p_logits, q_logits.detach(),
                                                         cfg.temperature)[cfg.verify].mean())
+            del q_logits, p_logits
         grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
         step += 1
         last = {**training.step_figures(step, loss_value, grad_norm, scheduler.get_last_lr()[0],

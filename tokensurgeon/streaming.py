@@ -254,6 +254,140 @@ def _read(tensor: StoredTensor) -> torch.Tensor:
         return f.get_tensor(tensor.name)
 
 
+ROW_BLOCK_BYTES = 32 << 20  # bytes of rows read, cast or checked at a time
+
+
+class DiskMatrix:
+    """A 2-D tensor [V, H] in a safetensors file whose rows are read only when asked for.
+
+    Rows are read with plain file reads into new tensors (memory the caller owns and frees),
+    not through a memory map, so no page of the file stays counted in this process's RSS.
+
+    Attributes:
+        shape: torch.Size([V, H]); dtype: the stored torch dtype.
+    """
+
+    def __init__(self, stored: StoredTensor):
+        if len(stored.shape) != 2 or stored.dtype not in FLOAT_CODES or stored.path is None:
+            raise CannotStream(f"{stored.name} is not a 2-D float tensor in a safetensors file")
+        self.stored = stored
+        self.shape = torch.Size(stored.shape)
+        self.dtype = SAFETENSORS_TO_TORCH[stored.dtype]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` [stop - start, H] in the stored dtype."""
+        out = torch.empty(max(0, stop - start), self.shape[1], dtype=self.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        row_bytes = self.shape[1] * ITEMSIZE[self.stored.dtype]
+        with self.stored.path.open("rb", buffering=0) as f:
+            f.seek(self.stored.offset + start * row_bytes)
+            while view:
+                n = f.readinto(view)
+                if not n:
+                    raise UsageError(f"{self.stored.path} ended early; re-download or re-save "
+                                     "the model")
+                view = view[n:]
+        return out
+
+
+def rows_per_block(matrix) -> int:
+    """Rows of ``matrix`` [V, H] (a tensor or :class:`DiskMatrix`) in one float32 block of
+    about :data:`ROW_BLOCK_BYTES`."""
+    return max(1, ROW_BLOCK_BYTES // (4 * max(1, matrix.shape[1])))
+
+
+def row_blocks(matrix):
+    """Yield (start, rows [n, H] in the stored dtype) over every row of ``matrix`` (a tensor or
+    :class:`DiskMatrix`), a block of :func:`rows_per_block` rows at a time."""
+    step = rows_per_block(matrix)
+    for start in range(0, matrix.shape[0], step):
+        stop = min(start + step, matrix.shape[0])
+        yield start, (matrix.rows(start, stop) if isinstance(matrix, DiskMatrix)
+                      else matrix.detach()[start:stop].cpu())
+
+
+def gather(matrix, ids: torch.Tensor) -> torch.Tensor:
+    """``matrix[ids]`` as a new float32 tensor [len(ids), H], for a tensor or a
+    :class:`DiskMatrix` (read a block of rows at a time: each needed block once)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if not isinstance(matrix, DiskMatrix):
+        return matrix.detach()[ids].float().cpu()
+    out = torch.empty(ids.numel(), matrix.shape[1], dtype=torch.float32)
+    if not ids.numel():
+        return out
+    if int(ids.min()) < 0 or int(ids.max()) >= matrix.shape[0]:
+        raise IndexError(f"row ids outside [0, {matrix.shape[0]})")
+    order = ids.argsort()
+    wanted = ids[order]
+    step = rows_per_block(matrix)
+    pos = 0
+    while pos < wanted.numel():
+        start = int(wanted[pos])
+        end = int(torch.searchsorted(wanted, torch.tensor([start + step]))[0])
+        stop = int(wanted[end - 1]) + 1
+        block = matrix.rows(start, stop)
+        out[order[pos:end]] = block[wanted[pos:end] - start].float()
+        del block
+        pos = end
+    return out
+
+
+class Rows:
+    """Rows ``ids`` of ``matrix`` (a tensor or :class:`DiskMatrix`) [len(ids), H], gathered as
+    float32 only when indexed (``rows[a:b]``) or converted (``rows.to(...)``, ``rows.float()``,
+    the whole of them), so that a method reading them a batch at a time never holds them all.
+    """
+
+    def __init__(self, matrix, ids: torch.Tensor):
+        self.matrix = matrix
+        self.ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        self.shape = torch.Size((self.ids.numel(), matrix.shape[1]))
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return gather(self.matrix, self.ids[index])
+
+    def float(self) -> torch.Tensor:
+        return gather(self.matrix, self.ids)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.float().to(*args, **kwargs)
+
+
+def embedding_matrices(ref: modelio.ModelRef, trust_remote_code: bool = False):
+    """A model's (input embeddings [V, H], lm_head [V, H] or None when tied), unread.
+
+    For a safetensors directory they are :class:`DiskMatrix` objects (nothing read yet);
+    otherwise (GGUF, names we cannot find) the float32 tensors of
+    :func:`modelio.load_embeddings`.
+    """
+    if ref.gguf_file is None:
+        config = modelio.load_config(ref, trust_remote_code)
+        modelio.check_causal_lm(ref, config)
+        try:
+            skeleton = _skeleton(config, trust_remote_code)
+            entries: dict[str, StoredTensor] = {}
+            for shard in _shard_files(ref.directory):
+                header, data_start = _header(shard)
+                for key, e in header.items():
+                    if e["dtype"] in ITEMSIZE:
+                        entries[key] = StoredTensor(key, e["dtype"], tuple(e["shape"]), shard,
+                                                    data_start + e["data_offsets"][0])
+            embed_name, head_name = _embedding_names(skeleton)
+            embed_key = _key_for(embed_name, entries)
+            head_key = _key_for(head_name, entries) if head_name else None
+            if embed_key is not None and (head_name is None or head_key is not None):
+                return (DiskMatrix(entries[embed_key]),
+                        DiskMatrix(entries[head_key]) if head_key else None)
+        except CannotStream:
+            pass
+    embed, head, _ = modelio.load_embeddings(ref, trust_remote_code)
+    return embed, head
+
+
 def load_base(ref: modelio.ModelRef, trust_remote_code: bool = False, stream: bool = True,
               dtype: str | None = None, max_shard_size: int | str = "50GB",
               out_dir: str | Path | None = None):
@@ -286,7 +420,7 @@ def body_on(base, embed: torch.Tensor):
     """BASE's transformer body reading ``embed`` [V, H] as its input embeddings.
 
     For a streamed BASE (body on the meta device) a float32 copy of the body is built
-    (embedding table of one row, then ``embed``) and its tensors read from BASE's files, so
+    (embedding table of one row, then ``embed`` in float32) and its tensors read from BASE's files, so
     memory grows by the body alone; for a loaded BASE its own embedding weight is swapped
     for ``embed`` and restored afterwards (a tied lm_head keeps the old weight). The
     lm_head is not part of the body and is left as it is. Yields the model.
@@ -313,7 +447,7 @@ def body_on(base, embed: torch.Tensor):
             cfg.vocab_size = (pad if isinstance(pad, int) else 0) + 1
     with no_init_weights():
         body = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    body.get_input_embeddings().weight = torch.nn.Parameter(embed, requires_grad=False)
+    body.get_input_embeddings().weight = torch.nn.Parameter(embed.float(), requires_grad=False)
     stored = {t.name: t for t in checkpoint.tensors}
     skip = {checkpoint.embed_key, checkpoint.head_key}
     decoder = body.get_decoder()

@@ -37,6 +37,7 @@ from tokensurgeon.methods import (
     options_for,
     shrink_rows,
 )
+from tokensurgeon.methods.base import row_mean
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,11 +177,15 @@ def check_different_tokenizers(base: Vocabulary, donor: Vocabulary, base_name: s
                          "tokenizer")
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        bad = (~torch.isfinite(tensor)).any(dim=-1).nonzero().flatten()[:5].tolist()
-        raise UsageError(f"{name} contains NaN or Inf (rows {bad}...); repair or re-export "
-                         "that model before transplanting")
+def check_finite(name: str, matrix) -> None:
+    """One-line error if ``matrix`` [V, H] (a tensor or ``streaming.DiskMatrix``) holds NaN or
+    Inf; checked a block of rows at a time, so no temporary as large as the matrix is made."""
+    for start, block in streaming.row_blocks(matrix):
+        finite = torch.isfinite(block).all(dim=-1)
+        if not finite.all():
+            bad = (start + (~finite).nonzero().flatten()[:5]).tolist()
+            raise UsageError(f"{name} contains NaN or Inf (rows {bad}...); repair or re-export "
+                             "that model before transplanting")
 
 
 def _select_holdout(anchor_donor_ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -223,10 +228,11 @@ def plan_vocabulary(base: Vocabulary, donor: Vocabulary, base_rows: int, donor_r
 
 def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anchor_donor,
              anchor_base, target_ids, donor_vocab: Vocabulary, base_index):
+    # Row views: the method reads DONOR's and BASE's rows as it needs them, in float32.
     return TransplantProblem(
-        donor_targets=donor_matrix[target_ids],
-        donor_anchors=donor_matrix[anchor_donor],
-        base_anchors=base_matrix[anchor_base],
+        donor_targets=streaming.Rows(donor_matrix, target_ids),
+        donor_anchors=streaming.Rows(donor_matrix, anchor_donor),
+        base_anchors=streaming.Rows(base_matrix, anchor_base),
         base_matrix=base_matrix,
         target_bytes=[donor_vocab.token_bytes[i] if i < donor_vocab.size else None
                       for i in target_ids.tolist()],
@@ -239,14 +245,20 @@ def _problem(cfg: TransplantConfig, device: str, donor_matrix, base_matrix, anch
 
 def assemble_matrix(plan: MatrixPlan, base_matrix: torch.Tensor, new_rows: torch.Tensor,
                     new_size: int) -> torch.Tensor:
-    """[new_size, Hb]: shared rows copied from ``base_matrix`` [Vb, Hb], ``new_rows``
-    [len(plan.new_ids), Hb] for the new ids, the anchor mean for orphan ids."""
-    base_matrix = base_matrix.detach().float().cpu()
-    out = torch.empty(new_size, base_matrix.shape[1], dtype=torch.float32)
-    out[plan.copy_donor] = base_matrix[plan.copy_base]
-    out[plan.new_ids] = new_rows
+    """[new_size, Hb] in ``base_matrix``'s dtype: shared rows copied from ``base_matrix``
+    [Vb, Hb], ``new_rows`` [len(plan.new_ids), Hb] (float32, cast once) for the new ids, the
+    anchor mean for orphan ids. Filled a block of rows at a time, so the only memory beyond
+    the result is one block."""
+    base_matrix = base_matrix.detach().cpu()
+    out = torch.empty(new_size, base_matrix.shape[1], dtype=base_matrix.dtype)
+    step = streaming.rows_per_block(base_matrix)
+    for s in range(0, plan.copy_donor.numel(), step):
+        out[plan.copy_donor[s:s + step]] = base_matrix[plan.copy_base[s:s + step]]
+    for s in range(0, plan.new_ids.numel(), step):
+        out[plan.new_ids[s:s + step]] = new_rows[s:s + step].to(out.dtype)
     if plan.orphan_ids.numel():
-        out[plan.orphan_ids] = base_matrix[plan.anchor_base].mean(0)
+        mean = row_mean(streaming.Rows(base_matrix, plan.anchor_base)).to(out.dtype)
+        out[plan.orphan_ids] = mean
     return out
 
 
@@ -256,11 +268,12 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
                  ) -> tuple[torch.Tensor, MethodResult, dict]:
     """New [new_size, Hb] matrix, the method's result for the new ids, and holdout stats.
 
-    Pure: tensors in, tensors out (no files). ``output`` builds an output (lm_head) matrix
-    from the method's ``output_rows`` when it gives them; otherwise its input rows are used.
+    Pure: tensors in, tensors out (no files but DONOR's, read a block of rows at a time when
+    ``donor_matrix`` is a ``streaming.DiskMatrix``). The new matrix has ``base_matrix``'s
+    dtype. ``output`` builds an output (lm_head) matrix from the method's ``output_rows``
+    when it gives them; otherwise its input rows are used.
     """
-    base_matrix = base_matrix.detach().float().cpu()
-    donor_matrix = donor_matrix.detach().float().cpu()
+    base_matrix = base_matrix.detach().cpu()
     method = METHODS[cfg.method]
     result = method(_problem(cfg, device, donor_matrix, base_matrix, plan.anchor_donor,
                              plan.anchor_base, plan.new_ids, donor_vocab, base_index))
@@ -275,13 +288,13 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
             held_result = method(_problem(cfg, device, donor_matrix, base_matrix,
                                           plan.anchor_donor[keep], plan.anchor_base[keep],
                                           plan.anchor_donor[held], donor_vocab, base_index))
-        truth = base_matrix[plan.anchor_base[held]]
+        truth = streaming.gather(base_matrix, plan.anchor_base[held])
         held_rows = (held_result.output_rows if output and held_result.output_rows is not None
                      else held_result.rows)
         rel = (held_rows - truth).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-12)
         cos = torch.nn.functional.cosine_similarity(held_rows, truth, dim=1)
-        mean_rel = (truth - base_matrix[plan.anchor_base[keep]].mean(0)).norm(dim=1) \
-            / truth.norm(dim=1).clamp_min(1e-12)
+        mean_rel = (truth - row_mean(streaming.Rows(base_matrix, plan.anchor_base[keep]))
+                    ).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-12)
         stats = {"heldout_tokens": int(held.numel()),
                  "heldout_relative_error_base": float(rel.mean()),
                  "heldout_cosine_base": float(cos.mean()),
@@ -336,9 +349,10 @@ def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
 
 def _shrink_rows_in_place(matrix: torch.Tensor, ids: torch.Tensor, raw: torch.Tensor,
                           mean: torch.Tensor, lam: float, chunk: int = 1 << 15) -> None:
-    """matrix[ids] = mean + lam * (raw - mean), ``raw`` [len(ids), H], a chunk at a time."""
+    """matrix[ids] = mean + lam * (raw - mean), ``raw`` [len(ids), H], a chunk at a time
+    (cast to ``matrix``'s dtype)."""
     for s in range(0, ids.numel(), chunk):
-        matrix[ids[s:s + chunk]] = shrink_rows(raw[s:s + chunk], mean, lam)
+        matrix[ids[s:s + chunk]] = shrink_rows(raw[s:s + chunk], mean, lam).to(matrix.dtype)
 
 
 def _set_vocabulary(model, embed: torch.Tensor, head: torch.Tensor | None, tied: bool) -> None:
@@ -388,7 +402,8 @@ def transplant(cfg: TransplantConfig) -> dict:
         donor_vocab = vocabulary(donor_tok)
     calibration = (CALIBRATION_TEXT if cfg.calibration_text is None
                    else validate.read_text(cfg.calibration_text, option=None))
-    donor_in, donor_out, _ = modelio.load_embeddings(donor_ref, cfg.trust_remote_code)
+    # DONOR's matrices stay on disk (safetensors): rows are read as the method needs them.
+    donor_in, donor_out = streaming.embedding_matrices(donor_ref, cfg.trust_remote_code)
     want_untie = _wants_untie(cfg, base_config, base_ref.label)
     base = streaming.load_base(base_ref, cfg.trust_remote_code, cfg.stream,
                                None if cfg.dtype == "auto" else cfg.dtype, cfg.max_shard_size,

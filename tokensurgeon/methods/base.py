@@ -26,7 +26,11 @@ class TransplantProblem:
         donor_targets: [B, Dd] DONOR rows of the tokens to approximate.
         donor_anchors: [N, Dd] DONOR rows of the shared anchor tokens.
         base_anchors: [N, Hb] BASE rows of the same anchors (same order).
-        base_matrix: [Vb, Hb] the whole BASE matrix (subword uses arbitrary pieces).
+            These three are float32 rows: tensors, or row views (``streaming.Rows``) that
+            read their rows only when sliced (``x[a:b]``) or converted whole (``x.to(...)``,
+            ``x.float()``); a method reads them in batches, or converts them once.
+        base_matrix: [Vb, Hb] the whole BASE matrix in BASE's dtype (subword uses arbitrary
+            pieces; compute in float32).
         target_bytes: per target, the bytes it stands for (None for specials/empty ids).
         base_byte_index: BASE bytes -> BASE id, for segmenting target bytes.
         options: the method's own options (an instance of ``METHODS[name].options``).
@@ -113,6 +117,15 @@ class MethodOptions:
         """Whether output (lm_head) rows differ from input rows, so a tied BASE is untied;
         ``output_factor`` is the one chosen on text when the caller chose it."""
         return False
+
+
+def row_mean(rows, block: int = 4096) -> torch.Tensor:
+    """mean over dim 0, [H] float32, of ``rows`` [N, H] (a tensor or a row view), summed
+    a block of rows at a time (float64 totals), so no float32 copy of all rows is made."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64)
+    for start in range(0, rows.shape[0], block):
+        total += rows[start:start + block].float().sum(0, dtype=torch.float64)
+    return (total / max(1, rows.shape[0])).float()
 
 
 Method = Callable[[TransplantProblem], MethodResult]

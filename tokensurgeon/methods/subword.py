@@ -12,6 +12,7 @@ from tokensurgeon.methods.base import (
     MethodResult,
     TransplantProblem,
     register_method,
+    row_mean,
 )
 from tokensurgeon.token_identity import encode_bytes_greedy
 
@@ -21,14 +22,14 @@ def subword_rows(problem: TransplantProblem) -> MethodResult:
     """Row b = mean of base_matrix[pieces(target_bytes[b])] ([B, Hb])."""
     index = problem.base_byte_index
     max_len = max((len(b) for b in index), default=1)
-    fallback = problem.base_anchors.mean(0)
+    fallback = row_mean(problem.base_anchors)
     rows = torch.empty(len(problem.target_bytes), problem.base_matrix.shape[1],
-                       dtype=problem.base_matrix.dtype)
+                       dtype=torch.float32)
     how: list[str] = []
     for i, data in enumerate(problem.target_bytes):
         pieces = encode_bytes_greedy(data, index, max_len) if data else None
         if pieces:
-            rows[i] = problem.base_matrix[pieces].mean(0)
+            rows[i] = problem.base_matrix[pieces].float().mean(0)
             how.append("subword")
         else:
             rows[i] = fallback

@@ -7,7 +7,7 @@ from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_
 
 @register_method("zero")
 def zero_rows(problem: TransplantProblem) -> MethodResult:
-    """[B, Hb] zeros."""
+    """[B, Hb] float32 zeros (one row broadcast: a read-only view)."""
     n = problem.donor_targets.shape[0]
-    rows = torch.zeros(n, problem.base_anchors.shape[1], dtype=problem.base_anchors.dtype)
+    rows = torch.zeros(1, problem.base_anchors.shape[1], dtype=torch.float32).expand(n, -1)
     return MethodResult(rows, ["zero"] * n)

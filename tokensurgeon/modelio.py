@@ -247,6 +247,10 @@ def load_model(
 
     config = load_config(ref, trust_remote_code)
     check_causal_lm(ref, config)
+    if ref.gguf_file:  # its tensor-conversion bar counts on our phase line instead
+        from transformers import modeling_gguf_pytorch_utils
+
+        progress.capture_module_bars(modeling_gguf_pytorch_utils)
     model = AutoModelForCausalLM.from_pretrained(
         ref.directory,
         dtype=dtype,

@@ -287,9 +287,9 @@ class Progress:
                 self._idle_since = now
         for child in reversed(ending):
             child.end = now
+            if ok and child.total:  # a phase that ended well did all its work
+                child.done = max(child.done, child.total)
             if id(child) in self._printed and not self.quiet:
-                if ok and child.total:
-                    child.done = max(child.done, child.total)
                 self._write(f"{child.line()} done" if ok else f"{child.line()} stopped", final=True)
 
     def report(self, done: int, total: int | None = None, unit: str | None = None) -> None:

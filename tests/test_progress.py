@@ -247,3 +247,23 @@ def test_no_delay_announces_every_phase_at_once():
     p.close()
     assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == \
         ["load", "load", "save", "save"]  # begun, then done, for each
+
+
+def test_a_module_importing_tqdm_itself_counts_on_our_line(monkeypatch):
+    """transformers' GGUF loader calls ``tqdm(reader.tensors, desc=...)`` from tqdm directly."""
+    import types
+
+    from tqdm.auto import tqdm
+
+    loader = types.SimpleNamespace(tqdm=tqdm)
+    monkeypatch.setattr(progress, "_captured", False)
+    progress.capture_module_bars(loader)
+    assert loader.tqdm is tqdm  # only once the CLI has captured the libraries' bars
+    monkeypatch.setattr(progress, "_captured", True)
+    progress.capture_module_bars(loader)
+    p = Progress(quiet=True)
+    with progress.use(p), p.phase("converting") as conv:
+        lines = [conv.line() for _ in loader.tqdm(["a", "b", "c"], desc="Converting and "
+                                                  "de-quantizing GGUF tensors...")]
+    assert "converting: converting and de-quantizing gguf tensors [" in lines[1]
+    assert "1/3" in lines[1]

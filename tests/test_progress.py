@@ -267,3 +267,15 @@ def test_a_module_importing_tqdm_itself_counts_on_our_line(monkeypatch):
                                                   "de-quantizing GGUF tensors...")]
     assert "converting: converting and de-quantizing gguf tensors [" in lines[1]
     assert "1/3" in lines[1]
+
+
+def test_start_inside_a_with_block_is_its_child():
+    p = Progress(quiet=True)
+    p.start("load")
+    with p.phase("converting"):
+        p.start("tensors")  # a child of "converting"; "load" goes on
+        p.start("tokenizer")  # ends "tensors" only
+    p.start("save")
+    p.close()
+    assert [(n, [(c, [g for g, _, _ in gk]) for c, _, gk in kids]) for n, _, kids in p.tree()] == \
+        [("load", [("converting", ["tensors", "tokenizer"])]), ("save", [])]

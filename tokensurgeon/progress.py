@@ -247,15 +247,20 @@ class Progress:
 
     def _end_own(self, frame: Any) -> None:
         """End the outermost running phase that ``frame``'s start() began, or that a function
-        no longer running began, with the phases inside it."""
+        no longer running began, with the phases inside it. Phases outside the innermost
+        running ``with`` phase are left alone: a start() inside that block is its child."""
         mine, live = id(frame), set()
         while frame is not None:
             live.add(id(frame))
             frame = frame.f_back
-        for ph in self._active:
-            if ph.owner is not None and (ph.owner == mine or ph.owner not in live):
-                self._end(ph, True)
-                return
+        outermost = None
+        for ph in reversed(self._active):
+            if ph.owner is None:
+                break
+            if ph.owner == mine or ph.owner not in live:
+                outermost = ph
+        if outermost is not None:
+            self._end(outermost, True)
 
     def counter(self, total: int | None = None, initial: int = 0, unit: str = "",
                 what: str = "", name: str = "", iterable: Iterable | None = None) -> Counter:

@@ -229,7 +229,8 @@ def test_library_bars_count_on_our_line_and_draw_nothing(capsys, monkeypatch):
     assert capsys.readouterr().err == ""  # tqdm drew nothing
 
 
-def test_a_named_reporter_speaks_before_its_first_phase():
+def test_a_named_reporter_speaks_before_its_first_phase(monkeypatch):
+    monkeypatch.setattr(progress, "PREPARING_DELAY", 0.1)
     out = io.StringIO()
     p = Progress(stream=out, delay=0.1, interval=0.2, tty=False, name="spec train")
     time.sleep(0.5)
@@ -279,3 +280,12 @@ def test_start_inside_a_with_block_is_its_child():
     p.close()
     assert [(n, [(c, [g for g, _, _ in gk]) for c, _, gk in kids]) for n, _, kids in p.tree()] == \
         [("load", [("converting", ["tensors", "tokenizer"])]), ("save", [])]
+
+
+def test_a_named_reporter_waits_longer_before_its_first_phase():
+    """Input checks run before the first phase: an error within PREPARING_DELAY stays alone."""
+    out = io.StringIO()
+    p = Progress(stream=out, delay=0.1, interval=0.2, tty=False, name="spec train")
+    time.sleep(0.6)
+    p.close()
+    assert out.getvalue() == ""

@@ -163,8 +163,9 @@ def test_summary_nests_children_so_each_level_adds_up():
     total."""
     p = Progress(quiet=True)
     p.start("load")
-    with p.phase("converting"):
+    with p.phase("converting") as conv:
         time.sleep(0.2)
+        assert conv.line().startswith("load > converting (")
     with p.phase("tokenizer"):
         time.sleep(0.1)
     p.start("save")

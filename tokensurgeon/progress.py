@@ -5,7 +5,9 @@ phase in ``progress.get().phase(name)`` (or marks phase boundaries with ``start(
 deep code (the builtin-model conversion, a method's inner loop, a trainer's steps, the
 libraries' own progress bars) reports through the same object without having it passed down.
 
-- A phase begun inside another is its child; the innermost running phase speaks.
+- A phase begun inside another is its child; the innermost running phase speaks, naming
+  where it sits: ``load > converting builtin:gemma3-270m > weights: converting and
+  de-quantizing gguf tensors [#####...............] 69/272, ~13 s left (75 s)``.
 - A phase that ends within ``delay`` seconds (default 1) prints nothing, so a command that
   fails on bad input prints only its one error line. ``delay=0`` announces every phase as
   it begins.
@@ -121,8 +123,12 @@ class Phase:
         spent = time.perf_counter() - self.counted_since
         return spent * (self.total - self.done) / (self.done - self.base)
 
+    def path(self) -> str:
+        """``"load > converting builtin:x > weights"``: where the phase sits."""
+        return self.name if self.parent is None else f"{self.parent.path()} > {self.name}"
+
     def line(self) -> str:
-        text = f"{self.name}: {self.what}" if self.what else self.name
+        text = f"{self.path()}: {self.what}" if self.what else self.path()
         if self.total:
             share = min(self.done / self.total, 1.0)
             width = 20

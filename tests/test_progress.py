@@ -185,8 +185,8 @@ def test_time_left_counts_from_where_the_count_began():
     ph.set(60)
     assert ph.seconds_left() == pytest.approx(40.0, rel=0.01)  # 10 steps per 10 s, 40 to go
     assert "60/100 step, ~40 s left" in ph.line()
-    assert progress.duration(4.25) == "4.2 s" and progress.duration(300) == "5 min"
-    assert progress.duration(3 * 3600) == "3.0 h"
+    assert progress.duration(4.25) == "4.2 s" and progress.duration(59.4) == "59 s"
+    assert progress.duration(139.6) == "2 min 19 s" and progress.duration(3 * 3600 + 300) == "3 h 05 min"
 
 
 def test_counter_is_a_tqdm_for_trainers_and_libraries():

@@ -16,7 +16,7 @@ libraries' own progress bars) reports through the same object without having it 
   pipe or file a plain line every ``interval`` seconds (default 5), so a slow step is never
   silent even when its own counter moves rarely.
 - Countable work shows done/total and the time left, e.g.
-  ``train [####................] 20/100 step, ~2 min left, loss=2.3130 (31 s)``.
+  ``train [####................] 20/100 step, ~2 min 04 s left, loss=2.3130 (31 s)``.
 - A named reporter (the CLI names it after the command) also speaks before its first phase
   (after ``PREPARING_DELAY``, 2 s) and between phases: ``spec train: preparing (2.1 s)``,
   ``spec train (31 s)``, so no stretch of a command is silent; its summary counts the time
@@ -59,14 +59,15 @@ PREPARING_DELAY = 2.0
 
 
 def duration(seconds: float) -> str:
-    """``4.2 s``, ``42 s``, ``12 min``, ``1.5 h``: as precise as a person reads it."""
+    """``4.2 s``, ``42 s``, ``2 min 19 s``, ``1 h 05 min``: as precise as a person reads it."""
     if seconds < 10:
         return f"{seconds:.1f} s"
-    if seconds < 120:
+    if seconds < 60:
         return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min {int(seconds % 60):02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 class Phase:

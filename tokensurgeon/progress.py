@@ -18,9 +18,10 @@ libraries' own progress bars) reports through the same object without having it 
 - Countable work shows done/total and the time left, e.g.
   ``train [####................] 20/100 step, ~2 min 04 s left, loss=2.3130 (31 s)``.
 - A named reporter (the CLI names it after the command) also speaks before its first phase
-  (after ``PREPARING_DELAY``, 2 s) and between phases: ``spec train: preparing (2.1 s)``,
+  and between phases, after the same delay: ``spec train: preparing (1.1 s)``,
   ``spec train (31 s)``, so no stretch of a command is silent; its summary counts the time
-  before the first phase as "preparing".
+  before the first phase as "preparing". (Input checks run before the first phase: one that
+  fails within ``delay`` leaves its error line alone on stderr.)
 - ``summary()`` is the wall time per phase, children in brackets inside their parent, e.g.
   ``load 84.0 s [converting builtin:gemma3-270m 60.2 s], match 3.0 s, save 20.3 s
   (total 117.7 s)``: the parts shown at one level add up to at most their parent (the
@@ -53,9 +54,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Self, TextIO
 
 PREPARING = "preparing"  # what a command does before its first phase: checks, imports, set-up
-# The "preparing" line waits longer than a phase's: a command's input checks (run before its
-# first phase) that fail within this time leave their one error line alone on stderr.
-PREPARING_DELAY = 2.0
 
 
 def duration(seconds: float) -> str:
@@ -409,8 +407,7 @@ class Progress:
                     line = self._idle_line
                 else:
                     continue
-                wait = self.delay if self.phases else max(self.delay, PREPARING_DELAY)
-                if now - since < wait:
+                if now - since < self.delay:
                     continue
                 last = self._printed.get(key)
                 if last is not None and now - last < every:

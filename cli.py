@@ -185,16 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(no_progress: bool) -> None:
-    """transformers' warnings are noise for our users; its bars follow --quiet and are off
-    when stderr is not a terminal (a log file gets our plain phase lines instead)."""
+def _quiet_libraries() -> None:
+    """transformers' warnings are noise for our users; its bars become counts on our phase
+    lines (none of its own interleave with them, in a terminal or a log)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if no_progress or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
-    else:
-        hf_logging.enable_progress_bar()
+    progress.capture_library_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(command.config(), args)
         quiet = bool(getattr(cfg, "quiet", False))  # from a flag or from --config YAML
         quiet = quiet or os.environ.get("RANK", "0") != "0"  # one voice under torchrun
-        _quiet_libraries(quiet)
-        with progress.use(progress.Progress(quiet=quiet)) as reporter:
+        _quiet_libraries()
+        with progress.use(progress.Progress(quiet=quiet, name=args._command_name)) as reporter:
             result = command.run(cfg)
     except UsageError as exc:
         print(f"tokensurgeon {args._command_name}: error: {exc}", file=sys.stderr)
@@ -217,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print(command.render(result))
     for lines in command.after:
         print("\n".join(lines(cfg)))
-    if not quiet and any(ph.seconds >= reporter.delay for ph in reporter.phases):
+    if not quiet:
         print(reporter.summary(), file=sys.stderr)
     return 0
 

@@ -32,7 +32,7 @@ from spec_decode.backends import (
 from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
-from tokensurgeon import modelio
+from tokensurgeon import modelio, progress
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 
@@ -383,6 +383,7 @@ def bench(cfg: SpecBenchConfig) -> dict:
             check_shared_vocabulary(target_ref, ref)
         resolved[name] = path[: len(path) - len(directory)] + str(ref.directory)
     examples = read_examples(cfg.prompts, cfg.num_prompts, cfg.prompt_offset)
+    progress.get().start("prompts")
     tokenizer = modelio.load_tokenizer(target_ref)
     prompts = [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in examples]
     gammas = parse_list(cfg.gamma, int, "--gamma")
@@ -397,7 +398,9 @@ def bench(cfg: SpecBenchConfig) -> dict:
         max_model_len=cfg.max_model_len, dtype=cfg.dtype, quiet=cfg.quiet,
         enforce_eager=cfg.enforce_eager, scratch=str(Path(cfg.out)) + ".partial.jsonl",
         draft_samples=tuple(dict.fromkeys(parse_list(cfg.draft_sample, str, "--draft-sample"))))
+    progress.get().start(f"measure ({cfg.backend})")
     raw = BACKENDS[cfg.backend](plan)
+    progress.get().start("report")
     summary = summarise(raw, gammas)
     report = {
         "backend": cfg.backend, "target": plan.target, "drafts": plan.drafts,

@@ -24,7 +24,7 @@ import torch
 
 from spec_decode import reduced_head
 from spec_decode.prompts import Example, encode_prompt, read_examples
-from tokensurgeon import modelio
+from tokensurgeon import modelio, progress
 from tokensurgeon.config import config_to_dict, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.token_identity import vocabulary_mismatch
@@ -241,8 +241,10 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
     config = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code))
     keep = parse_layers(cfg.keep_layers, config.num_hidden_layers) if cfg.keep_layers \
         else depth_layers(cfg.depth, config.num_hidden_layers)
+    progress.get().start("load")
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
     model = modelio.load_model(target_ref, trust_remote_code=cfg.trust_remote_code)
+    progress.get().start("prune")
     total = sum(p.numel() for p in model.parameters())
     prune_layers(model, keep)
     kept = sum(p.numel() for p in model.parameters())
@@ -251,6 +253,7 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
         "target_layers": config.num_hidden_layers, "parameters": kept,
         "target_parameters": total, **head, "options": config_to_dict(cfg),
     }
+    progress.get().start("save")
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         modelio.save_model(model, tokenizer, Path(tmp))
         if head_ids is not None:

@@ -50,7 +50,7 @@ from spec_decode.draft import check_shared_vocabulary, record_head
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
-from tokensurgeon import modelio, training
+from tokensurgeon import modelio, progress, training
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import decoder_and_head, final_hidden_states, head_logits, logits_at
 from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
@@ -265,6 +265,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     micro = training.micro_batch_size(cfg.batch_size, accelerator.num_processes, cfg.grad_accum)
     per_process = micro * cfg.grad_accum
     device = accelerator.device
+    progress.get().start("load")
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
     target = modelio.load_model(target_ref, device=str(device),
                                 trust_remote_code=cfg.trust_remote_code)
@@ -288,6 +289,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     # Held-out sequences: target continuations of held-out prompts, scored once.
     held_batch = held_target = None
     if heldout:
+        progress.get().start("held-out targets")
         hp = encode(heldout)
         target.eval()
         hc = generate(target, hp, cfg.max_new_tokens, cfg.temperature, pad, eos)
@@ -326,6 +328,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
     per_step = cfg.batch_size
+    progress.get().start("train")
     bar = training.progress(cfg.steps, step, disable=cfg.quiet or not main)
     last: dict = {}
     while step < cfg.steps:
@@ -404,6 +407,7 @@ def train(cfg: SpecTrainConfig) -> dict:
                                          extra={"data_position": step * per_step})
             accelerator.wait_for_everyone()
     bar.close()
+    progress.get().start("save")
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
                "verify": cfg.verify}

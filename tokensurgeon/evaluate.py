@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tokensurgeon import conventions, modelio, progress, validate
 from tokensurgeon.errors import UsageError
@@ -197,13 +197,14 @@ def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]
 
 
 def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalConfig.batch_size,
-                  logit_chunk: int = EvalConfig.logit_chunk, progress: bool = False,
+                  logit_chunk: int = EvalConfig.logit_chunk, report: Callable | None = None,
                   bos: str = EvalConfig.bos) -> dict:
     """Total NLL of every scored token of every segment, in bits per scored UTF-8 byte.
 
     ``bos`` is ``auto`` (the tokenizer's own defaults, as clients encode), ``always`` (a BOS
     by hand, this project's convention before clients were measured) or ``never``; see
-    :func:`encode_segment`.
+    :func:`encode_segment`. ``report(done, total, unit)`` gets the tokens scored so far (by
+    default the running phase's counter, see :mod:`tokensurgeon.progress`).
     """
     if bos not in BOS_MODES:
         raise UsageError(f"bos must be one of {BOS_MODES} (got {bos!r})")
@@ -217,7 +218,9 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalC
         encoded.append((ids, start))
         total_bytes += n_bytes
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    bar = tqdm(total=len(encoded), desc="eval", unit="seg", disable=not progress)
+    report = report or progress.get().report
+    to_score, scored_tokens = sum(len(x) for x, _ in encoded), 0
+    report(0, to_score, "tok")
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[s : s + batch_size]]
@@ -235,8 +238,8 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalC
             valid = scored[:, 1:].to(device)
             total_nll -= float(logp[valid].double().sum())
             total_tokens += int(valid.sum())
-            bar.update(len(batch))
-    bar.close()
+            scored_tokens += sum(len(x) for x, _ in batch)
+            report(scored_tokens, to_score, "tok")
     return {
         "bits_per_byte": total_nll / math.log(2) / max(total_bytes, 1),
         "nll_nats": total_nll,
@@ -257,8 +260,13 @@ def bos_check(model, tokenizer, segments: list[str], probe_bytes: int, **kwargs)
             break
         probe.append(seg)
         used += len(seg.encode("utf-8"))
-    scores = {mode: bits_per_byte(model, tokenizer, probe, bos=mode, **kwargs)["bits_per_byte"]
-              for mode in BOS_MODES}
+    report = progress.get().report  # one count over the three passes
+
+    def part(i: int) -> Callable:
+        return lambda done, total, unit: report(i * total + done, len(BOS_MODES) * total, unit)
+
+    scores = {mode: bits_per_byte(model, tokenizer, probe, bos=mode, report=part(i),
+                                  **kwargs)["bits_per_byte"] for i, mode in enumerate(BOS_MODES)}
     best = min(scores["always"], scores["never"])
     out = {"probe_bytes": used, **{f"bpb_{m}": round(v, 4) for m, v in scores.items()}}
     if scores["auto"] > best + BOS_WARN_MARGIN:
@@ -287,10 +295,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
     progress.get().start("evaluate")
     result = bits_per_byte(model, tokenizer, segments, cfg.batch_size, cfg.logit_chunk,
-                           progress=not cfg.quiet and sys.stderr.isatty(), bos=cfg.bos)
+                           bos=cfg.bos)
     result.update({"model": ref.label, "text": str(cfg.text), "segments": len(segments),
                    "adds_bos": bool(conventions.framing(tokenizer)[0])})
     if cfg.bos == "auto" and cfg.bos_probe_bytes:
+        progress.get().start("bos check")
         check = bos_check(model, tokenizer, segments, cfg.bos_probe_bytes,
                           batch_size=cfg.batch_size, logit_chunk=cfg.logit_chunk)
         result["bos_check"] = check

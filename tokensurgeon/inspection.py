@@ -52,6 +52,7 @@ def inspect(cfg: InspectConfig) -> dict:
     report = {"model": info}
     if cfg.other:
         other_info, other_vocab = describe(cfg.other, cfg.trust_remote_code)
+        progress.get().start("shared tokens")
         shared = shared_token_map(vocab, other_vocab)
         report["other"] = other_info
         report["overlap"] = {

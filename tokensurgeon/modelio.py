@@ -136,14 +136,18 @@ def _builtin_hf_dir(name: str) -> Path:
         return out
     gguf_path = _builtin_gguf(name)
     with progress.get().phase(f"converting builtin:{name} to safetensors (once; cached in {out})"):
+        progress.get().start("tokenizer")
         tokenizer = load_tokenizer(ModelRef(gguf_path.parent, gguf_path.name))
+        progress.get().start("weights")
         model = load_model(ModelRef(gguf_path.parent, gguf_path.name))
+        progress.get().start("save")
         framing = gguf_framing(gguf_path)
         tokenizer.add_bos_token = framing["add_bos"]
         tokenizer.add_eos_token = framing["add_eos"]
         model.generation_config.eos_token_id = framing["stop_ids"]
         with atomic_output_dir(out, overwrite=True) as tmp:
             save_model(model, tokenizer, tmp)
+        progress.get().finish()
     return out
 
 
@@ -247,6 +251,10 @@ def load_model(
 
     config = load_config(ref, trust_remote_code)
     check_causal_lm(ref, config)
+    if ref.gguf_file:  # its tensor-conversion bar counts on our phase line instead
+        from transformers import modeling_gguf_pytorch_utils
+
+        progress.capture_module_bars(modeling_gguf_pytorch_utils)
     model = AutoModelForCausalLM.from_pretrained(
         ref.directory,
         dtype=dtype,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from tokensurgeon import modelio, validate
+from tokensurgeon import modelio, progress, validate
 from tokensurgeon.errors import UsageError
 
 # safetensors dtype codes of the torch dtypes we write.
@@ -578,9 +578,13 @@ def _save_streamed(model, save_directory, **kwargs) -> None:
     total = sum(s.nbytes for s, _ in items)
     _check_free_space(out, total)
     sources = {t.name: t for t in checkpoint.tensors}
+    written = 0
+    progress.get().report(0, total >> 20, "MB")
     try:
         for filename, names in split.filename_to_tensors.items():
             _write_shard(out / filename, [by_name[n] for n in names], sources)
+            written += sum(by_name[n][0].nbytes for n in names)
+            progress.get().report(written >> 20, total >> 20, "MB")
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UsageError(f"the disk filled up while writing {out} ({exc.strerror}); free "

@@ -34,7 +34,8 @@ API (all functions are small; read them):
 - ``load_checkpoint(path, model, optimizer, scheduler)`` -> ``(step, extra)``; restores RNG
   too, and unpickles with ``weights_only=True`` only.
 - ``MetricsLog(path)``: append one JSON object per step (``log(step=..., **figures)``).
-- ``progress(total, initial, disable)``: a tqdm bar; ``bar.set_postfix(loss=..., tok_s=...)``.
+- ``progress(total, initial, disable)``: the step count on the running phase's line (done/total
+  and the time left, see :mod:`tokensurgeon.progress`); ``bar.set_postfix(loss=..., tok_s=...)``.
 
 The scaffold both trainers share (same flags, same meanings):
 
@@ -67,9 +68,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from tokensurgeon import modelio
+from tokensurgeon import progress as progress_lines
 from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 
@@ -342,12 +343,12 @@ class MetricsLog:
         self.path.write_text("".join(kept))
 
 
-def progress(total: int, initial: int = 0, disable: bool = False, desc: str = "train") -> tqdm:
-    """A step progress bar; trainers set ``loss`` and ``tok_s`` as postfix."""
-    # disable=None: tqdm stays off when stderr is not a terminal (the phase lines speak there).
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable or None,
-                dynamic_ncols=True)
-
+def progress(total: int, initial: int = 0, disable: bool = False,
+             desc: str = "train") -> progress_lines.Counter:
+    """Steps done of ``total`` on the running phase's line (a phase ``desc`` of its own outside
+    any); trainers set ``loss`` and ``tok_s`` as postfix. ``disable`` is kept for callers: the
+    command's reporter is already silent under --quiet and on every process but the first."""
+    return progress_lines.get().counter(total, initial, unit="step", name=desc)
 
 
 # ---------------------------------------------------------------------------- one scaffold

@@ -323,7 +323,9 @@ def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
     try:
         with streaming.body_on(base, new_embed) as model, torch.inference_mode():
             softcap = decoder_and_head(model)[2]
-            for ids in diagnostics.text_windows(tokenizer, text):
+            windows = diagnostics.text_windows(tokenizer, text)
+            progress.get().report(0, len(windows), "window")
+            for done, ids in enumerate(windows, 1):
                 batch = ids.unsqueeze(0)
                 hidden = final_hidden_states(model, batch, torch.ones_like(batch))[0, :-1]
                 part = diagnostics.output_weight_scores(
@@ -331,6 +333,7 @@ def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
                     result.raw_rows, result.mean_row, grid, softcap)
                 for lam, sums in part.items():
                     diagnostics.add_sums(totals.setdefault(lam, {}), sums)
+                progress.get().report(done, len(windows), "window")
     except streaming.CannotStream as why:  # a body we cannot rebuild: the bounded choice
         return {"rule": "auto", "skipped": f"cannot run BASE's body ({why}); output rows "
                 "are the anchor mean", "chosen": 0.0}

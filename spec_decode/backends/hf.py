@@ -33,7 +33,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from spec_decode.backends.base import (
     PROPOSERS,
@@ -44,7 +43,7 @@ from spec_decode.backends.base import (
 )
 from spec_decode.reduced_head import apply_reduced_head, rows_head
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
-from tokensurgeon import modelio
+from tokensurgeon import modelio, progress
 
 
 def continuation(model, prompt: list[int], max_tokens: int, temperature: float, seed: int,
@@ -259,13 +258,14 @@ def load_draft(target: str, path: str, device: str):
 def run_hf(plan: BenchPlan) -> dict:
     """Acceptance of every draft on the target's own outputs; see the module docstring."""
     device = plan.device
+    progress.get().start("load target")
     target = modelio.load_model(modelio.resolve(plan.target), device=device)
     texts: dict[float, list[list[int]]] = {}
     target_logits: dict[float, list[torch.Tensor]] = {}
     for temp in plan.temperatures:
-        bar = tqdm(plan.prompts, desc=f"target T={temp:g}", disable=plan.quiet or None)
+        bar = progress.get().start(f"target T={temp:g}", len(plan.prompts), "prompt")
         texts[temp] = [continuation(target, p, plan.max_tokens, temp, plan.seed + i, device)
-                       for i, p in enumerate(bar)]
+                       for i, p in enumerate(bar.count(plan.prompts))]
         target_logits[temp] = [position_logits(target, p, g, device)
                                for p, g in zip(plan.prompts, texts[temp])]
     del target
@@ -273,10 +273,12 @@ def run_hf(plan: BenchPlan) -> dict:
     for name, path in plan.drafts.items():
         if path in PROPOSERS:  # a vLLM proposer, not a model: nothing to score here
             continue
+        bar = progress.get().start(f"draft {name}", len(plan.temperatures) * len(plan.prompts),
+                                   "prompt")
         draft = load_draft(plan.target, path, device)
         for temp in plan.temperatures:
             per_rule: dict[str, list[torch.Tensor]] = {m: [] for m in plan.draft_samples}
-            for p, g, tl in zip(plan.prompts, texts[temp], target_logits[temp]):
+            for p, g, tl in bar.count(zip(plan.prompts, texts[temp], target_logits[temp])):
                 rules = rule_acceptance(tl, position_logits(draft, p, g, device), temp)
                 for method, acc in per_rule.items():
                     acc.append(rules[method])
@@ -296,4 +298,5 @@ def run_hf(plan: BenchPlan) -> dict:
                             "seconds": None,
                         })
         del draft
+    progress.get().finish()
     return {"target": {}, "drafts_alone": {}, "speculative": measurements}

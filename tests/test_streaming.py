@@ -509,3 +509,15 @@ def test_safetensors_donor_is_never_loaded_whole(model_dirs, tmp_path, monkeypat
     for method in ("mean", "omp"):
         run(model_dirs["llama_bpe"], model_dirs["gemma_spm_untied"], tmp_path / method,
             method=method, stream=stream)
+
+
+def test_rows_act_as_a_tensor_for_methods_written_for_tensors():
+    """A method written for tensors (``rows.mean(0)``, ``torch.cat``) works on a row view."""
+    from tokensurgeon.streaming import Rows
+
+    matrix = torch.randn(20, 6)
+    ids = torch.tensor([3, 0, 7])
+    rows = Rows(matrix, ids)
+    assert torch.equal(rows.mean(0), matrix[ids].mean(0))
+    assert torch.equal(torch.cat([rows, rows]), torch.cat([matrix[ids], matrix[ids]]))
+    assert rows.shape == (3, 6) and torch.equal(rows[1:], matrix[ids[1:]])

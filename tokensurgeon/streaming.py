@@ -336,6 +336,8 @@ class Rows:
     """Rows ``ids`` of ``matrix`` (a tensor or :class:`DiskMatrix`) [len(ids), H], gathered as
     float32 only when indexed (``rows[a:b]``) or converted (``rows.to(...)``, ``rows.float()``,
     the whole of them), so that a method reading them a batch at a time never holds them all.
+    Any other tensor use (``rows.mean(0)``, ``torch.cat([rows, ...])``) gathers them all first,
+    so a method written for tensors works unchanged (it only loses the saving).
     """
 
     def __init__(self, matrix, ids: torch.Tensor):
@@ -355,6 +357,22 @@ class Rows:
 
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.float().to(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("matrix", "ids"):
+            raise AttributeError(name)
+        return getattr(self.float(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def whole(x):
+            if isinstance(x, (list, tuple)):
+                return type(x)(whole(y) for y in x)
+            return x.float() if isinstance(x, Rows) else x
+
+        args = tuple(whole(a) for a in args)
+        kwargs = {k: whole(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
 
 
 def embedding_matrices(ref: modelio.ModelRef, trust_remote_code: bool = False):

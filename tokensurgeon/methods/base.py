@@ -28,7 +28,8 @@ class TransplantProblem:
         base_anchors: [N, Hb] BASE rows of the same anchors (same order).
             These three are float32 rows: tensors, or row views (``streaming.Rows``) that
             read their rows only when sliced (``x[a:b]``) or converted whole (``x.to(...)``,
-            ``x.float()``); a method reads them in batches, or converts them once.
+            ``x.float()``); a method reads them in batches, or converts them once (any other
+            tensor use, such as ``x.mean(0)``, converts them whole).
         base_matrix: [Vb, Hb] the whole BASE matrix in BASE's dtype (subword uses arbitrary
             pieces; compute in float32).
         target_bytes: per target, the bytes it stands for (None for specials/empty ids).

@@ -30,7 +30,7 @@ from spec_decode.backends import (
     split_draft_path,
 )
 from spec_decode.draft import check_shared_vocabulary
-from spec_decode.prompts import encode_prompt, read_examples
+from spec_decode.prompts import chat_option, encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
 from tokensurgeon import modelio, progress
 from tokensurgeon.config import config_to_dict, write_resolved_config
@@ -89,8 +89,7 @@ class SpecBenchConfig:
                 "size always runs every prompt"})
     max_tokens: int = field(default=128, metadata={
         "help": "tokens generated per prompt (EOS ignored, so every run has equal lengths)"})
-    chat: bool = field(default=True, metadata={
-        "help": "wrap prompts in the target tokenizer's chat template when it has one"})
+    chat: bool = chat_option()
     seed: int = field(default=0, metadata={"help": "sampling seed (request i uses seed + i)"})
     device: str = field(default="auto", metadata={"help": "hf backend: auto, cpu, cuda, cuda:N"})
     vllm_memory: float = field(default=0.25, metadata={

@@ -10,8 +10,9 @@ draft is trained and benchmarked on what a served model actually sees.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tokensurgeon import validate
 from tokensurgeon.errors import UsageError
@@ -54,6 +55,12 @@ def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Exa
         where = f" after its first {offset} rows" if offset else ""
         raise UsageError(f"{path} holds no prompts{where}; pass a file with at least one prompt")
     return examples
+
+
+def chat_option() -> Any:
+    """The ``--chat/--no-chat`` field of every command that encodes prompts (one default)."""
+    return field(default=True, metadata={
+        "help": "wrap prompts in the target tokenizer's chat template when it has one"})
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:

@@ -47,7 +47,7 @@ import torch
 
 from spec_decode.divergences import DIVERGENCES, argmax_loss, distributions, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
-from spec_decode.prompts import Example, encode_prompt, read_examples
+from spec_decode.prompts import Example, chat_option, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, progress, training
@@ -107,8 +107,7 @@ class SpecTrainConfig(training.TrainingOptions):
                 "first use and reused by later runs (exact with --verify greedy)"})
     cache_top_k: int = field(default=64, metadata={
         "help": "logits kept per position in --target-cache (greedy needs only 1)"})
-    chat: bool = field(default=True, metadata={
-        "help": "wrap prompts in the tokenizer's chat template when it has one"})
+    chat: bool = chat_option()
 
     def validate(self) -> None:
         super().validate()

@@ -174,7 +174,9 @@ class Side:
     """One side (teacher or student) of a micro-batch.
 
     ids, mask, chunk_ids: [B, T]; hidden: [B, T, H] final hidden states (the student's
-    carry gradient); head: the lm_head; boundary_ids: [N] ids of the boundary set.
+    carry gradient); head: the lm_head; boundary_ids: [N] ids of the boundary set;
+    trained: [B, T] bool, tokens the losses score (None: every real token; chat template
+    text and prompts are False).
     """
 
     ids: torch.Tensor
@@ -184,12 +186,14 @@ class Side:
     head: torch.nn.Module
     boundary_ids: torch.Tensor
     softcap: float | None = None
+    trained: torch.Tensor | None = None
 
     @property
     def predicted(self) -> torch.Tensor:
-        """[B, T] bool: token t is real and has a prefix to be predicted from."""
+        """[B, T] bool: token t is real, trained, and has a prefix to be predicted from."""
         pos = torch.arange(self.ids.shape[1], device=self.ids.device)
-        return self.mask.bool() & (pos >= 1)
+        out = self.mask.bool() & (pos >= 1)
+        return out if self.trained is None else out & self.trained
 
 
 ALM_UNITS = ("probability", "nats")  # the first is the default

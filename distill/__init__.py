@@ -3,8 +3,9 @@
 Boundary: this package trains a student from a teacher whose tokenizer may differ. It is
 laid out by concern: :mod:`distill.alignment` (bytes -> chunks, pure), :mod:`distill.losses`
 (pure loss functions behind a registry), :mod:`distill.data` (documents -> aligned
-examples), :mod:`distill.cache` (the teacher cache) and :mod:`distill.trainer` (the one
-training loop and the command). Logits math (chunked lm_head, realised-token and
-boundary-set log-probs) lives in :mod:`tokensurgeon.logits`; model I/O, token identity and
-the optimisation/checkpoint pieces come from :mod:`tokensurgeon` too.
+examples) and :mod:`distill.trainer` (the one training loop and the command). Logits math
+(chunked lm_head, realised-token and boundary-set log-probs) lives in
+:mod:`tokensurgeon.logits`; model I/O, token identity, the teacher cache
+(:mod:`tokensurgeon.teacher_cache`) and the training scaffold (:mod:`tokensurgeon.training`)
+come from :mod:`tokensurgeon` too.
 """

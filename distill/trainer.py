@@ -16,15 +16,12 @@ Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT at
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
 from distill.data import (
     DATA_FORMATS,
     PACK_MODES,
@@ -43,21 +40,22 @@ from distill.losses import (
     side_statistics,
 )
 from tokensurgeon import modelio, progress, training
-from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
+from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 from tokensurgeon.token_identity import vocabulary
 
 TRAINABLE = ("full", "lora", "embeddings")
 LOGITS_PATHS = ("fused", "checkpoint")
 # Losses served by the teacher's cached statistics (the others read its hidden states).
 CACHEABLE = {"alm", "sft"}
-# Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device", "teacher_cache", "logits"}
+# Options besides the shared ones (training.RESUME_FREE_OPTIONS) that may change between a
+# run and its --resume without changing the result.
+RESUME_FREE_OPTIONS = {"teacher_cache", "logits"}
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(training.TrainingOptions):
     """Distil TEACHER into STUDENT with ALM (cross-tokenizer) or a baseline loss, and write
     the trained student to OUT as a Hugging Face model directory."""
 
@@ -74,9 +72,6 @@ class DistillConfig:
         "help": "what is trained", "choices": TRAINABLE})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (--train lora)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (--train lora)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per step, all processes"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step per process"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence, each side"})
     pack: str = field(default=PACK_MODES[0], metadata={
         "help": "fill: texts joined and cut where both tokenizations agree, so every "
@@ -85,8 +80,6 @@ class DistillConfig:
         "choices": PACK_MODES})
     data_format: str = field(default="auto", metadata={
         "help": "JSONL layout", "choices": DATA_FORMATS})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
     alm_units: str = field(default=ALM_UNITS[0], metadata={
         "help": "ALM loss units: probability (the paper's binarised KL, about 1/tau of a "
@@ -110,29 +103,18 @@ class DistillConfig:
                 "only; uld, hidden and kl run the teacher online)"})
     teacher_cache_shard: int = field(default=16, metadata={
         "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue from the newest checkpoint under OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow custom model code (off: safer)"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "logit_chunk",
-                     "checkpoint_every", "lora_rank", "teacher_cache_shard"):
+        super().validate()
+        for name in ("max_length", "logit_chunk", "lora_rank", "teacher_cache_shard"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length < 2:
             raise UsageError("--max-length must be >= 2 (a token and its prefix)")
-        if not self.lr > 0 or self.tau <= 0:
-            raise UsageError("--lr and --tau must be > 0")
+        if self.tau <= 0:
+            raise UsageError("--tau must be > 0")
         if not 0 <= self.theta < 1:
             raise UsageError("--theta must be in [0, 1)")
-        if self.warmup_steps < 0:
-            raise UsageError("--warmup-steps must be >= 0")
         if not self.data:
             raise UsageError("pass at least one --data file")
         try:
@@ -176,7 +158,8 @@ def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
     options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
                "device": device_type}
     return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
-                        data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard)
+                        data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard,
+                        flag="--teacher-cache")
 
 
 def last_layer_params(model) -> list[torch.nn.Parameter]:
@@ -186,41 +169,14 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
     return last or [p for p in model.parameters() if p.requires_grad]
 
 
-def _prepare_out(cfg: DistillConfig) -> Path:
-    out = Path(cfg.out).expanduser()
-    if cfg.resume:
-        if training.latest_checkpoint(out / "checkpoints") is None:
-            raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
-                             "run without --resume first")
-        check_resume_options(out, cfg, RESUME_FREE_OPTIONS)
-        return out
-    return modelio.check_output_dir(out, cfg.overwrite)
-
-
-def _create_out(out: Path) -> None:
-    """Create OUT (a fresh run) only now that writing starts, so bad input leaves nothing."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write into {out} ({exc.strerror}); choose a writable OUT") from None
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-
-
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
     terms = parse_loss_spec(cfg.loss)
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    per_process, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rest or per_process == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of processes x "
-                         f"--grad-accum = {world * cfg.grad_accum}")
-    out = _prepare_out(cfg) if is_main else Path(cfg.out).expanduser()
+    per_process = training.micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
+    out = training.prepare_out(cfg, RESUME_FREE_OPTIONS) if is_main else Path(cfg.out).expanduser()
     accelerator.wait_for_everyone()
 
     progress.get().start("load")
@@ -267,19 +223,9 @@ def distill(cfg: DistillConfig) -> dict:
     student = select_trainable(student, cfg)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = training.build_optimizer(params, cfg.lr)
+    optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
-    start = 0
-    if cfg.resume:
-        start, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
-                                            student, optimizer, scheduler)
-    if is_main:
-        if not cfg.resume:
-            _create_out(out)
-        write_resolved_config(out, cfg)
-    metrics = training.MetricsLog(out / "metrics.jsonl", enabled=is_main)
-    if cfg.resume:
-        metrics.drop_after(start)
+    start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
     t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
@@ -379,17 +325,16 @@ def distill(cfg: DistillConfig) -> dict:
         seconds = time.perf_counter() - began
         weights = [w for _, w in terms]
         loss_value = float(sum(w * float(v) for w, v in zip(weights, per_loss)) / sum(weights))
-        last = {"step": step + 1, "loss": loss_value,
+        last = {**training.step_figures(step + 1, loss_value, grad_norm,
+                                        scheduler.get_last_lr()[0], all_tokens, seconds),
                 **{f"loss_{name}": float(per_loss[j]) for j, (name, _) in enumerate(terms)},
                 **{f"units_{name}": int(global_counts[j]) for j, (name, _) in enumerate(terms)},
                 **({f"gradmag_norm_{name}": float(last_layer_norms[j]) / len(inputs)
-                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {}),
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                "student_tokens": all_tokens, "tokens_per_s": all_tokens / seconds}
+                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {})}
         metrics.log(**last)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{all_tokens / seconds:.0f}")
         bar.update(1)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if training.checkpoint_due(step + 1, cfg.checkpoint_every, cfg.steps):
             if is_main:
                 training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
                                          scheduler, {"examples_seen": (step + 1) * cfg.batch_size})
@@ -398,17 +343,7 @@ def distill(cfg: DistillConfig) -> dict:
 
     progress.get().start("save")
     if is_main:
-        training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer, scheduler,
-                                 {"examples_seen": cfg.steps * cfg.batch_size})
-        final = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-        final.eval()
-        with modelio.atomic_output_dir(out, overwrite=True) as tmp:
-            modelio.save_model(final, s_tok, tmp)
-            write_resolved_config(tmp, cfg)
-            # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
-            for name in ("metrics.jsonl", "checkpoints"):
-                if (out / name).exists():
-                    os.replace(out / name, tmp / name)
+        training.save_final(cfg, out, student, s_tok)
     accelerator.wait_for_everyone()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
             "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train}

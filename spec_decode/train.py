@@ -24,25 +24,24 @@ is p(argmax q)), argmax agreement, and ``heldout_rule_acceptance``, the one ``--
 
 ``--target-cache DIR`` keeps the target's top-``--cache-top-k`` logits at every fixed-text
 position on disk (one target pass, reused by every epoch, divergence and draft trained on the
-same text with the same target; shards of :class:`distill.cache.TeacherCache`). With
+same text with the same target; shards of :class:`tokensurgeon.teacher_cache.TeacherCache`). With
 ``--verify greedy`` the loss reads only the target's argmax, so the cached loss equals the
 online one exactly; with ``--verify probabilistic`` p is renormalised over the top k, which
 changes the loss (the tail's mass is dropped). Without ``--target-cache`` the target runs
 online.
 
-OUT is written like ``distill``'s: checkpoints and metrics.jsonl go to OUT as training runs,
-the finished draft replaces OUT atomically, and ``--resume`` refuses options that differ
-from the checkpointed run's.
+OUT, ``--resume``, checkpoints, metrics and the final save are :mod:`tokensurgeon.training`'s,
+as for ``distill``: checkpoints and metrics.jsonl go to OUT as training runs, the finished
+draft replaces OUT atomically, and ``--resume`` refuses options that differ from the
+checkpointed run's. ``--grad-accum`` splits each process's prompts into micro-batches whose
+summed loss equals the whole batch's (less memory, the same step).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -51,17 +50,15 @@ from spec_decode.draft import check_shared_vocabulary
 from spec_decode.prompts import Example, encode_prompt, read_examples
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
 from tokensurgeon import modelio, training
-from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import logits_at
+from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 
 SOURCES = ("on_policy", "target", "fixed")
-# Options that may change between a run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"resume", "overwrite", "quiet", "device"}
 
 
 @dataclass
-class SpecTrainConfig:
+class SpecTrainConfig(training.TrainingOptions):
     """Train DRAFT to imitate TARGET (DistillSpec): minimise a divergence between their
     next-token distributions at the decoding temperature, on a lambda mix of fixed text,
     target continuations and the draft's own (on-policy) continuations scored by TARGET."""
@@ -91,11 +88,9 @@ class SpecTrainConfig:
         "help": "the rule the draft will be verified with (vLLM draft_sample_method): "
                 "probabilistic trains the divergence at the temperature (acceptance 1 - TVD); "
                 "greedy trains towards a one-hot on the target's argmax (acceptance p(argmax q))"})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per step, all processes"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear learning-rate warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    steps: int = training.own_default("steps", 200)
+    lr: float = training.own_default("lr", 1e-4)
+    weight_decay: float = training.own_default("weight_decay", 0.0)
     max_new_tokens: int = field(default=64, metadata={
         "help": "tokens per generated continuation; fixed answers are cut to it too"})
     max_length: int = field(default=384, metadata={"help": "truncate prompt+continuation to this"})
@@ -103,7 +98,6 @@ class SpecTrainConfig:
     heldout: int = field(default=16, metadata={
         "help": "rows at the end of --data held out for the acceptance estimate (0 = none)"})
     eval_every: int = field(default=25, metadata={"help": "steps between held-out estimates"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     target_cache: str = field(default="", metadata={
         "help": "directory of the target's cached top-k logits on the fixed text, filled on "
                 "first use and reused by later runs (exact with --verify greedy)"})
@@ -111,13 +105,9 @@ class SpecTrainConfig:
         "help": "logits kept per position in --target-cache (greedy needs only 1)"})
     chat: bool = field(default=True, metadata={
         "help": "wrap prompts in the tokenizer's chat template when it has one"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT's newest checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    seed: int = field(default=0, metadata={"help": "seed for data order and sampling"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
 
     def validate(self) -> None:
+        super().validate()
         if not self.data:
             raise UsageError("no --data given; pass a .jsonl of prompts (GSM8K train works)")
         if not (0 <= self.on_policy <= 1 and 0 <= self.target_generated <= 1
@@ -128,16 +118,11 @@ class SpecTrainConfig:
         if self.verify == "greedy" and self.divergence == "rkl":
             raise UsageError("reverse KL to a one-hot target is infinite; with --verify greedy "
                              "use --divergence fkl, tvd or jsd")
-        if self.warmup_steps < 0:
-            raise UsageError("--warmup-steps must be >= 0")
         if not 0 < self.beta < 1:
             raise UsageError(f"--beta must be in (0, 1) (got {self.beta})")
-        for name in ("steps", "batch_size", "max_new_tokens", "max_length", "eval_every",
-                     "checkpoint_every", "cache_top_k"):
+        for name in ("max_new_tokens", "max_length", "eval_every", "cache_top_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; pass one")
 
 
 def on_policy_share(cfg: SpecTrainConfig, step: int) -> float:
@@ -210,15 +195,11 @@ def sparse_logits(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> to
 def open_target_cache(cfg: SpecTrainConfig, target_ref, sequences: list[list[int]]):
     """The target cache of the fixed-text sequences (prompt + cut answer) of every training row,
     keyed by the target's weights, the token ids and the options that change what is stored."""
-    from distill.cache import TeacherCache, data_fingerprint, model_fingerprint
-
     options = {"kind": "spec-topk", "top_k": cfg.cache_top_k, "max_length": cfg.max_length,
                "max_new_tokens": cfg.max_new_tokens}
-    try:
-        return TeacherCache(cfg.target_cache, model_fingerprint(target_ref.directory),
-                            data_fingerprint(sequences), options, len(sequences), shard_size=64)
-    except UsageError as exc:  # distill's messages name its own flag
-        raise UsageError(str(exc).replace("--teacher-cache", "--target-cache")) from None
+    return TeacherCache(cfg.target_cache, model_fingerprint(target_ref.directory),
+                        data_fingerprint(sequences), options, len(sequences), shard_size=64,
+                        flag="--target-cache")
 
 
 def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float,
@@ -260,24 +241,12 @@ def target_logits(target, ids, attn, mask, sources: list[str], row_ids: list[int
     return torch.cat(blocks)
 
 
-def prepare_out(cfg: SpecTrainConfig) -> Path:
-    """Check OUT before any work: fresh (or --overwrite), or a --resume of the same options."""
-    out = Path(cfg.out).expanduser()
-    if not cfg.resume:
-        return modelio.check_output_dir(out, cfg.overwrite)
-    if not training.latest_checkpoint(out / "checkpoints"):
-        raise UsageError(f"--resume: {out}/checkpoints holds no complete checkpoint; "
-                         "drop --resume to start fresh")
-    check_resume_options(out, cfg, RESUME_FREE_OPTIONS)
-    return out
-
-
 def train(cfg: SpecTrainConfig) -> dict:
     cfg.validate()
     t_start = time.perf_counter()
-    out = prepare_out(cfg)
+    out = training.prepare_out(cfg)
     target_ref, draft_ref = modelio.resolve(cfg.target), modelio.resolve(cfg.draft)
-    check_shared_vocabulary(target_ref, draft_ref)
+    check_shared_vocabulary(target_ref, draft_ref, cfg.trust_remote_code)
     examples = read_examples(cfg.data, cfg.num_examples)
     if cfg.on_policy + cfg.target_generated < 1 and any(e.reference is None for e in examples):
         raise UsageError(f"{cfg.data} has rows without an answer/completion, so it cannot "
@@ -289,14 +258,14 @@ def train(cfg: SpecTrainConfig) -> dict:
                          "pass more data or a smaller --heldout")
 
     accelerator = training.setup_accelerator(cfg.device, cfg.seed)
-    per_process, rest = divmod(cfg.batch_size, accelerator.num_processes)
-    if rest or not per_process:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
-                         f"{accelerator.num_processes} processes")
+    micro = training.micro_batch_size(cfg.batch_size, accelerator.num_processes, cfg.grad_accum)
+    per_process = micro * cfg.grad_accum
     device = accelerator.device
-    tokenizer = modelio.load_tokenizer(target_ref)
-    target = modelio.load_model(target_ref, device=str(device))
-    draft = modelio.load_model(draft_ref, device=str(device))
+    tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
+    target = modelio.load_model(target_ref, device=str(device),
+                                trust_remote_code=cfg.trust_remote_code)
+    draft = modelio.load_model(draft_ref, device=str(device),
+                               trust_remote_code=cfg.trust_remote_code)
     for p in target.parameters():
         p.requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -309,20 +278,8 @@ def train(cfg: SpecTrainConfig) -> dict:
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
-    step = 0
-    if cfg.resume:
-        step, _ = training.load_checkpoint(training.latest_checkpoint(out / "checkpoints"),
-                                           draft, optimizer, scheduler)
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # --overwrite: the old draft stays until the new one replaces it
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        write_resolved_config(out, cfg)
-    log = training.MetricsLog(out / "metrics.jsonl", enabled=main)
-    if cfg.resume:
-        log.drop_after(step)
+    step, log = training.start_run(cfg, out, draft, optimizer, scheduler, main)
 
     # Held-out sequences: target continuations of held-out prompts, scored once.
     held_batch = held_target = None
@@ -388,54 +345,57 @@ def train(cfg: SpecTrainConfig) -> dict:
         for i, s in enumerate(sources):
             if s == "fixed":
                 conts[i] = fixed_continuation(tokenizer, rows[i].reference, cfg.max_new_tokens, eos)
-        ids, attn, mask = (t.to(device) for t in pack(prompts, conts, cfg.max_length, pad))
-        with torch.no_grad():
-            p_logits = target_logits(target, ids, attn, mask, sources, row_ids, cached,
-                                     cfg.cache_top_k)
-        draft.train()
-        q_logits = logits_at(draft, ids, attn, mask)
-        logp, logq = distributions(p_logits, q_logits, cfg.temperature,
-                                   greedy_target=cfg.verify == "greedy")
-        per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
-        loss = per_pos.mean()
+        # Micro-batches of the process's prompts: each loss is its mean over its positions
+        # times its share of the process's positions, so their sum is the whole mean.
+        parts = [slice(m * micro, (m + 1) * micro) for m in range(cfg.grad_accum)]
+        packed = [tuple(t.to(device) for t in pack(prompts[p], conts[p], cfg.max_length, pad))
+                  for p in parts]
+        tokens = sum(int(mask.sum()) for _, _, mask in packed)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        draft.train()
+        loss_value = accept = 0.0
+        for p, (ids, attn, mask) in zip(parts, packed):
+            with torch.no_grad():
+                p_logits = target_logits(target, ids, attn, mask, sources[p], row_ids[p], cached,
+                                         cfg.cache_top_k)
+            q_logits = logits_at(draft, ids, attn, mask)
+            logp, logq = distributions(p_logits, q_logits, cfg.temperature,
+                                       greedy_target=cfg.verify == "greedy")
+            per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
+            share = per_pos.numel() / max(tokens, 1)
+            loss = per_pos.mean() * share
+            loss.backward()
+            loss_value += loss.item()
+            with torch.no_grad():
+                accept += share * float(rule_acceptance(p_logits, q_logits.detach(),
+                                                        cfg.temperature)[cfg.verify].mean())
         training.average_gradients(accelerator, params)
         grad_norm = training.clip_gradients(params, 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        with torch.no_grad():
-            accept = float(rule_acceptance(p_logits, q_logits.detach(), cfg.temperature)[cfg.verify].mean())
-        tokens = int(mask.sum())
-        last = {"step": step, "loss": loss.item(), "train_acceptance": accept,
-                "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                "tok_s": tokens / (time.perf_counter() - t0),
-                **{f"n_{s}": sources.count(s) for s in SOURCES}}
+        last = {**training.step_figures(step, loss_value, grad_norm, scheduler.get_last_lr()[0],
+                                        tokens, time.perf_counter() - t0),
+                "train_acceptance": accept, **{f"n_{s}": sources.count(s) for s in SOURCES}}
         if held_batch is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             draft.eval()
             last.update(heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
                                            cfg.verify))
         log.log(**last)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{accept:.3f}", tok_s=f"{last['tok_s']:.0f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accept:.3f}",
+                        tok_s=f"{last[training.TOKENS_PER_S]:.0f}")
         bar.update(1)
-        if main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            training.save_checkpoint(out / "checkpoints", step, draft, optimizer, scheduler,
-                                     extra={"data_position": step * per_step})
+        if training.checkpoint_due(step, cfg.checkpoint_every, cfg.steps):
+            if main:
+                training.save_checkpoint(out / "checkpoints", step, draft, optimizer, scheduler,
+                                         extra={"data_position": step * per_step})
+            accelerator.wait_for_everyone()
     bar.close()
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
                "verify": cfg.verify}
     if main:
-        draft.eval()
-        with modelio.atomic_output_dir(out, overwrite=True) as tmp:
-            modelio.save_model(draft, tokenizer, tmp)
-            write_resolved_config(tmp, cfg)
-            modelio.write_json(tmp / "train.json", summary)
-            # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
-            for name in ("metrics.jsonl", "checkpoints"):
-                if (out / name).exists():
-                    os.replace(out / name, tmp / name)
+        training.save_final(cfg, out, draft, tokenizer, {"train.json": summary})
     return summary
 
 

@@ -103,3 +103,73 @@ def test_metrics_log_appends_json_lines(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] is None
     training.MetricsLog(tmp_path / "off.jsonl", enabled=False).log(step=1)
     assert not (tmp_path / "off.jsonl").exists()
+
+
+def test_both_trainers_take_the_shared_options_with_one_meaning():
+    """distill and spec train include TrainingOptions: every shared flag exists in both with
+    the same help; a command may give it its own default only through own_default."""
+    import dataclasses
+
+    from distill.trainer import DistillConfig
+    from spec_decode.train import SpecTrainConfig
+
+    shared = {f.name: f for f in dataclasses.fields(training.TrainingOptions)}
+    assert {"weight_decay", "grad_accum", "trust_remote_code", "resume"} <= set(shared)
+    for cls in (DistillConfig, SpecTrainConfig):
+        own = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in shared.items():
+            assert own[name].metadata["help"] == f.metadata["help"], (cls.__name__, name)
+    assert DistillConfig.__dataclass_fields__["weight_decay"].default == 0.01
+    assert SpecTrainConfig.__dataclass_fields__["weight_decay"].default == 0.0
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"resume": True, "overwrite": True}, "contradict"), ({"grad_accum": 0}, "--grad-accum"),
+    ({"weight_decay": -1.0}, "--weight-decay"), ({"lr": -1.0}, "--lr")])
+def test_shared_options_refuse_bad_values(options, needle):
+    from tokensurgeon.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        training.TrainingOptions(**options).validate()
+
+
+def test_micro_batches_and_checkpoint_schedule():
+    from tokensurgeon.errors import UsageError
+
+    assert training.micro_batch_size(8, 2, 2) == 2
+    with pytest.raises(UsageError, match="multiple of processes x --grad-accum = 6"):
+        training.micro_batch_size(8, 2, 3)
+    assert [s for s in range(1, 8) if training.checkpoint_due(s, 3, 7)] == [3, 6, 7]
+
+
+def test_a_run_starts_out_fresh_or_resumes_its_checkpoint(tmp_path):
+    """start_run on a fresh OUT drops a previous run's files and writes the config; --resume
+    restores the newest checkpoint and forgets metrics logged after it."""
+    import dataclasses
+
+    from tokensurgeon.errors import UsageError
+
+    @dataclasses.dataclass
+    class Cfg(training.TrainingOptions):
+        out: str = dataclasses.field(default=str(tmp_path / "out"), metadata={"help": "OUT"})
+
+    out = training.prepare_out(Cfg())
+    (out / "checkpoints" / "step-9").mkdir(parents=True)
+    model, optimizer, scheduler = tiny_setup()
+    start, log = training.start_run(Cfg(), out, model, optimizer, scheduler)
+    assert start == 0 and not (out / "checkpoints").exists() and (out / "config.yaml").is_file()
+    for n in (1, 2, 3):
+        log.log(**training.step_figures(n, 0.5, 1.0, 0.1, 10, 2.0))
+    training.save_checkpoint(out / "checkpoints", 2, model, optimizer, scheduler)
+    with pytest.raises(UsageError, match="already exists"):
+        training.prepare_out(Cfg())
+    with pytest.raises(UsageError, match="differ from the checkpointed run.*steps"):
+        training.prepare_out(Cfg(resume=True, steps=7))
+    resumed = Cfg(resume=True, quiet=True)
+    assert training.prepare_out(resumed) == out
+    start, log = training.start_run(resumed, out, *tiny_setup(seed=1))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert start == 2 and [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["tokens_per_s"] == 5.0 and rows[0]["tokens"] == 10
+    with pytest.raises(UsageError, match="no checkpoint"):
+        training.prepare_out(Cfg(resume=True, out=str(tmp_path / "none")))

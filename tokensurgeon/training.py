@@ -31,6 +31,19 @@ API (all functions are small; read them):
   too, and unpickles with ``weights_only=True`` only.
 - ``MetricsLog(path)``: append one JSON object per step (``log(step=..., **figures)``).
 - ``progress(total, initial, disable)``: a tqdm bar; ``bar.set_postfix(loss=..., tok_s=...)``.
+
+The scaffold both trainers share (same flags, same meanings):
+
+- ``TrainingOptions``: the shared config fields (steps, batch size, ``--grad-accum``,
+  learning rate and warm-up, ``--weight-decay``, checkpoint interval, ``--resume``,
+  ``--overwrite``, seed, device, ``--trust-remote-code``, quiet); a command's config
+  includes it and changes a default with ``own_default(name, value)``.
+- ``micro_batch_size(batch_size, processes, grad_accum)``: the batch split, or the error.
+- ``prepare_out(cfg, free)``: OUT checked before anything loads (fresh, ``--overwrite``, or a
+  ``--resume`` of the same options).
+- ``start_run(cfg, out, model, optimizer, scheduler, is_main)`` -> ``(step, MetricsLog)``.
+- ``checkpoint_due(step, every, total)``; ``step_figures(...)``: the shared metric names.
+- ``save_final(cfg, out, model, tokenizer, files)``: the finished model replaces OUT.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +64,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from tokensurgeon.errors import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "complete"
@@ -283,3 +299,156 @@ def progress(total: int, initial: int = 0, disable: bool = False, desc: str = "t
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable or None,
                 dynamic_ncols=True)
 
+
+
+# ---------------------------------------------------------------------------- one scaffold
+# The options and chores every trainer shares: its command config includes
+# :class:`TrainingOptions`, and its loop calls the functions below, so OUT, --resume,
+# checkpoints, the final save and the metric names mean the same in every trainer.
+
+# Options that may change between a run and its --resume without changing the result;
+# a trainer adds its own (e.g. where a cache lives).
+RESUME_FREE_OPTIONS = frozenset({"resume", "overwrite", "quiet", "device"})
+# Metric names every trainer logs per step (besides its own figures).
+STEP, LOSS, GRAD_NORM, LR, TOKENS, TOKENS_PER_S = ("step", "loss", "grad_norm", "lr", "tokens",
+                                                   "tokens_per_s")
+
+
+@dataclass(kw_only=True)
+class TrainingOptions:
+    """The options every trainer takes (fields of its command's config, so one meaning and
+    one ``--help`` line each). A command whose default differs declares the field again
+    with :func:`own_default`; these defaults hold everywhere else."""
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences per optimizer step, all processes and micro-batches together"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per step per process (same result, less memory)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear learning-rate warm-up steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest checkpoint under OUT (the options must be the same)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, sampling and initialisation"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code (off: safer)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    def validate(self) -> None:
+        """Refuse bad shared options (a trainer's ``validate`` calls this, then checks its own)."""
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if not self.lr >= 0:  # 0 is allowed: a run that only measures
+            raise UsageError(f"--lr must be >= 0 (got {self.lr})")
+        if self.warmup_steps < 0:
+            raise UsageError("--warmup-steps must be >= 0")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; pass one")
+
+
+def own_default(name: str, default: Any) -> Any:
+    """A command's own default for the :class:`TrainingOptions` field ``name``; its help
+    stays the shared one (``steps: int = own_default("steps", 200)``)."""
+    shared = {f.name: f for f in fields(TrainingOptions)}[name]
+    return field(default=default, metadata=shared.metadata, kw_only=True)
+
+
+def micro_batch_size(batch_size: int, processes: int, grad_accum: int) -> int:
+    """Sequences per micro-batch: ``batch_size`` split over processes and micro-batches."""
+    per, rest = divmod(batch_size, processes * grad_accum)
+    if rest or per == 0:
+        raise UsageError(f"--batch-size {batch_size} must be a multiple of processes x "
+                         f"--grad-accum = {processes * grad_accum}")
+    return per
+
+
+def prepare_out(cfg: Any, free: Iterable[str] = ()) -> Path:
+    """Check ``cfg.out`` before anything is loaded: a fresh OUT (or ``--overwrite``), or a
+    ``--resume`` with a complete checkpoint and the options it was written with (those in
+    ``free`` and :data:`RESUME_FREE_OPTIONS` may differ). Nothing is written."""
+    from tokensurgeon.config import check_resume_options
+    from tokensurgeon.modelio import check_output_dir
+
+    out = Path(cfg.out).expanduser()
+    if not cfg.resume:
+        return check_output_dir(out, cfg.overwrite)
+    if latest_checkpoint(out / "checkpoints") is None:
+        raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
+                         "run without --resume first")
+    check_resume_options(out, cfg, RESUME_FREE_OPTIONS | set(free))
+    return out
+
+
+def start_run(cfg: Any, out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: Any, is_main: bool = True) -> tuple[int, MetricsLog]:
+    """Restore the newest checkpoint (``--resume``) or start OUT afresh, write the resolved
+    config, and open the metrics log; returns ``(first step, log)``.
+
+    A fresh run creates OUT only now that writing starts (bad input leaves nothing) and
+    drops a previous run's checkpoints and metrics; under ``--overwrite`` the old model
+    stays until :func:`save_final` replaces it. A resumed run forgets the metrics rows a
+    killed run logged after its last checkpoint."""
+    from tokensurgeon.config import write_resolved_config
+
+    start = 0
+    if cfg.resume:
+        start, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"), model, optimizer,
+                                   scheduler)
+    if is_main:
+        if not cfg.resume:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".write-test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise UsageError(f"cannot write into {out} ({exc.strerror}); choose a writable "
+                                 "OUT") from None
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        write_resolved_config(out, cfg)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=is_main)
+    if cfg.resume:
+        metrics.drop_after(start)
+    return start, metrics
+
+
+def checkpoint_due(step: int, every: int, total: int) -> bool:
+    """After optimizer step ``step`` (1-based): every ``every`` steps and at the last one."""
+    return step % every == 0 or step == total
+
+
+def step_figures(step: int, loss: float, grad_norm: float, lr: float, tokens: int,
+                 seconds: float) -> dict[str, Any]:
+    """The figures every trainer logs for an optimizer step, under the shared names;
+    ``tokens`` are the trained (student / draft) tokens of the step, all processes."""
+    return {STEP: step, LOSS: loss, GRAD_NORM: grad_norm, LR: lr, TOKENS: tokens,
+            TOKENS_PER_S: tokens / max(seconds, 1e-9)}
+
+
+def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
+               files: dict[str, dict] | None = None) -> None:
+    """Replace OUT atomically with the trained ``model`` (a LoRA adapter merged in), its
+    tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
+    checkpoints and metrics move along. Call on the main process only."""
+    from tokensurgeon import modelio
+    from tokensurgeon.config import write_resolved_config
+
+    final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    final.eval()
+    with modelio.atomic_output_dir(out, overwrite=True) as tmp:
+        modelio.save_model(final, tokenizer, tmp)
+        write_resolved_config(tmp, cfg)
+        for name, data in (files or {}).items():
+            modelio.write_json(tmp / name, data)
+        # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
+        for name in ("metrics.jsonl", "checkpoints"):
+            if (out / name).exists():
+                os.replace(out / name, tmp / name)

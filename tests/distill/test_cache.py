@@ -11,9 +11,9 @@ import torch
 from loss_fixtures import loss_inputs
 
 import cli
-from distill.cache import MANIFEST, TeacherCache
 from distill.losses import LOSSES, side_statistics
 from tokensurgeon.errors import UsageError
+from tokensurgeon.teacher_cache import MANIFEST, TeacherCache
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,7 @@ def test_two_processes_match_one_with_the_same_global_batch(model_dirs, data_fil
     assert "2 process(es)" in done.stdout
     for a, b in zip(metrics(one), metrics(two), strict=True):
         # Each process held half the batch; the logged loss is the global one.
-        assert b["units_alm"] == a["units_alm"] and b["student_tokens"] == a["student_tokens"]
+        assert b["units_alm"] == a["units_alm"] and b["tokens"] == a["tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for k, v in weights(one).items():
         torch.testing.assert_close(weights(two)[k], v, rtol=1e-4, atol=1e-5)
@@ -214,7 +214,7 @@ def test_grad_accum_matches_one_micro_batch(model_dirs, data_file, tmp_path):
     assert cli.main(args(model_dirs, data_file, one, *common)) == 0
     assert cli.main(args(model_dirs, data_file, two, *common, "--grad-accum", "2")) == 0
     for a, b in zip(metrics(one), metrics(two), strict=True):
-        assert b["units_alm"] == a["units_alm"] and b["student_tokens"] == a["student_tokens"]
+        assert b["units_alm"] == a["units_alm"] and b["tokens"] == a["tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for k, v in weights(one).items():
         torch.testing.assert_close(weights(two)[k], v, rtol=1e-4, atol=1e-5)

@@ -199,6 +199,29 @@ def test_fixed_answers_are_cut_to_max_new_tokens(tmp_path, target_dir, cut_dir, 
     assert [r["tokens"] for r in log if "loss" in r] == [12, 12]
 
 
+def test_grad_accum_matches_one_micro_batch(tmp_path, target_dir, cut_dir, prompts_file):
+    """--grad-accum 2 trains what one micro-batch of the same prompts trains: same losses,
+    same acceptance and the same weights (fixed data, so no sampling differs)."""
+    def run(name: str, grad_accum: int) -> tuple[list[dict], dict]:
+        train(SpecTrainConfig(target=str(target_dir), draft=str(cut_dir), data=str(prompts_file),
+                              out=str(tmp_path / name), steps=2, batch_size=4, max_new_tokens=4,
+                              heldout=0, on_policy=0.0, divergence="fkl", lr=3e-3, quiet=True,
+                              device="cpu", grad_accum=grad_accum))
+        log = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return log, modelio.load_model(modelio.resolve(str(tmp_path / name))).state_dict()
+
+    (one, w1), (two, w2) = run("one", 1), run("two", 2)
+    for a, b in zip(one, two, strict=True):
+        assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["train_acceptance"] == pytest.approx(a["train_acceptance"], rel=1e-4)
+    assert any(not torch.equal(w1[k], v) for k, v in
+               modelio.load_model(modelio.resolve(str(cut_dir))).state_dict().items())
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UsageError, match="multiple of processes x --grad-accum = 3"):
+        run("three", 3)
+
+
 def test_verify_greedy_logs_the_rule_it_trains_for(tmp_path, target_dir, prompts_file):
     """--verify greedy at T=1: held-out acceptance under each rule; the rule's own one is
     p(argmax q), and the draft equal to the target has 1 - TVD = 1 but p(argmax q) < 1."""

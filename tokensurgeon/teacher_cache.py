@@ -1,19 +1,19 @@
-"""Teacher cache: the teacher's ALM statistics, computed once and reused by every method,
-seed and epoch.
+"""Teacher cache: what a trainer needs of a frozen teacher (target) model, computed once
+and reused by every method, seed and epoch.
 
 Boundary: file I/O and hashing only; what is cached is computed by a function the trainer
-hands in. ALM and SFT need nothing of the teacher beyond two numbers per teacher token:
-log p(token t | tokens < t) and log p(boundary set | tokens <= t) (the latter at chunk
-ends). Those are stored per example. Losses that read the teacher's hidden states or full
-distribution (``uld``, ``hidden``, ``kl``, ``kl_reverse``) run the teacher online.
+hands in, and the trainer names the flag the directory came from (``--teacher-cache``,
+``--target-cache``), so every message speaks of the flag the user typed. ``distill`` stores
+two numbers per teacher token (log p(token t | tokens < t) and log p(boundary set | tokens
+<= t) at chunk ends); ``spec train`` stores the target's top-k logits per position.
 
 Layout of DIR:
 - ``cache.json``: the key (SHA-256 of the teacher's config and weight files, the teacher
   token ids of every example, and the options that change the statistics) and what went
   into it. Opening DIR with another key is a one-line error.
-- ``shard-NNNNN.safetensors``: examples ``[N * S, (N + 1) * S)``; tensors ``realised``,
-  ``boundary`` (float32, all examples' tokens end to end) and ``offsets`` (int64, [n + 1]);
-  the header metadata repeats the key, so a shard from another cache is refused too.
+- ``shard-NNNNN.safetensors``: examples ``[N * S, (N + 1) * S)``; two float32 tensors,
+  ``realised`` and ``boundary`` (all examples' values end to end), and ``offsets`` (int64,
+  [n + 1]); the header metadata repeats the key, so a shard from another cache is refused too.
 Shards are filled on first use and written to a temporary name, then renamed: a run killed
 half-way leaves only whole shards (and ignored temporaries), never a partial one.
 """
@@ -75,12 +75,14 @@ class TeacherCache:
         options: everything else the statistics depend on (JSON-serialisable).
         num_examples: examples in the data.
         shard_size: examples per shard.
+        flag: the option that named ``directory``, as messages give it.
     Raises:
         UsageError: ``directory`` holds a cache made with another teacher, data or options.
     """
 
     def __init__(self, directory: str | Path, teacher: str, data: str, options: dict,
-                 num_examples: int, shard_size: int = 64):
+                 num_examples: int, shard_size: int = 64, flag: str = "--teacher-cache"):
+        self.flag = flag
         self.directory = Path(directory).expanduser()
         self.key = cache_key(teacher, data, options)
         self.num_examples, self.shard_size = num_examples, shard_size
@@ -98,16 +100,16 @@ class TeacherCache:
                 differs = [k for k in ("teacher", "data", "options", "shard_size", "format")
                            if saved.get(k) != manifest[k]] or ["its manifest"]
                 raise UsageError(
-                    f"--teacher-cache {directory} was made for another {', '.join(differs)}; "
+                    f"{flag} {directory} was made for another {', '.join(differs)}; "
                     "pass a new directory (or delete this one)")
             return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create --teacher-cache {directory} ({exc.strerror}); "
+            raise UsageError(f"cannot create {flag} {directory} ({exc.strerror}); "
                              "choose a writable directory") from None
         if any(self.directory.glob("shard-*.safetensors")):
-            raise UsageError(f"--teacher-cache {directory} holds shards but no {MANIFEST}; "
+            raise UsageError(f"{flag} {directory} holds shards but no {MANIFEST}; "
                              "pass a new directory (or delete this one)")
         _atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
 
@@ -122,7 +124,7 @@ class TeacherCache:
             meta = f.metadata() or {}
             if meta.get("key") != self.key:
                 raise UsageError(f"{path} belongs to another teacher cache; pass a new "
-                                 "--teacher-cache directory (or delete this one)")
+                                 f"{self.flag} directory (or delete this one)")
             realised, boundary = f.get_tensor("realised"), f.get_tensor("boundary")
             offsets = f.get_tensor("offsets").tolist()
         return [(realised[a:b], boundary[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]

@@ -44,6 +44,12 @@ The scaffold both trainers share (same flags, same meanings):
 - ``start_run(cfg, out, model, optimizer, scheduler, is_main)`` -> ``(step, MetricsLog)``.
 - ``checkpoint_due(step, every, total)``; ``step_figures(...)``: the shared metric names.
 - ``save_final(cfg, out, model, tokenizer, files)``: the finished model replaces OUT.
+- ``check_precision(device, dtype)``, ``autocast(device, dtype)``, ``grad_scaler(device,
+  dtype)``: ``fp32|bf16|fp16`` as autocast over fp32 master weights; one code path for
+  CPU and GPU (fp16 adds loss scaling, a no-op object otherwise).
+- ``enable_gradient_checkpointing(model)``: recompute each decoder layer in the backward.
+- ``check_trackers(report_to)`` / ``start_trackers(accelerator, report_to, config)``:
+  accelerate's experiment trackers (TensorBoard works offline).
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "complete"
 
 
-def setup_accelerator(device: str = "auto", seed: int = 0):
-    """An ``Accelerator`` on ``device`` with every RNG seeded to ``seed``.
+def setup_accelerator(device: str = "auto", seed: int = 0, report_to: str = "none",
+                      project_dir: str | Path | None = None):
+    """An ``Accelerator`` on ``device`` with every RNG seeded to ``seed``; ``report_to``
+    names an accelerate tracker (``none``: no tracker) writing under ``project_dir``.
 
     Several processes come from the launcher's environment (``accelerate launch``,
     ``torchrun``); on CPU they talk over gloo.
@@ -82,7 +90,9 @@ def setup_accelerator(device: str = "auto", seed: int = 0):
 
     keep_freed_memory()
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu)
+    tracking = {} if report_to == "none" else {"log_with": report_to,
+                                               "project_dir": str(project_dir)}
+    accelerator = Accelerator(cpu=cpu, **tracking)
     if device.startswith("cuda:") and accelerator.num_processes == 1:
         torch.cuda.set_device(torch.device(device))
     set_seed(seed)
@@ -434,10 +444,11 @@ def step_figures(step: int, loss: float, grad_norm: float, lr: float, tokens: in
 
 
 def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
-               files: dict[str, dict] | None = None) -> None:
+               files: dict[str, dict] | None = None, carry: Iterable[str] = ()) -> None:
     """Replace OUT atomically with the trained ``model`` (a LoRA adapter merged in), its
     tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
-    checkpoints and metrics move along. Call on the main process only."""
+    checkpoints, metrics, tracker logs and the entries named in ``carry`` move along.
+    Call on the main process only."""
     from tokensurgeon import modelio
     from tokensurgeon.config import write_resolved_config
 
@@ -449,6 +460,89 @@ def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
         for name, data in (files or {}).items():
             modelio.write_json(tmp / name, data)
         # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
-        for name in ("metrics.jsonl", "checkpoints"):
+        for name in ("metrics.jsonl", "checkpoints", TRACKER_DIR, *carry):
             if (out / name).exists():
                 os.replace(out / name, tmp / name)
+# ------------------------------------------------------------------ precision and memory
+
+DTYPES = ("fp32", "bf16", "fp16")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX): without it torch
+    emulates bf16 matrix products, measured ~130x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def check_precision(device: torch.device, dtype: str) -> None:
+    """Refuse a ``dtype`` the device cannot run fast (one line naming the fix)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "fp32":
+        return
+    if device.type == "cpu":
+        if dtype == "fp16":
+            raise UsageError("--dtype fp16 is for GPUs (CPUs have no fast fp16 matrix "
+                             "products); use --dtype bf16 or fp32 on a CPU")
+        if not cpu_supports_bf16():
+            raise UsageError("--dtype bf16 on this CPU (no AVX512-BF16/AMX) is emulated and "
+                             "~130x slower than fp32; use --dtype fp32")
+    elif device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16 needs an Ampere or newer GPU; use --dtype fp16 here")
+
+
+def autocast(device: torch.device, dtype: str):
+    """Autocast context for forward passes: ``bf16``/``fp16`` compute over fp32 master
+    weights (the optimizer, gradients and weights stay fp32); ``fp32`` is a no-op."""
+    return torch.autocast(device.type, dtype=_TORCH_DTYPES.get(dtype, torch.bfloat16),
+                          enabled=dtype != "fp32")
+
+
+def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (whose gradients underflow); disabled, a pass-through, else."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them (memory ~ one layer's activations instead of all layers')."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ------------------------------------------------------------------ experiment trackers
+
+# Tracker logs go to OUT/tensorboard (the project name given to accelerate).
+TRACKER_DIR = "tensorboard"
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive")
+
+
+def check_trackers(report_to: str) -> None:
+    """Refuse a tracker whose package is missing, before anything is loaded."""
+    if report_to == "none":
+        return
+    if report_to not in TRACKERS:
+        raise UsageError(f"--report-to {report_to!r}: use one of {', '.join(TRACKERS)}")
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml"}.get(report_to, report_to)
+    if importlib.util.find_spec(package) is None and not (
+            report_to == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        hint = "'tokensurgeon[track]'" if report_to == "tensorboard" else package
+        raise UsageError(f"--report-to {report_to} needs the {package} package; run: "
+                         f"pip install {hint}")
+
+
+def start_trackers(accelerator, report_to: str, config: dict[str, Any]) -> None:
+    """Start the accelerator's trackers (logs under ``project_dir/``:data:`TRACKER_DIR`)
+    with the run's resolved options as hyperparameters (plain numbers and strings only,
+    which every tracker takes)."""
+    if report_to == "none":
+        return
+    plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+             for k, v in config.items()}
+    accelerator.init_trackers(TRACKER_DIR, config=plain)

@@ -297,7 +297,7 @@ def distill(cfg: DistillConfig) -> dict:
         training.start_trackers(accelerator, cfg.report_to, vars(cfg))
     scaler = training.grad_scaler(device, cfg.dtype)
     curve = _heldout_curve(out / "metrics.jsonl") if held is not None and is_main else []
-    best = min(curve, key=lambda r: r[1]) if curve else None
+    best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
     t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
@@ -342,11 +342,11 @@ def distill(cfg: DistillConfig) -> dict:
         student.train()
         if is_main:
             curve.append((step, figures["eval_bpb"]))
-            if best is None or figures["eval_bpb"] < best[1]:
+            # The best trained step (step 0, the student as given, is only the curve's start).
+            if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
                 best = (step, figures["eval_bpb"])
-                if step > 0:
-                    training.save_checkpoint(out / "checkpoints" / "best", step, student,
-                                             optimizer, scheduler, {"eval_bpb": best[1]}, keep=1)
+                training.save_checkpoint(out / "checkpoints" / "best", step, student,
+                                         optimizer, scheduler, {"eval_bpb": best[1]}, keep=1)
             plot_heldout(curve, out / HELDOUT_PLOT, cfg.student)
         return figures
 

@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokensurgeon.logits import (apply_softcap, checkpointed_position_statistics, map_logit_chunks,
-                                 position_statistics)
-from tokensurgeon.logits import LOGIT_CHUNK
+from tokensurgeon.logits import (
+    LOGIT_CHUNK,
+    apply_softcap,
+    checkpointed_position_statistics,
+    map_logit_chunks,
+    position_statistics,
+)
 from tokensurgeon.registry import Registry
 
 # ---------------------------------------------------------------------------- pure math
@@ -226,7 +230,7 @@ def chunk_end_mask(chunk_ids: torch.Tensor) -> torch.Tensor:
     return (chunk_ids >= 0) & (following != chunk_ids)
 
 
-def side_statistics(side: "Side", settings: LossSettings,
+def side_statistics(side: Side, settings: LossSettings,
                     need_boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(realised [B, T], boundary [B, T])`` of one side from its hidden states:
     realised[t] = log p(token t | < t) (0 at t = 0 and where not predicted), boundary[t] =

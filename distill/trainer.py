@@ -110,7 +110,7 @@ class DistillConfig(training.TrainingOptions):
     alm_units: str = field(default=ALM_UNITS[0], metadata={
         "help": "ALM loss units: nats (the binarised KL times tau: comparable with sft's nats "
                 "per token, so alm+sft weights compare like with like) or probability (the "
-                "paper's form, about 1/tau of that: beside sft at equal weight it is ~1% of "
+                "paper's form, about 1/tau of that: beside sft at equal weight it is ~1%% of "
                 "the gradient, i.e. sft alone)", "choices": ALM_UNITS})
     theta: float = field(default=0.1, metadata={
         "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})

@@ -63,7 +63,7 @@ CACHEABLE = {"alm", "sft"}
 # Options besides the shared ones (training.RESUME_FREE_OPTIONS) that may change between a
 # run and its --resume without changing the result.
 RESUME_FREE_OPTIONS = {"teacher_cache", "logits", "gradient_checkpointing", "eval_data",
-                       "eval_every", "report_to"}
+                       "eval_chat", "eval_every", "report_to"}
 # A loss term whose share of the last layer's gradient (first step) is below this is
 # reported: it barely trains (as ALM in probability units beside sft did).
 MIN_GRADIENT_SHARE = 0.01
@@ -140,6 +140,10 @@ class DistillConfig(training.TrainingOptions):
     eval_data: list[str] = field(default_factory=list, metadata={
         "help": "held-out data (same formats as --data) scored in bits per byte of the "
                 "student; conversations score their assistant text only"})
+    eval_chat: str | None = field(default=None, metadata={
+        "help": "how held-out conversations are scored (template: the assistant text under "
+                "the student's template; flat: every byte of 'role: content' lines); default: "
+                "as --chat", "choices": CHAT_MODES})
     eval_every: int = field(default=0, metadata={
         "help": "steps between held-out evaluations (also before the first step and after "
                 "the last); 0: after the last step only"})
@@ -238,7 +242,8 @@ def distill(cfg: DistillConfig) -> dict:
     # keeps most of its segments within max_length.
     docs = read_documents(cfg.data, cfg.data_format,
                           None if cfg.pack == "fill" else 2 * cfg.max_length, cfg.chat)
-    eval_docs = read_documents(cfg.eval_data, cfg.data_format, None, cfg.chat) \
+    eval_docs = read_documents(cfg.eval_data, cfg.data_format, None,
+                               cfg.eval_chat or cfg.chat) \
         if cfg.eval_data else []
     if cfg.eval_data and not eval_docs:
         raise UsageError(f"--eval-data {' '.join(cfg.eval_data)} holds no text; pass "
@@ -248,10 +253,13 @@ def distill(cfg: DistillConfig) -> dict:
     t_tok = modelio.load_tokenizer(t_ref, cfg.trust_remote_code)
     s_tok = modelio.load_tokenizer(s_ref, cfg.trust_remote_code)
     t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
-    templates = (None, None)
-    if needs_templates(docs) or needs_templates(eval_docs):
-        templates = (chat_template(t_tok, cfg.teacher_chat_template, "teacher"),
-                     chat_template(s_tok, cfg.student_chat_template, "student"))
+    # Conversations need a template on each side that renders them (held-out ones: the
+    # student's only).
+    templates = (
+        chat_template(t_tok, cfg.teacher_chat_template, "teacher")
+        if needs_templates(docs) else None,
+        chat_template(s_tok, cfg.student_chat_template, "student")
+        if needs_templates(docs) or needs_templates(eval_docs) else None)
     examples = build_examples(docs, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
                               cfg.max_length, cfg.pack, templates)
     held = heldout.prepare(eval_docs, s_tok, templates[1], cfg.max_length) if eval_docs \

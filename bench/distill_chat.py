@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.trainer import DistillConfig, distill  # noqa: E402
+from distill.trainer import DistillConfig, distill
 
 DATA = Path(os.environ.get("TOKENSURGEON_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results" / "distill"

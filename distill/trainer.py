@@ -211,7 +211,9 @@ def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
     # caches of plain text keep their key).
     rows += [e.teacher_trained for e in examples if e.teacher_trained]
     options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
-               "device": device_type}
+               "device": device_type,
+               # (fp32 adds nothing, so caches written before --dtype existed stay valid)
+               **({"dtype": cfg.dtype} if cfg.dtype != training.DTYPES[0] else {})}
     return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
                         data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard,
                         flag="--teacher-cache")
@@ -301,8 +303,7 @@ def distill(cfg: DistillConfig) -> dict:
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
-    if is_main:
-        training.start_trackers(accelerator, cfg.report_to, vars(cfg))
+    training.start_trackers(accelerator, cfg.report_to, vars(cfg))  # main process only
     scaler = training.grad_scaler(device, cfg.dtype)
     curve = _heldout_curve(out / "metrics.jsonl") if held is not None and is_main else []
     best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)

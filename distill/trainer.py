@@ -361,13 +361,14 @@ def distill(cfg: DistillConfig) -> dict:
 
     last_layer = last_layer_params(student)
     progress.get().start("train")
+    eval_bpb = None
     if held is not None and cfg.eval_every and start == 0:
         first = evaluate_student(0)
+        eval_bpb = first["eval_bpb"]
         metrics.log(step=0, **first)
         accelerator.log(first, step=0)
     bar = training.progress(cfg.steps, start, disable=cfg.quiet or not is_main)
     last: dict = {}
-    eval_bpb = None
     for step in range(start, cfg.steps):
         began = time.perf_counter()
         chosen = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)

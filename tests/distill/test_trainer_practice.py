@@ -221,11 +221,31 @@ def test_precision_refusals_name_the_fix(monkeypatch):
     training.check_precision(cpu, "fp32")
 
 
-def test_heldout_bpb_in_the_loop(chat_models, model_dirs, chat_file, tmp_path):
+class RecordingBar:
+    """Stands in for the progress bar; keeps every postfix."""
+
+    def __init__(self, *a, **k):
+        self.postfixes = []
+
+    def set_postfix(self, **figures):
+        self.postfixes.append(figures)
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_heldout_bpb_in_the_loop(chat_models, model_dirs, chat_file, tmp_path, monkeypatch):
     """Held-out BPB before the first step equals ``tokensurgeon eval`` of the student (plain
     text, the client's BOS convention); the curve goes to metrics and a PNG, the best and
-    the last checkpoints are kept, and TensorBoard gets the figures offline."""
+    the last checkpoints are kept, TensorBoard gets the figures offline, and the progress
+    line shows each loss term, tokens/s and the last held-out BPB."""
     pytest.importorskip("tensorboard")
+    bars = []
+    monkeypatch.setattr(training, "progress", lambda *a, **k: bars.append(RecordingBar()) or
+                        bars[-1])
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("\n".join(tiny.CORPUS[:4]))
     out = tmp_path / "out"
@@ -252,6 +272,10 @@ def test_heldout_bpb_in_the_loop(chat_models, model_dirs, chat_file, tmp_path):
     assert [p.name for p in (out / "checkpoints" / "best").iterdir()] == [f"step-{best_step}"]
     assert (out / "checkpoints" / "step-4").is_dir()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    shown = bars[0].postfixes
+    assert {"loss", "alm", "sft", "tok_s", "heldout_bpb"} <= set(shown[0])
+    assert [float(shown[n]["heldout_bpb"]) for n in (0, 1, 3)] == pytest.approx(
+        [bpb for _, bpb in curve], abs=1e-4)
 
 
 def test_chat_heldout_scores_assistant_text_only(chat_models, chat_file, tmp_path):

@@ -49,10 +49,11 @@ def prepare(docs: Sequence[Document], tokenizer, template: str | None,
         token_bytes = vocabulary(tokenizer).token_bytes
         for ids, lengths, trained in encode_pieces(masked, tokenizer, token_bytes, template,
                                                    "student"):
-            ids, trained = ids[:max_length], trained[:max_length]
-            # Bytes of scored tokens only (a token at position 0 has no prefix: not scored).
-            masked_bytes += sum(len(token_bytes[i] or b"") for t, (i, f) in
-                                enumerate(zip(ids, trained)) if f and t > 0)
+            ids, lengths, trained = ids[:max_length], lengths[:max_length], trained[:max_length]
+            # Text bytes of scored tokens only (a token at position 0 has no prefix: not
+            # scored; a SentencePiece dummy-prefix space is not text).
+            masked_bytes += sum(n for t, (n, f) in enumerate(zip(lengths, trained))
+                                if f and t > 0)
             sequences.append((ids, trained))
     return HeldOut(segments, sequences, masked_bytes)
 

@@ -451,8 +451,8 @@ def distill(cfg: DistillConfig) -> dict:
                     if shares[j] < MIN_GRADIENT_SHARE]
             for name, share in weak[:1]:
                 print(f"warning: the {name} term is {share:.2%} of the last layer's gradient "
-                      f"at step {step + 1} (--loss {cfg.loss}, --alm-units {cfg.alm_units}): it "
-                      "barely trains; raise its weight or change its units", file=sys.stderr)
+                      f"at step {step + 1} (--loss {cfg.loss}): it barely trains; raise its "
+                      "weight (e.g. alm:100) or measure it in larger units", file=sys.stderr)
         if held is not None and (step + 1 == cfg.steps or
                                  (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             figures = evaluate_student(step + 1)

@@ -305,3 +305,36 @@ def test_a_term_that_barely_trains_is_reported_once(model_dirs, tmp_path, capsys
     rows, err = run("default")  # the default alm+sft in nats: ALM trains
     assert rows[0]["grad_share_alm"] > 0.1 and "warning" not in err
     assert rows[0]["grad_share_alm"] + rows[0]["grad_share_sft"] == pytest.approx(1.0)
+
+
+def test_resume_keeps_the_heldout_curve_and_the_best_checkpoint(model_dirs, tmp_path):
+    """A run resumed after step 2 redoes steps 3-4 and ends with the same held-out curve and
+    best checkpoint as the run that was never interrupted."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(tiny.corpus(4)))
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(tiny.CORPUS[4:]))
+
+    def run(out, *extra):
+        assert cli.main(["distill", "--teacher", str(model_dirs["llama_bpe"]), "--student",
+                         str(model_dirs["gemma_spm"]), "--data", str(data), "--out", str(out),
+                         "--batch-size", "4", "--max-length", "48", "--quiet", "--steps", "4",
+                         "--lr", "5e-3", "--checkpoint-every", "2", "--eval-data", str(heldout),
+                         "--eval-every", "2", *extra]) == 0
+
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    run(reference)
+    run(out)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    run(out, "--resume")
+
+    def curve(o):
+        return [(r["step"], r["eval_bpb"]) for r in metrics(o) if "eval_bpb" in r]
+
+    assert [s for s, _ in curve(out)] == [0, 2, 4]
+    for (s, a), (_, b) in zip(curve(reference), curve(out), strict=True):
+        assert a == pytest.approx(b, rel=1e-6), s
+    assert sorted(p.name for p in (out / "checkpoints" / "best").iterdir()) == \
+        sorted(p.name for p in (reference / "checkpoints" / "best").iterdir())

@@ -18,16 +18,20 @@ ALM (Minixhofer et al., 2025), per aligned chunk:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from tokensurgeon.config import member_options
+from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import (
     LOGIT_CHUNK,
-    apply_softcap,
     checkpointed_position_statistics,
+    head_logits,
     map_logit_chunks,
     position_statistics,
 )
@@ -206,22 +210,28 @@ ALM_UNITS = ("nats", "probability")
 
 
 @dataclass
-class LossSettings:
-    """``fused``: per-position statistics with the closed-form backward of
-    :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
-    checkpointing, the earlier path). ``student_boundary``: the student's boundary-set
-    log-prob is needed (ALM with debiasing); otherwise it is not computed. ``alm_units``:
-    ``probability`` is the paper's binarised KL at temperature tau, about 1/tau of a
-    log-likelihood distance; ``nats`` multiplies it by tau (see :func:`alm_scale`)."""
+class AlmOptions:
+    """Options of the ``alm`` loss (the single source of their defaults and help; each field
+    is also a ``distill`` flag). ``alm_units``: ``probability`` is the paper's binarised KL
+    at temperature tau, about 1/tau of a log-likelihood distance; ``nats`` multiplies it by
+    tau (see :func:`alm_scale`)."""
 
-    tau: float = 100.0
-    theta: float = 0.1
-    debias: bool = True
-    logit_chunk: int = LOGIT_CHUNK
-    recompute: bool = True
-    fused: bool = True
-    student_boundary: bool = True
-    alm_units: str = ALM_UNITS[0]
+    tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
+    alm_units: str = field(default=ALM_UNITS[0], metadata={
+        "help": "ALM loss units: nats (the binarised KL times tau: comparable with sft's nats "
+                "per token, so alm+sft weights compare like with like) or probability (the "
+                "paper's form, about 1/tau of that: beside sft at equal weight it is ~1%% of "
+                "the gradient, i.e. sft alone)", "choices": ALM_UNITS})
+    theta: float = field(default=0.1, metadata={
+        "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
+    debias: bool = field(default=True, metadata={
+        "help": "ALM append-space debiasing (boundary-set log-prob at chunk ends)"})
+
+    def validate(self) -> None:
+        if self.tau <= 0:
+            raise UsageError("--tau must be > 0")
+        if not 0 <= self.theta < 1:
+            raise UsageError("--theta must be in [0, 1)")
 
 
 def chunk_end_mask(chunk_ids: torch.Tensor) -> torch.Tensor:
@@ -304,15 +314,41 @@ class LossInputs:
                 & chunk_complete(self.teacher.predicted, self.teacher.chunk_ids, k))
 
 
+# What a loss reads of the teacher: nothing; its per-token statistics (realised-token and
+# boundary-set log-probs, which the teacher cache can serve); or its hidden states, so the
+# teacher runs online.
+TEACHER_NEEDS = ("none", "statistics", "online")
+
+
 @dataclass(frozen=True)
 class Loss:
-    """A registered loss: ``count`` units (no student gradient needed) and their ``total``."""
+    """A registered loss: ``count`` units (no student gradient needed) and their ``total``,
+    and the traits the trainer asks it about (it never tests a loss's name):
+
+    - ``teacher``: what it reads of the teacher (one of :data:`TEACHER_NEEDS`);
+    - ``student_boundary``: it reads the student's boundary-set log-probs (when debiasing);
+    - ``needs_same_vocab`` / ``needs_same_hidden``: teacher and student must share them;
+    - ``options``: its options dataclass, whose fields become ``distill`` flags and
+      :class:`LossSettings` fields (so a loss reads them as ``x.settings.NAME``).
+    """
 
     name: str
     count: Callable[[LossInputs], int]
     total: Callable[[LossInputs], torch.Tensor]
+    teacher: str = "online"
+    student_boundary: bool = False
     needs_same_vocab: bool = False
     needs_same_hidden: bool = False
+    options: type | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHER_NEEDS:
+            raise ValueError(f"loss {self.name}: teacher must be one of {TEACHER_NEEDS}")
+
+    @property
+    def cacheable(self) -> bool:
+        """The teacher cache can serve everything it reads of the teacher."""
+        return self.teacher != "online"
 
 
 LOSSES: Registry[Loss] = Registry("loss")
@@ -407,7 +443,7 @@ def _uld_total(x: LossInputs) -> torch.Tensor:
 
     def distance(student_logits: torch.Tensor, teacher_hidden: torch.Tensor):
         with torch.no_grad():
-            teacher_logits = apply_softcap(teacher.head(teacher_hidden).float(), teacher.softcap)
+            teacher_logits = head_logits(teacher_hidden, teacher.head, teacher.softcap)
         return (sorted_probability_l1(student_logits, teacher_logits),)
 
     (d,) = map_logit_chunks(distance, hs.unsqueeze(0), x.student.head, (ht.unsqueeze(0),),
@@ -425,7 +461,7 @@ def _kl_total(x: LossInputs, reverse: bool) -> torch.Tensor:
     def distance(student_logits: torch.Tensor, teacher_hidden: torch.Tensor,
                  mask: torch.Tensor):
         with torch.no_grad():
-            teacher_logits = apply_softcap(teacher.head(teacher_hidden).float(), teacher.softcap)
+            teacher_logits = head_logits(teacher_hidden, teacher.head, teacher.softcap)
         kl = token_kl(student_logits, teacher_logits, reverse)
         return (torch.where(mask, kl, torch.zeros_like(kl)),)
 
@@ -438,13 +474,51 @@ def _kl_total(x: LossInputs, reverse: bool) -> torch.Tensor:
     return kl.sum()
 
 
-register(Loss("alm", _alm_count, _alm_total))
-register(Loss("sft", _sft_count, _sft_total))
+register(Loss("alm", _alm_count, _alm_total, teacher="statistics", student_boundary=True,
+              options=AlmOptions))
+register(Loss("sft", _sft_count, _sft_total, teacher="none"))
 register(Loss("hidden", _chunk_count, _hidden_total, needs_same_hidden=True))
 register(Loss("uld", _chunk_count, _uld_total))
 register(Loss("kl", _token_count, lambda x: _kl_total(x, reverse=False), needs_same_vocab=True))
 register(Loss("kl_reverse", _token_count, lambda x: _kl_total(x, reverse=True),
               needs_same_vocab=True))
+# distill's --loss unless one is given.
+DEFAULT_LOSS = "alm+sft"
+
+
+@member_options(LOSSES, after="student_boundary")
+@dataclass
+class LossSettings:
+    """What the losses read besides their inputs: every registered loss's options (fields
+    of their options dataclasses, e.g. ``tau``), plus ``logit_chunk``; ``fused``:
+    per-position statistics with the closed-form backward of
+    :func:`tokensurgeon.logits.position_statistics` (False: autograd under activation
+    checkpointing, the earlier path); ``student_boundary``: the student's boundary-set
+    log-prob is needed (ALM with debiasing); otherwise it is not computed."""
+
+    logit_chunk: int = LOGIT_CHUNK
+    recompute: bool = True
+    fused: bool = True
+    student_boundary: bool = True
+
+
+def loss_settings(values: Any, names: Iterable[str], **settings: Any) -> LossSettings:
+    """:class:`LossSettings` for the losses ``names``: the loss options from same-named
+    attributes of ``values`` (a config), then ``settings``; the student's boundary
+    statistics are computed only when a loss reads them and debiasing is on."""
+    options = {f.name: getattr(values, f.name) for f in dataclasses.fields(LossSettings)
+               if hasattr(values, f.name)}
+    out = LossSettings(**{**options, **settings})
+    out.student_boundary = out.debias and any(LOSSES[n].student_boundary for n in names)
+    return out
+
+
+def validate_loss_options(values: Any) -> None:
+    """Check every registered loss's options as ``values`` (a config) gives them."""
+    for loss in LOSSES.values():
+        if hasattr(loss.options, "validate"):  # an options dataclass may check its values
+            loss.options(**{f.name: getattr(values, f.name)
+                            for f in dataclasses.fields(loss.options)}).validate()
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:

@@ -1,12 +1,15 @@
-"""``tokensurgeon distill``: the ALM training loop (one readable loop, torchtune style).
+"""``tokensurgeon distill``: the distillation training loop (one readable loop, torchtune style).
 
 Boundary: wires data, models and losses together and owns the step. The loss math lives in
 :mod:`distill.losses`, alignment in :mod:`distill.alignment`, and optimisation, checkpoints
-and logging in :mod:`tokensurgeon.training`.
+and logging in :mod:`tokensurgeon.training`. The loop names no loss: it asks each loss of
+``--loss`` what it reads of the teacher (nothing, statistics the teacher cache can serve,
+or hidden states that need the teacher online) and of the student, and a loss's options
+are flags through :func:`tokensurgeon.config.member_options`.
 
 One optimizer step:
 1. take this process's share of the step's global batch and split it into micro-batches;
-2. run the teacher (no gradient) on every micro-batch and count each loss's units (ALM
+2. run the teacher (no gradient) on every micro-batch and count each loss's units (aligned
    chunks after merging, tokens, ...); sum the counts over processes;
 3. run the student on each micro-batch; every loss is its sum divided by the global count,
    so the gradient equals that of one process holding the whole batch;
@@ -26,6 +29,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -42,15 +46,17 @@ from distill.data import (
     read_documents,
 )
 from distill.losses import (
-    ALM_UNITS,
+    DEFAULT_LOSS,
     LOSSES,
     LossInputs,
-    LossSettings,
     Side,
+    loss_settings,
     parse_loss_spec,
     side_statistics,
+    validate_loss_options,
 )
 from tokensurgeon import modelio, progress, training
+from tokensurgeon.config import member_options
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import LOGIT_CHUNK, decoder_and_head
 from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
@@ -58,8 +64,6 @@ from tokensurgeon.token_identity import vocabulary
 
 TRAINABLE = ("full", "lora", "embeddings")
 LOGITS_PATHS = ("fused", "checkpoint")
-# Losses served by the teacher's cached statistics (the others read its hidden states).
-CACHEABLE = {"alm", "sft"}
 # Options besides the shared ones (training.RESUME_FREE_OPTIONS) that may change between a
 # run and its --resume without changing the result.
 RESUME_FREE_OPTIONS = {"teacher_cache", "logits", "gradient_checkpointing", "eval_data",
@@ -70,10 +74,19 @@ MIN_GRADIENT_SHARE = 0.01
 HELDOUT_PLOT = "heldout_bpb.png"
 
 
+def _listed(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+_CACHEABLE = sorted(name for name, loss in LOSSES.items() if loss.cacheable)
+_ONLINE = sorted(name for name, loss in LOSSES.items() if not loss.cacheable)
+
+
+@member_options(LOSSES, after="loss")
 @dataclass
 class DistillConfig(training.TrainingOptions):
-    """Distil TEACHER into STUDENT with ALM (cross-tokenizer) or a baseline loss, and write
-    the trained student to OUT as a Hugging Face model directory."""
+    """Distil TEACHER into STUDENT, whose tokenizer may differ, with the losses --loss
+    names, and write the trained student to OUT as a Hugging Face model directory."""
 
     teacher: str = field(metadata={"help": "teacher: HF directory, .gguf file or builtin:NAME"})
     student: str = field(metadata={
@@ -82,9 +95,10 @@ class DistillConfig(training.TrainingOptions):
         "help": ".txt, .jsonl, .parquet, .json or a saved datasets directory (rows: text / "
                 "question+answer / messages / prompt+completion); repeat for several"})
     out: str = field(metadata={"help": "output HF model directory; checkpoints go under it"})
-    loss: str = field(default="alm+sft", metadata={
+    loss: str = field(default=DEFAULT_LOSS, metadata={
         "names": LOSSES.names,
-        "help": "losses joined by + with optional :weight, e.g. alm+sft or alm:1+sft:0.5"})
+        "help": f"losses joined by + with optional :weight, e.g. {DEFAULT_LOSS} or "
+                f"{DEFAULT_LOSS.replace('+', ':1+', 1)}:0.5"})
     train: str = field(default="full", metadata={
         "help": "what is trained", "choices": TRAINABLE})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (--train lora)"})
@@ -106,16 +120,6 @@ class DistillConfig(training.TrainingOptions):
         "help": "jinja chat template file for the teacher (for a model without one)"})
     student_chat_template: str | None = field(default=None, metadata={
         "help": "jinja chat template file for the student (for a model without one)"})
-    tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
-    alm_units: str = field(default=ALM_UNITS[0], metadata={
-        "help": "ALM loss units: nats (the binarised KL times tau: comparable with sft's nats "
-                "per token, so alm+sft weights compare like with like) or probability (the "
-                "paper's form, about 1/tau of that: beside sft at equal weight it is ~1%% of "
-                "the gradient, i.e. sft alone)", "choices": ALM_UNITS})
-    theta: float = field(default=0.1, metadata={
-        "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
-    debias: bool = field(default=True, metadata={
-        "help": "ALM append-space debiasing (boundary-set log-prob at chunk ends)"})
     gradmag: bool = field(default=False, metadata={
         "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
     logit_chunk: int = field(default=LOGIT_CHUNK, metadata={
@@ -125,9 +129,9 @@ class DistillConfig(training.TrainingOptions):
                 "they fit 1 GiB) or checkpoint (autograd with recomputation; the earlier, "
                 "slower path)", "choices": LOGITS_PATHS})
     teacher_cache: str | None = field(default=None, metadata={
-        "help": "directory of the teacher's cached ALM statistics, filled on first use and "
-                "reused by later runs on the same teacher, data and options (alm and sft "
-                "only; uld, hidden and kl run the teacher online)"})
+        "help": "directory of the teacher's cached per-token statistics, filled on first use "
+                "and reused by later runs on the same teacher, data and options "
+                f"({_listed(_CACHEABLE)} only; {_listed(_ONLINE)} run the teacher online)"})
     teacher_cache_shard: int = field(default=16, metadata={
         "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
     dtype: str = field(default=training.DTYPES[0], metadata={
@@ -158,10 +162,7 @@ class DistillConfig(training.TrainingOptions):
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_length < 2:
             raise UsageError("--max-length must be >= 2 (a token and its prefix)")
-        if self.tau <= 0:
-            raise UsageError("--tau must be > 0")
-        if not 0 <= self.theta < 1:
-            raise UsageError("--theta must be in [0, 1)")
+        validate_loss_options(self)
         if not self.data:
             raise UsageError("pass at least one --data file")
         if self.eval_every < 0:
@@ -169,14 +170,19 @@ class DistillConfig(training.TrainingOptions):
         if self.eval_every and not self.eval_data:
             raise UsageError("--eval-every needs --eval-data FILE (held-out text)")
         training.check_trackers(self.report_to)
+        online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
+        if self.teacher_cache and online:
+            raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
+                             f"{', '.join(online)} reads the teacher's hidden states: drop "
+                             "--teacher-cache")
+
+    @cached_property
+    def terms(self) -> list[tuple[str, float]]:
+        """``--loss`` parsed once: [(loss name, weight), ...]."""
         try:
-            terms = parse_loss_spec(self.loss)
+            return parse_loss_spec(self.loss)
         except ValueError as exc:
             raise UsageError(f"--loss {self.loss!r}: {exc}") from None
-        online = sorted({n for n, _ in terms} - CACHEABLE)
-        if self.teacher_cache and online:
-            raise UsageError(f"--teacher-cache serves alm and sft only; {', '.join(online)} "
-                             "reads the teacher's hidden states: drop --teacher-cache")
 
 
 def boundary_ids(token_bytes: tuple[bytes | None, ...]) -> torch.Tensor:
@@ -229,7 +235,7 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
-    terms = parse_loss_spec(cfg.loss)
+    terms = cfg.terms
     out_path = Path(cfg.out).expanduser()
     accelerator = training.setup_accelerator(cfg.device, cfg.seed, cfg.report_to, out_path)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -272,15 +278,18 @@ def distill(cfg: DistillConfig) -> dict:
         for ref in (t_ref, s_ref))
     for name, _ in terms:
         if LOSSES[name].needs_same_vocab and t_vocab.token_bytes != s_vocab.token_bytes:
+            across = sorted(n for n, loss in LOSSES.items()
+                            if not (loss.needs_same_vocab or loss.needs_same_hidden
+                                    or loss.teacher == "none"))
             raise UsageError(f"--loss {name} needs teacher and student to share one tokenizer; "
-                             "use alm or uld across tokenizers")
+                             f"use {_listed(across).replace(' and ', ' or ')} across tokenizers")
         if LOSSES[name].needs_same_hidden and t_hidden_size != s_hidden_size:
             raise UsageError(f"--loss {name} needs equal hidden sizes (tokenizer transfer); "
                              "drop it for a differently sized student")
 
-    names = {n for n, _ in terms}
-    # The teacher runs online only for losses that read its hidden states, or for ALM
-    # without a cache; with a cache it is loaded only if a shard is missing.
+    needs = {LOSSES[n].teacher for n, _ in terms}
+    # The teacher runs online only for losses that read its hidden states, or for its
+    # statistics without a cache; with a cache it is loaded only if a shard is missing.
     teacher_parts: list = []
 
     def teacher_model() -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -291,7 +300,7 @@ def distill(cfg: DistillConfig) -> dict:
             teacher_parts.extend([model, *decoder_and_head(model)])
         return tuple(teacher_parts[1:])
 
-    online = bool(names - CACHEABLE) or ("alm" in names and not cfg.teacher_cache)
+    online = "online" in needs or ("statistics" in needs and not cfg.teacher_cache)
     if online:
         teacher_model()
     student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
@@ -313,13 +322,10 @@ def distill(cfg: DistillConfig) -> dict:
         boundary_ids(s_vocab.token_bytes).to(device)
     t_pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
     s_pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else 0
-    settings = LossSettings(tau=cfg.tau, theta=cfg.theta, debias=cfg.debias,
-                            logit_chunk=cfg.logit_chunk, recompute=True,
-                            fused=cfg.logits == "fused",
-                            student_boundary="alm" in names and cfg.debias,
-                            alm_units=cfg.alm_units)
+    settings = loss_settings(cfg, [n for n, _ in terms], recompute=True,
+                             fused=cfg.logits == "fused")
     cache = None
-    if cfg.teacher_cache and "alm" in names:
+    if cfg.teacher_cache and "statistics" in needs:
         cache = open_teacher_cache(cfg, t_ref, examples, device.type)
 
     def teacher_side(t: dict, hidden: torch.Tensor | None) -> Side:
@@ -425,13 +431,8 @@ def distill(cfg: DistillConfig) -> dict:
             scaler.scale(combined * world).backward()
             totals += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
             x.student.hidden = None
-        training.average_gradients(accelerator, params)
-        scaler.unscale_(optimizer)
-        grad_norm = training.clip_gradients(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler,
+                                             scaler=scaler)
 
         per_loss = accelerator.reduce(totals.to(device), reduction="sum").cpu()
         all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum"))

@@ -351,7 +351,6 @@ def train(cfg: SpecTrainConfig) -> dict:
         packed = [tuple(t.to(device) for t in pack(prompts[p], conts[p], cfg.max_length, pad))
                   for p in parts]
         tokens = sum(int(mask.sum()) for _, _, mask in packed)
-        optimizer.zero_grad(set_to_none=True)
         draft.train()
         loss_value = accept = 0.0
         for p, (ids, attn, mask) in zip(parts, packed):
@@ -369,10 +368,7 @@ def train(cfg: SpecTrainConfig) -> dict:
             with torch.no_grad():
                 accept += share * float(rule_acceptance(p_logits, q_logits.detach(),
                                                         cfg.temperature)[cfg.verify].mean())
-        training.average_gradients(accelerator, params)
-        grad_norm = training.clip_gradients(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
         step += 1
         last = {**training.step_figures(step, loss_value, grad_norm, scheduler.get_last_lr()[0],
                                         tokens, time.perf_counter() - t0),

@@ -15,6 +15,10 @@ Field metadata keys:
 - ``comma``: a list field given on the command line as one comma list (``--gamma 2,3,4``)
   rather than by repeating the flag.
 
+Registry members own their options: :func:`member_options` gives a command's dataclass the
+fields of every registered member's options dataclass (``member.options``), so a method's
+``--k`` is declared once, in the method's module, and reads like any other option.
+
 YAML values go through the same conversion and checks as flags: an ``int`` option must be a
 YAML integer (``steps: '300'`` is refused), a list option takes one value or a list
 (``data: x.txt`` becomes ``[x.txt]``), a comma option also takes ``"2,3,4"``, and
@@ -60,9 +64,72 @@ def _default_of(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def member_options(registry: dict[str, Any], after: str) -> Any:
+    """Class decorator: the config dataclass gains the fields of each member's options
+    dataclass (``registry[name].options``, when given), listed in ``--help`` right after
+    its field ``after``.
+
+    Each field keeps its default and metadata, so it becomes a flag, a YAML key and an
+    attribute of the config like any field declared there (a keyword-only argument). The
+    result is a dataclass subclass of the decorated class, under its name. Members may share
+    an option (same name, type and default); a member option that clashes with the
+    config's own fields, or with another member's differing one, is a TypeError at import.
+    Applying the decorator again adds only members registered since (e.g. in a test).
+    """
+    def wrap(cls: type) -> type:
+        hints = typing.get_type_hints(cls)
+        before: dict[str, tuple] = getattr(cls, "__member_options__", {})
+        contributed = dict(before)
+        added: list[tuple[str, Any, dataclasses.Field]] = []
+        for name in sorted(registry):
+            options = getattr(registry[name], "options", None)
+            if options is None:
+                continue
+            option_hints = typing.get_type_hints(options)
+            for f in dataclasses.fields(options):
+                spec = (option_hints[f.name], _default_of(f))
+                if f.name in contributed:
+                    if contributed[f.name] != spec:
+                        raise TypeError(f"{cls.__name__}: option {f.name!r} of {name!r} differs "
+                                        "from another member's option of that name")
+                    continue
+                if f.name in hints:
+                    raise TypeError(f"{cls.__name__}: option {f.name!r} of {name!r} clashes "
+                                    f"with the config's own field; rename it")
+                if spec[1] is dataclasses.MISSING:
+                    raise TypeError(f"{name!r} option {f.name!r} needs a default")
+                contributed[f.name] = spec
+                added.append((f.name, option_hints[f.name], dataclasses.field(
+                    default=f.default, default_factory=f.default_factory,
+                    metadata=f.metadata, kw_only=True)))
+        new = dataclasses.make_dataclass(cls.__name__, added, bases=(cls,), namespace={
+            "__doc__": cls.__doc__, "__qualname__": cls.__qualname__})
+        new.__module__ = cls.__module__
+        new.__member_options__ = contributed
+        order = [f.name for f in _cli_fields(cls)]
+        at = max(i for i, n in enumerate(order) if n == after or n in before) + 1
+        new.__cli_order__ = order[:at] + [n for n, _, _ in added] + order[at:]
+        return new
+
+    return wrap
+
+
+def _cli_fields(cls: type) -> list[dataclasses.Field]:
+    """``cls``'s fields in ``--help`` order: those it inherits from a base dataclass (shared
+    options such as :class:`tokensurgeon.training.TrainingOptions`) after its own, members'
+    options (:func:`member_options`) where it placed them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "__cli_order__" in vars(cls):
+        return [fields[n] for n in cls.__cli_order__]
+    shared = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+              for f in dataclasses.fields(base)}
+    return ([f for f in fields.values() if f.name not in shared]
+            + [f for f in fields.values() if f.name in shared])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one argument per field of ``cls`` plus ``--config``. Defaults stay in ``cls``."""
-    for field in dataclasses.fields(cls):
+    for field in _cli_fields(cls):
         meta = field.metadata
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{field.name} needs help metadata")

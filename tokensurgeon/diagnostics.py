@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from tokensurgeon.logits import apply_softcap, decoder_and_head, final_hidden_states
+from tokensurgeon.logits import LOGIT_CHUNK, apply_softcap, decoder_and_head, final_hidden_states
 
 # A short built-in text (prose and arithmetic, written for this check) so that every
 # transplant can report its leak mass without data files.
@@ -78,7 +78,7 @@ def add_sums(total: dict, part: dict) -> None:
 
 
 def leak_on_text(model, tokenizer, is_new: torch.Tensor, text: str = BUILTIN_TEXT,
-                 chunk: int = 128) -> dict:
+                 chunk: int = LOGIT_CHUNK) -> dict:
     """Leak mass (mean over shared-gold positions) and bits per byte split by gold kind, on
     ``text`` (:func:`text_windows`: BOS or EOS first)."""
     _, head_module, softcap = decoder_and_head(model)
@@ -104,7 +104,7 @@ def output_weight_scores(hidden: torch.Tensor, gold: torch.Tensor, vocab_size: i
                          shared_ids: torch.Tensor, shared_rows: torch.Tensor,
                          new_ids: torch.Tensor, raw_rows: torch.Tensor, mean_row: torch.Tensor,
                          weights: list[float], softcap: float | None = None,
-                         chunk: int = 128) -> dict[float, dict]:
+                         chunk: int = LOGIT_CHUNK) -> dict[float, dict]:
     """Loss and leak of every candidate output matrix ``W(lam)``, from one set of hidden states.
 
     ``W(lam)`` holds ``shared_rows`` at ``shared_ids``, ``mean + lam * (raw - mean)`` at

@@ -176,8 +176,9 @@ def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]
     return body, 1, n_bytes - len(text[:first_end].encode("utf-8"))
 
 
-def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = 4,
-                  logit_chunk: int = LOGIT_CHUNK, progress: bool = False, bos: str = "auto") -> dict:
+def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalConfig.batch_size,
+                  logit_chunk: int = EvalConfig.logit_chunk, progress: bool = False,
+                  bos: str = EvalConfig.bos) -> dict:
     """Total NLL of every scored token of every segment, in bits per scored UTF-8 byte.
 
     ``bos`` is ``auto`` (the tokenizer's own defaults, as clients encode), ``always`` (a BOS

@@ -21,6 +21,7 @@ half-way leaves only whole shards (and ignored temporaries), never a partial one
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -127,7 +128,7 @@ class TeacherCache:
                                  f"{self.flag} directory (or delete this one)")
             realised, boundary = f.get_tensor("realised"), f.get_tensor("boundary")
             offsets = f.get_tensor("offsets").tolist()
-        return [(realised[a:b], boundary[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        return [(realised[a:b], boundary[a:b]) for a, b in itertools.pairwise(offsets)]
 
     def _save(self, shard: int, stats: list[Statistics]) -> None:
         offsets = [0]
@@ -170,7 +171,7 @@ class TeacherCache:
     def fill(self, compute: Callable[[list[int]], list[Statistics]]) -> int:
         """Compute every missing shard; return how many examples were computed."""
         before = self.computed_examples
-        for shard in range(0, (self.num_examples + self.shard_size - 1) // self.shard_size):
+        for shard in range((self.num_examples + self.shard_size - 1) // self.shard_size):
             self.get([shard * self.shard_size], compute)
             self._shards.pop(shard, None)
         return self.computed_examples - before

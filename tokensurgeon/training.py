@@ -20,6 +20,8 @@ API (all functions are small; read them):
   across processes. Trainers call it once per optimizer step instead of wrapping the model
   in DDP, so any forward path (chunked heads, recomputation, peft) stays data-parallel.
 - ``clip_gradients(params, max_norm=1.0)`` -> the total norm before clipping.
+- ``apply_gradients(accelerator, params, optimizer, scheduler)`` -> the norm: average,
+  clip, step the optimizer and the schedule, clear the gradients (one optimizer step).
 - ``trainable_state(model)`` / ``load_trainable_state(model, tensors)``: the parameters with
   ``requires_grad`` (the full model, a LoRA adapter, or embeddings only), by name.
 - ``save_checkpoint(root, step, model, optimizer, scheduler, extra)``: atomically writes
@@ -71,6 +73,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tokensurgeon import modelio
+from tokensurgeon.config import check_resume_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -170,6 +174,27 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float = 1.0) 
     if not grads:
         return 0.0
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+
+def apply_gradients(accelerator, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scheduler: Any,
+                    max_norm: float = 1.0, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step from the accumulated ``.grad``: average over processes, clip the
+    global norm to ``max_norm``, step the optimizer and the schedule, clear the gradients.
+    ``scaler`` (fp16, see :func:`grad_scaler`) unscales before clipping and skips a step
+    whose gradients overflowed. Returns the norm before clipping."""
+    average_gradients(accelerator, params)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -383,12 +408,9 @@ def prepare_out(cfg: Any, free: Iterable[str] = ()) -> Path:
     """Check ``cfg.out`` before anything is loaded: a fresh OUT (or ``--overwrite``), or a
     ``--resume`` with a complete checkpoint and the options it was written with (those in
     ``free`` and :data:`RESUME_FREE_OPTIONS` may differ). Nothing is written."""
-    from tokensurgeon.config import check_resume_options
-    from tokensurgeon.modelio import check_output_dir
-
     out = Path(cfg.out).expanduser()
     if not cfg.resume:
-        return check_output_dir(out, cfg.overwrite)
+        return modelio.check_output_dir(out, cfg.overwrite)
     if latest_checkpoint(out / "checkpoints") is None:
         raise UsageError(f"--resume found no checkpoint under {out}/checkpoints; "
                          "run without --resume first")
@@ -405,8 +427,6 @@ def start_run(cfg: Any, out: Path, model: torch.nn.Module, optimizer: torch.opti
     drops a previous run's checkpoints and metrics; under ``--overwrite`` the old model
     stays until :func:`save_final` replaces it. A resumed run forgets the metrics rows a
     killed run logged after its last checkpoint."""
-    from tokensurgeon.config import write_resolved_config
-
     start = 0
     if cfg.resume:
         start, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"), model, optimizer,
@@ -449,9 +469,6 @@ def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
     tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
     checkpoints, metrics, tracker logs and the entries named in ``carry`` move along.
     Call on the main process only."""
-    from tokensurgeon import modelio
-    from tokensurgeon.config import write_resolved_config
-
     final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     final.eval()
     with modelio.atomic_output_dir(out, overwrite=True) as tmp:

@@ -5,6 +5,10 @@ embedding matrices), matches tokens by canonical bytes (:mod:`token_identity`), 
 shared rows exactly, fills the rest with a registered method (:mod:`methods`), and saves
 BASE speaking DONOR's tokenizer as a Hugging Face directory with a ``transplant.json``
 manifest and ``transplant/anchors.safetensors`` (per-token anchors and coefficients).
+It names no method and no method option: each method's options are flags of
+:class:`TransplantConfig` through :func:`config.member_options`, reach the method as its
+own options dataclass, and answer the orchestrator's questions through its hooks
+(:class:`methods.MethodOptions`).
 """
 
 from __future__ import annotations
@@ -20,20 +24,29 @@ from safetensors.torch import save_file
 
 from tokensurgeon import conventions, diagnostics, modelio, progress, streaming, validate
 from tokensurgeon.calibration import CALIBRATION_TEXT
-from tokensurgeon.config import config_to_dict, write_resolved_config
+from tokensurgeon.config import config_to_dict, member_options, write_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import decoder_and_head, final_hidden_states
-from tokensurgeon.methods import METHODS, MethodResult, TransplantProblem, method_names, options_for
-from tokensurgeon.methods.omp import COEFFICIENTS, SEARCHES, OmpOptions, shrink_rows
+from tokensurgeon.methods import (
+    ANCHOR_MEAN,
+    DEFAULT_METHOD,
+    METHODS,
+    MethodResult,
+    TransplantProblem,
+    method_names,
+    options_for,
+    shrink_rows,
+)
 from tokensurgeon.token_identity import Vocabulary, shared_token_map, vocabulary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@member_options(METHODS, after="method")
 @dataclass
 class TransplantConfig:
     """Give BASE the tokenizer of DONOR. Shared tokens are copied exactly; the others are
-    approximated (OMP by default) from DONOR's embeddings. OUT is a Hugging Face model
+    approximated from DONOR's embeddings by the chosen --method. OUT is a Hugging Face model
     directory that transformers and vLLM load unchanged."""
 
     base: str = field(default="builtin:gemma3-270m", metadata={
@@ -41,50 +54,14 @@ class TransplantConfig:
         "help": "model whose weights are kept: HF directory, .gguf file or builtin:NAME"})
     donor: str = field(default="builtin:smollm2-135m", metadata={
         "positional": True,
-        "help": "model that supplies the new tokenizer and the embeddings OMP fits in"})
+        "help": "model that supplies the new tokenizer and the embeddings the method fits in"})
     out: str = field(default="out/transplant", metadata={
         "positional": True, "help": "output directory (written atomically)"})
-    method: str = field(default="omp", metadata={
+    method: str = field(default=DEFAULT_METHOD, metadata={
         "choices": method_names, "help": "how tokens BASE lacks get their embeddings"})
-    k: int = field(default=OmpOptions.k, metadata={
-        "short": "-k", "help": "OMP: at most this many anchor tokens per new token"})
-    candidates: int = field(default=OmpOptions.candidates, metadata={
-        "help": "OMP: anchors preselected per token (see --search) before the greedy search; "
-                "0 searches every anchor at every step (exact, slow)"})
-    refreshes: int = field(default=OmpOptions.refreshes, metadata={
-        "help": "OMP: times the candidates are re-drawn by correlation with the residual, at "
-                "geometrically spaced steps (each costs one search); 0 keeps the first "
-                "preselection (fastest, least accurate)"})
-    search: str = field(default=OmpOptions.search, metadata={
-        "choices": SEARCHES,
-        "help": "OMP: how candidates are found: exact (one GEMM over every anchor), faiss "
-                "(approximate inverted-file index; falls back to exact without faiss), or auto "
-                "(faiss when the exact search is large)"})
-    centre: bool = field(default=OmpOptions.centre, metadata={
-        "help": "OMP: centre both spaces on the anchor mean and select on unit-norm anchors "
-                "(--no-centre: v1, raw anchors)"})
-    coefficients: str = field(default=OmpOptions.coefficients, metadata={
-        "choices": COEFFICIENTS,
-        "help": "OMP: lstsq (least-squares weights of the selected anchors) or softmax (convex "
-                "weights softmax(cosine / --temperature) over them: rows stay in the hull of "
-                "real rows)"})
-    temperature: float = field(default=OmpOptions.temperature, metadata={
-        "help": "OMP: softmax temperature for --coefficients softmax"})
-    shrink: float = field(default=OmpOptions.shrink, metadata={
-        "help": "OMP: input rows become mean + SHRINK * (row - mean) (1 keeps them)"})
-    output_shrink: str = field(default=OmpOptions.output_shrink, metadata={
-        "help": "OMP: the same for output (lm_head) rows, a number or auto: score every "
-                "--output-grid weight on a training text (--calibration-text; one pass of "
-                "the transformer body, the candidate output matrices applied to its final "
-                "hidden states) and keep the lowest bits per byte. Used for an untied lm_head "
-                "(see --untie); a tied matrix takes the input rows"})
-    output_grid: list[float] = field(default_factory=lambda: list(OmpOptions.output_grid),
-                                      metadata={"comma": True, "help":
-                                                "OMP: output-row weights that --output-shrink "
-                                                "auto scores (0 = the anchor mean, 1 = the "
-                                                "OMP rows)"})
     calibration_text: str | None = field(default=None, metadata={
-        "help": "training text (a .txt file) that --output-shrink auto scores on; default a "
+        "help": "training text (a .txt file) on which output-row weights are scored when the "
+                "method leaves them to the run (its option says when); default a "
                 "built-in ~3.2 kB text (GSM8K train answers and prose written for it). Never "
                 "pass text you will evaluate on"})
     leak_check: bool = field(default=True, metadata={
@@ -96,9 +73,9 @@ class TransplantConfig:
         "help": "when BASE ties its lm_head to its input embeddings, write a separate lm_head "
                 "so input and output rows of new tokens can differ (loads the whole model; "
                 "an error if the architecture cannot be untied). Unset: untie when the method "
-                "makes different output rows (omp with --output-shrink != --shrink) and the "
+                "makes output rows that differ from its input rows (see its options) and the "
                 "architecture allows it"})
-    batch_size: int = field(default=1024, metadata={"help": "new tokens per OMP batch"})
+    batch_size: int = field(default=1024, metadata={"help": "new tokens per method batch"})
     holdout: int = field(default=512, metadata={
         "help": "shared tokens held out and re-predicted to report reconstruction error "
                 "in transplant.json (0 skips it)"})
@@ -127,9 +104,7 @@ class TransplantConfig:
 
     def validate(self) -> None:
         if self.method in METHODS:
-            options = options_for(self.method, self)
-            if options is not None and hasattr(options, "validate"):
-                options.validate()
+            options_for(self.method, self).validate()
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.holdout < 0:
@@ -164,16 +139,13 @@ def check_untie(config, label: str) -> None:
 def _wants_untie(cfg: TransplantConfig, config, label: str,
                  output_shrink: float | None = None) -> bool:
     """--untie: yes (checked), --no-untie: no; unset: when the method's output rows differ
-    (``output_shrink``: the factor chosen by auto, else the option's)."""
+    (``output_shrink``: the factor chosen on text, else the method's own answer)."""
     if cfg.untie:
         check_untie(config, label)
         return True
     if cfg.untie is False:
         return False
-    options = options_for(cfg.method, cfg)
-    if output_shrink is None and options is not None and hasattr(options, "fixed_output_shrink"):
-        output_shrink = options.fixed_output_shrink()
-    differs = output_shrink is not None and output_shrink != getattr(options, "shrink", None)
+    differs = options_for(cfg.method, cfg).output_rows_differ(output_shrink)
     text = getattr(config, "text_config", None) or config
     return differs and bool(getattr(text, "tie_word_embeddings", getattr(
         config, "tie_word_embeddings", False)))
@@ -209,7 +181,7 @@ class MatrixPlan:
 
     copy_donor: torch.Tensor  # donor ids copied from BASE
     copy_base: torch.Tensor  # the BASE ids they copy
-    anchor_donor: torch.Tensor  # ordinary shared tokens usable as OMP anchors
+    anchor_donor: torch.Tensor  # ordinary shared tokens usable as anchors
     anchor_base: torch.Tensor
     new_ids: torch.Tensor  # donor ids to approximate (have a DONOR row)
     orphan_ids: torch.Tensor  # ids beyond DONOR's matrix: get the anchor mean
@@ -281,7 +253,7 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
     rows = result.output_rows if output and result.output_rows is not None else result.rows
     out = assemble_matrix(plan, base_matrix, rows, new_size)
     stats: dict = {}
-    if cfg.holdout and plan.anchor_donor.numel() > cfg.k:
+    if cfg.holdout and plan.anchor_donor.numel() > options_for(cfg.method, cfg).min_anchors():
         held = _select_holdout(plan.anchor_donor, cfg.holdout, cfg.seed)
         keep = torch.ones(plan.anchor_donor.numel(), dtype=torch.bool)
         keep[held] = False
@@ -310,8 +282,8 @@ def build_matrix(cfg: TransplantConfig, device: str, plan: MatrixPlan, base_matr
 def choose_output_weight(base, new_embed: torch.Tensor, plan: MatrixPlan,
                          base_out: torch.Tensor, result: MethodResult, tokenizer, new_size: int,
                          grid: list[float], text: str, text_name: str) -> dict:
-    """``--output-shrink auto``: the output-row weight of ``grid`` with the lowest bits per
-    byte on ``text`` (a training text).
+    """The output-row weight of ``grid`` (offered by the method's result) with the lowest
+    bits per byte on ``text`` (a training text).
 
     BASE's body runs once on ``text`` with ``new_embed`` [new_size, H] as its input rows; every
     candidate output matrix (shared rows of ``base_out`` [Vb, H], new rows
@@ -415,9 +387,7 @@ def transplant(cfg: TransplantConfig) -> dict:
     donor_rows = donor_in.shape[0]
     new_size = max(donor_rows, len(donor_tok))
     plan = plan_vocabulary(base_vocab, donor_vocab, emb.weight.shape[0], donor_rows, new_size)
-    options = options_for(cfg.method, cfg)
-    if options is not None and hasattr(options, "validate"):
-        options.validate(plan.anchor_donor.numel())
+    options_for(cfg.method, cfg).check_anchors(plan.anchor_donor.numel())
     base_index = base_vocab.byte_index()
     emb_anchor_mean = emb.weight.detach()[plan.anchor_base].float().mean(0).cpu()
     head_anchor_mean = (None if head is None
@@ -436,11 +406,11 @@ def transplant(cfg: TransplantConfig) -> dict:
         matrices["lm_head"] = (head_result, head_stats)
         out_result, out_base = head_result, head.weight
     output_choice = None
-    if out_result.raw_rows is not None:  # --output-shrink auto: score the grid on text
+    if out_result.raw_rows is not None:  # the method left the output factor to us: score it
         progress.get().start("choose output rows")
         output_choice = choose_output_weight(
             base, new_embed, plan, out_base, out_result, donor_tok, new_size,
-            list(options.output_grid), calibration,
+            out_result.output_grid, calibration,
             "built-in" if cfg.calibration_text is None else cfg.calibration_text)
         lam = output_choice["chosen"]
         out_result.shrink = (out_result.shrink[0], lam)
@@ -506,7 +476,7 @@ def transplant(cfg: TransplantConfig) -> dict:
     }
     tensors = {"copied_donor_ids": plan.copy_donor, "copied_base_ids": plan.copy_base,
                "new_donor_ids": new_ids, "orphan_donor_ids": plan.orphan_ids}
-    method_codes = {name: i for i, name in enumerate(sorted(set(method_names()) | {"mean"}))}
+    method_codes = {name: i for i, name in enumerate(sorted(set(method_names()) | {ANCHOR_MEAN}))}
     mean_rows = {"embed": emb_anchor_mean} | ({"lm_head": head_anchor_mean} if head_anchor_mean
                                                 is not None else {})
     for name, (result, _) in matrices.items():
@@ -524,7 +494,7 @@ def transplant(cfg: TransplantConfig) -> dict:
     manifest["method_codes"] = method_codes
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         (Path(tmp) / "transplant").mkdir()
-        save_file({k: v.contiguous() for k, v in tensors.items()},
+        save_file({name: t.contiguous() for name, t in tensors.items()},
                   str(Path(tmp) / manifest["per_token"]))
         twins = conventions.copied_stop_ids(conv, conv_tok, dict(zip(
             plan.copy_donor.tolist(), plan.copy_base.tolist()))) if cfg.conventions == "base" else []
@@ -584,5 +554,5 @@ def _count(how: list[str], orphans: int) -> dict[str, int]:
     for h in how:
         counts[h] = counts.get(h, 0) + 1
     if orphans:
-        counts["mean"] = counts.get("mean", 0) + orphans
+        counts[ANCHOR_MEAN] = counts.get(ANCHOR_MEAN, 0) + orphans
     return counts

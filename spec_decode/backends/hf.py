@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from spec_decode.backends.base import PROPOSERS, BenchPlan, config_key, register
 from spec_decode.speculative import greedy_block_acceptance, rule_acceptance
 from tokensurgeon import modelio
+from tokensurgeon.logits import apply_softcap
 
 
 def continuation(model, prompt: list[int], max_tokens: int, temperature: float, seed: int,
@@ -218,9 +219,8 @@ class IntersectionHead(torch.nn.Module):
         self.softcap = softcap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = apply_softcap(torch.nn.functional.linear(hidden, self.weight, self.bias),
+                               self.softcap)
         out = logits.new_full((*logits.shape[:-1], self.target_size), float("-inf"))
         out[..., self.target_ids] = logits
         return out

@@ -237,3 +237,53 @@ def test_resume_from_an_earlier_checkpoint_reaches_the_same_final_loss(model_dir
     assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-6, abs=1e-7)
     for k, v in weights(reference).items():
         torch.testing.assert_close(weights(out)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_loss_runs_through_the_trainer_by_its_traits(model_dirs, data_file, tmp_path,
+                                                           monkeypatch):
+    """A loss registered by a test, with an option of its own and reading nothing of the
+    teacher: the trainer trains with it, logs it under its name, hands it its option, and
+    never loads the teacher model (it asks the loss, it does not know its name)."""
+    from dataclasses import dataclass, field
+
+    from distill import losses
+    from distill.trainer import DistillConfig, distill
+    from tokensurgeon import modelio
+    from tokensurgeon.config import member_options
+
+    @dataclass
+    class NormOptions:
+        norm_weight: float = field(default=1.0, metadata={"help": "factor on the norm"})
+
+    def total(x):  # a stand-in objective: the student's squared final hidden states
+        h = x.student.hidden.float().pow(2).mean(-1) * x.settings.norm_weight
+        return torch.where(x.student.predicted, h, torch.zeros_like(h)).sum()
+
+    losses.register(losses.Loss("hidden_norm", lambda x: int(x.student.predicted.sum()), total,
+                                teacher="none", options=NormOptions))
+    loaded = []
+    real_load = modelio.load_model
+    monkeypatch.setattr(modelio, "load_model",
+                        lambda ref, **kw: loaded.append(ref.label) or real_load(ref, **kw))
+    try:  # what importing a module that registers it does: the configs gain its option
+        monkeypatch.setattr(losses, "LossSettings", member_options(
+            losses.LOSSES, after="student_boundary")(losses.LossSettings))
+        config = member_options(losses.LOSSES, after="loss")(DistillConfig)
+
+        def run(name: str, weight: float) -> list[dict]:
+            distill(config(teacher=str(model_dirs["llama_bpe"]),
+                           student=str(model_dirs["gemma_spm"]), data=[str(data_file)],
+                           out=str(tmp_path / name), batch_size=4, max_length=48, steps=3,
+                           lr=1e-2, quiet=True, loss="hidden_norm", norm_weight=weight,
+                           teacher_cache=str(tmp_path / "cache")))
+            return metrics(tmp_path / name)
+
+        one, three = run("one", 1.0), run("three", 3.0)
+    finally:
+        del losses.LOSSES["hidden_norm"]
+    assert [r["step"] for r in one] == [1, 2, 3]
+    assert all(r["units_hidden_norm"] > 0 and r["loss"] == r["loss_hidden_norm"] for r in one)
+    assert one[-1]["loss"] < one[0]["loss"]
+    assert three[0]["loss"] == pytest.approx(3 * one[0]["loss"], rel=1e-5)
+    assert loaded == [str(model_dirs["gemma_spm"])] * 2  # the student only
+    assert not (tmp_path / "cache").exists()  # nothing of the teacher to cache

@@ -32,7 +32,7 @@ rows differ from the input rows. The v1 behaviour is ``--no-centre --search exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,29 +40,66 @@ from tokensurgeon import omp as omp_math
 from tokensurgeon import progress
 from tokensurgeon.ann import AnchorIndex
 from tokensurgeon.errors import UsageError
-from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import (
+    MethodOptions,
+    MethodResult,
+    TransplantProblem,
+    register_method,
+    shrink_rows,
+)
+
+SEARCHES = ("auto", "faiss", "exact", "pca")
+COEFFICIENTS = ("lstsq", "softmax")
 
 
 @dataclass
-class OmpOptions:
-    """Options of the ``omp`` method (the single source of their defaults)."""
+class OmpOptions(MethodOptions):
+    """Options of the ``omp`` method (the single source of their defaults and help; each
+    field is also a ``transplant`` flag)."""
 
-    k: int = 16
-    candidates: int = 32
-    refreshes: int = 0
-    search: str = "auto"
-    centre: bool = True
-    coefficients: str = "lstsq"
-    temperature: float = 0.1
-    shrink: float = 1.0
-    output_shrink: str = "auto"
-    output_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    k: int = field(default=16, metadata={
+        "short": "-k", "help": "OMP: at most this many anchor tokens per new token"})
+    candidates: int = field(default=32, metadata={
+        "help": "OMP: anchors preselected per token (see --search) before the greedy search; "
+                "0 searches every anchor at every step (exact, slow)"})
+    refreshes: int = field(default=0, metadata={
+        "help": "OMP: times the candidates are re-drawn by correlation with the residual, at "
+                "geometrically spaced steps (each costs one search); 0 keeps the first "
+                "preselection (fastest, least accurate)"})
+    search: str = field(default="auto", metadata={
+        "choices": SEARCHES,
+        "help": "OMP: how candidates are found: exact (one GEMM over every anchor), faiss "
+                "(approximate inverted-file index; falls back to exact without faiss), or auto "
+                "(faiss when the exact search is large)"})
+    centre: bool = field(default=True, metadata={
+        "help": "OMP: centre both spaces on the anchor mean and select on unit-norm anchors "
+                "(--no-centre: v1, raw anchors)"})
+    coefficients: str = field(default="lstsq", metadata={
+        "choices": COEFFICIENTS,
+        "help": "OMP: lstsq (least-squares weights of the selected anchors) or softmax (convex "
+                "weights softmax(cosine / --temperature) over them: rows stay in the hull of "
+                "real rows)"})
+    temperature: float = field(default=0.1, metadata={
+        "help": "OMP: softmax temperature for --coefficients softmax"})
+    shrink: float = field(default=1.0, metadata={
+        "help": "OMP: input rows become mean + SHRINK * (row - mean) (1 keeps them)"})
+    output_shrink: str = field(default="auto", metadata={
+        "help": "OMP: the same for output (lm_head) rows, a number or auto: score every "
+                "--output-grid weight on a training text (--calibration-text; one pass of "
+                "the transformer body, the candidate output matrices applied to its final "
+                "hidden states) and keep the lowest bits per byte. Used for an untied lm_head "
+                "(see --untie); a tied matrix takes the input rows"})
+    output_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                     metadata={"comma": True, "help":
+                                               "OMP: output-row weights that --output-shrink "
+                                               "auto scores (0 = the anchor mean, 1 = the "
+                                               "OMP rows)"})
 
     def fixed_output_shrink(self) -> float | None:
         """``output_shrink`` as a number, or None for ``auto`` (chosen per run on text)."""
         return None if str(self.output_shrink) == "auto" else float(self.output_shrink)
 
-    def validate(self, n_anchors: int | None = None) -> None:
+    def validate(self) -> None:
         if self.k < 1:
             raise UsageError(f"--k must be >= 1 (got {self.k})")
         if self.candidates < 0:
@@ -87,13 +124,19 @@ class OmpOptions:
             raise UsageError("--output-grid needs at least one weight, e.g. 0,0.5,1")
         if self.temperature <= 0:
             raise UsageError(f"--temperature must be > 0 (got {self.temperature})")
-        if n_anchors is not None and self.k > n_anchors:
+
+    def check_anchors(self, n_anchors: int) -> None:
+        if self.k > n_anchors:
             raise UsageError(f"--k {self.k} is larger than the {n_anchors} shared anchor "
                              f"tokens; pass --k {n_anchors} or less")
 
+    def min_anchors(self) -> int:
+        return self.k
 
-SEARCHES = ("auto", "faiss", "exact", "pca")
-COEFFICIENTS = ("lstsq", "softmax")
+    def output_rows_differ(self, output_factor: float | None = None) -> bool:
+        if output_factor is None:
+            output_factor = self.fixed_output_shrink()
+        return output_factor is not None and output_factor != self.shrink
 
 
 def softmax_weights(targets: torch.Tensor, unit_atoms: torch.Tensor, idx: torch.Tensor,
@@ -105,13 +148,6 @@ def softmax_weights(targets: torch.Tensor, unit_atoms: torch.Tensor, idx: torch.
     unit_t = targets / targets.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos = torch.bmm(unit_atoms[idx], unit_t.unsqueeze(-1)).squeeze(-1)  # [B, k]
     return torch.softmax(cos / temperature, dim=1)
-
-
-def shrink_rows(rows: torch.Tensor, mean: torch.Tensor, factor: float) -> torch.Tensor:
-    """[B, H] rows pulled toward ``mean`` [H]: mean + factor * (rows - mean)."""
-    if factor == 1.0:
-        return rows
-    return mean + factor * (rows - mean)
 
 
 @register_method("omp", OmpOptions)
@@ -182,4 +218,5 @@ def omp_rows(problem: TransplantProblem) -> MethodResult:
     return MethodResult(rows, ["omp"] * n_targets, all_idx, all_coef, errors,
                         output_rows=out_rows, mean_coef=all_mean_coef,
                         shrink=(opts.shrink, opts.shrink if out_shrink is None else out_shrink),
-                        raw_rows=raw_rows, mean_row=mu_b.cpu())
+                        raw_rows=raw_rows, mean_row=mu_b.cpu(),
+                        output_grid=list(opts.output_grid) if out_shrink is None else None)

@@ -7,7 +7,12 @@ with no bytes (a special token) or bytes BASE cannot spell falls back to ``mean`
 
 import torch
 
-from tokensurgeon.methods.base import MethodResult, TransplantProblem, register_method
+from tokensurgeon.methods.base import (
+    ANCHOR_MEAN,
+    MethodResult,
+    TransplantProblem,
+    register_method,
+)
 from tokensurgeon.token_identity import encode_bytes_greedy
 
 
@@ -27,5 +32,5 @@ def subword_rows(problem: TransplantProblem) -> MethodResult:
             how.append("subword")
         else:
             rows[i] = fallback
-            how.append("mean")
+            how.append(ANCHOR_MEAN)
     return MethodResult(rows, how)

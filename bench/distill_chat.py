@@ -120,7 +120,8 @@ def main() -> None:
                 teacher_chat_template=str(template_file), eval_data=[str(heldout)],
                 eval_chat="template", steps=args.steps, batch_size=args.batch_size,
                 max_length=args.max_length, lr=args.lr, seed=seed, pack="texts",
-                teacher_cache=str(work / f"cache-{arm}"), overwrite=True, quiet=True,
+                teacher_cache=str(work / f"cache-{arm}"), teacher_cache_shard=1,
+                overwrite=True, quiet=True,
                 device="cpu")
             summary = distill(cfg)
             last = summary["last"]

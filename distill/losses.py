@@ -182,7 +182,9 @@ class Side:
     """One side (teacher or student) of a micro-batch.
 
     ids, mask, chunk_ids: [B, T]; hidden: [B, T, H] final hidden states (the student's
-    carry gradient); head: the lm_head; boundary_ids: [N] ids of the boundary set.
+    carry gradient); head: the lm_head; boundary_ids: [N] ids of the boundary set;
+    trained: [B, T] bool, tokens the losses score (None: every real token; chat template
+    text and prompts are False).
     """
 
     ids: torch.Tensor
@@ -192,15 +194,19 @@ class Side:
     head: torch.nn.Module
     boundary_ids: torch.Tensor
     softcap: float | None = None
+    trained: torch.Tensor | None = None
 
     @property
     def predicted(self) -> torch.Tensor:
-        """[B, T] bool: token t is real and has a prefix to be predicted from."""
+        """[B, T] bool: token t is real, trained, and has a prefix to be predicted from."""
         pos = torch.arange(self.ids.shape[1], device=self.ids.device)
-        return self.mask.bool() & (pos >= 1)
+        out = self.mask.bool() & (pos >= 1)
+        return out if self.trained is None else out & self.trained
 
 
-ALM_UNITS = ("probability", "nats")  # the first is the default
+# The first is the default: in nats, alm+sft at equal weights gives ALM 0.6-0.75x sft's
+# gradient; in probability units ~1% of it (an equal-weight alm+sft is sft alone).
+ALM_UNITS = ("nats", "probability")
 
 
 @dataclass
@@ -212,9 +218,10 @@ class AlmOptions:
 
     tau: float = field(default=100.0, metadata={"help": "ALM binarisation temperature"})
     alm_units: str = field(default=ALM_UNITS[0], metadata={
-        "help": "ALM loss units: probability (the paper's binarised KL, about 1/tau of a "
-                "log-likelihood distance) or nats (times tau: comparable with sft's nats per "
-                "token, so alm+sft weights compare like with like)", "choices": ALM_UNITS})
+        "help": "ALM loss units: nats (the binarised KL times tau: comparable with sft's nats "
+                "per token, so alm+sft weights compare like with like) or probability (the "
+                "paper's form, about 1/tau of that: beside sft at equal weight it is ~1%% of "
+                "the gradient, i.e. sft alone)", "choices": ALM_UNITS})
     theta: float = field(default=0.1, metadata={
         "help": "merge chunks until the teacher's boundary probability exceeds this (0: off)"})
     debias: bool = field(default=True, metadata={

@@ -14,11 +14,19 @@ One optimizer step:
 3. run the student on each micro-batch; every loss is its sum divided by the global count,
    so the gradient equals that of one process holding the whole batch;
 4. average gradients over processes, clip to 1.0, step AdamW and the schedule.
-Checkpoints go to ``OUT/checkpoints/step-N``; the finished model replaces OUT atomically.
+Forward passes run under ``--dtype`` autocast (fp32 master weights); the head and the
+losses stay in fp32. Chat rows are rendered by each side's own template and only their
+assistant text is trained (:mod:`distill.chat`). With ``--eval-data``, the student's
+held-out bits per byte is measured every ``--eval-every`` steps (:mod:`distill.heldout`);
+the best checkpoint is kept beside the newest. Checkpoints go to ``OUT/checkpoints/step-N``
+(the best held-out one to ``OUT/checkpoints/best/step-N``); the finished model replaces OUT
+atomically.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,14 +34,16 @@ from pathlib import Path
 
 import torch
 
+from distill import heldout
+from distill.chat import chat_template, needs_templates
 from distill.data import (
+    CHAT_MODES,
     DATA_FORMATS,
     PACK_MODES,
     batch_indices,
     build_examples,
-    check_data,
     collate,
-    read_texts,
+    read_documents,
 )
 from distill.losses import (
     DEFAULT_LOSS,
@@ -56,7 +66,12 @@ TRAINABLE = ("full", "lora", "embeddings")
 LOGITS_PATHS = ("fused", "checkpoint")
 # Options besides the shared ones (training.RESUME_FREE_OPTIONS) that may change between a
 # run and its --resume without changing the result.
-RESUME_FREE_OPTIONS = {"teacher_cache", "logits"}
+RESUME_FREE_OPTIONS = {"teacher_cache", "logits", "gradient_checkpointing", "eval_data",
+                       "eval_chat", "eval_every", "report_to"}
+# A loss term whose share of the last layer's gradient (first step) is below this is
+# reported: it barely trains (as ALM in probability units beside sft did).
+MIN_GRADIENT_SHARE = 0.01
+HELDOUT_PLOT = "heldout_bpb.png"
 
 
 def _listed(names: list[str]) -> str:
@@ -77,7 +92,8 @@ class DistillConfig(training.TrainingOptions):
     student: str = field(metadata={
         "help": "student (for tokenizer transfer: the transplanted copy of the teacher)"})
     data: list[str] = field(metadata={
-        "help": ".txt or .jsonl (text / question+answer / messages); repeat for several"})
+        "help": ".txt, .jsonl, .parquet, .json or a saved datasets directory (rows: text / "
+                "question+answer / messages / prompt+completion); repeat for several"})
     out: str = field(metadata={"help": "output HF model directory; checkpoints go under it"})
     loss: str = field(default=DEFAULT_LOSS, metadata={
         "names": LOSSES.names,
@@ -94,7 +110,16 @@ class DistillConfig(training.TrainingOptions):
                 "earlier default); none: one text per sequence, truncated",
         "choices": PACK_MODES})
     data_format: str = field(default="auto", metadata={
-        "help": "JSONL layout", "choices": DATA_FORMATS})
+        "help": "row layout (auto: text, then question+answer, messages, prompt+completion)",
+        "choices": DATA_FORMATS})
+    chat: str = field(default=CHAT_MODES[0], metadata={
+        "help": "template: each side renders conversations with its own chat template and "
+                "only assistant turns (and completions) are trained; flat: 'role: content' "
+                "lines trained as plain text (the earlier layout)", "choices": CHAT_MODES})
+    teacher_chat_template: str | None = field(default=None, metadata={
+        "help": "jinja chat template file for the teacher (for a model without one)"})
+    student_chat_template: str | None = field(default=None, metadata={
+        "help": "jinja chat template file for the student (for a model without one)"})
     gradmag: bool = field(default=False, metadata={
         "help": "weight losses by 1/|grad of the last layer| instead of their weights"})
     logit_chunk: int = field(default=LOGIT_CHUNK, metadata={
@@ -109,6 +134,26 @@ class DistillConfig(training.TrainingOptions):
                 f"({_listed(_CACHEABLE)} only; {_listed(_ONLINE)} run the teacher online)"})
     teacher_cache_shard: int = field(default=16, metadata={
         "help": "examples per teacher-cache shard (a shard is computed whole on first use)"})
+    dtype: str = field(default=training.DTYPES[0], metadata={
+        "help": "forward precision: autocast in bf16/fp16 over fp32 master weights (head and "
+                "losses stay fp32); bf16 needs AVX512-BF16/AMX on a CPU, fp16 a GPU",
+        "choices": training.DTYPES})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the student's decoder layers in the backward (less memory, more "
+                "compute)"})
+    eval_data: list[str] = field(default_factory=list, metadata={
+        "help": "held-out data (same formats as --data) scored in bits per byte of the "
+                "student; conversations score their assistant text only"})
+    eval_chat: str | None = field(default=None, metadata={
+        "help": "how held-out conversations are scored (template: the assistant text under "
+                "the student's template; flat: every byte of 'role: content' lines); default: "
+                "as --chat", "choices": CHAT_MODES})
+    eval_every: int = field(default=0, metadata={
+        "help": "steps between held-out evaluations (also before the first step and after "
+                "the last); 0: after the last step only"})
+    report_to: str = field(default="none", metadata={
+        "help": "experiment tracker (accelerate's; tensorboard writes OUT/tensorboard, "
+                "offline)", "choices": training.TRACKERS})
 
     def validate(self) -> None:
         super().validate()
@@ -120,6 +165,11 @@ class DistillConfig(training.TrainingOptions):
         validate_loss_options(self)
         if not self.data:
             raise UsageError("pass at least one --data file")
+        if self.eval_every < 0:
+            raise UsageError("--eval-every must be >= 0")
+        if self.eval_every and not self.eval_data:
+            raise UsageError("--eval-every needs --eval-data FILE (held-out text)")
+        training.check_trackers(self.report_to)
         online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
         if self.teacher_cache and online:
             raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
@@ -163,8 +213,13 @@ def open_teacher_cache(cfg: DistillConfig, teacher_ref, examples,
                        device_type: str) -> TeacherCache:
     """The teacher cache for these examples (keyed by teacher weights, token and chunk ids)."""
     rows = [r for e in examples for r in (e.teacher_ids, e.teacher_chunks)]
+    # Which tokens are trained changes which statistics are computed (chat data only, so
+    # caches of plain text keep their key).
+    rows += [e.teacher_trained for e in examples if e.teacher_trained]
     options = {"statistics": "realised-token log-prob; boundary-set log-prob at chunk ends",
-               "device": device_type}
+               "device": device_type,
+               # (fp32 adds nothing, so caches written before --dtype existed stay valid)
+               **({"dtype": cfg.dtype} if cfg.dtype != training.DTYPES[0] else {})}
     return TeacherCache(cfg.teacher_cache, model_fingerprint(teacher_ref.directory),
                         data_fingerprint(rows), options, len(examples), cfg.teacher_cache_shard,
                         flag="--teacher-cache")
@@ -180,12 +235,25 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
     cfg.validate()
-    check_data(cfg.data, cfg.data_format)  # before any model is read
+    # Rows are read (and bad ones refused) before anything is loaded or written. A .txt
+    # file is one text when sequences are cut from a stream; otherwise ~2 chars per token
+    # keeps most of its segments within max_length.
+    docs = read_documents(cfg.data, cfg.data_format,
+                          None if cfg.pack == "fill" else 2 * cfg.max_length, cfg.chat)
+    eval_docs = read_documents(cfg.eval_data, cfg.data_format, None,
+                               cfg.eval_chat or cfg.chat) \
+        if cfg.eval_data else []
+    if cfg.eval_data and not eval_docs:
+        raise UsageError(f"--eval-data {' '.join(cfg.eval_data)} holds no text; pass "
+                         "held-out text")
     terms = cfg.terms
-    accelerator = training.setup_accelerator(cfg.device, cfg.seed)
+    out_path = Path(cfg.out).expanduser()
+    accelerator = training.setup_accelerator(cfg.device, cfg.seed, cfg.report_to, out_path)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     per_process = training.micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
-    out = training.prepare_out(cfg, RESUME_FREE_OPTIONS) if is_main else Path(cfg.out).expanduser()
+    device = accelerator.device
+    training.check_precision(device, cfg.dtype)
+    out = training.prepare_out(cfg, RESUME_FREE_OPTIONS) if is_main else out_path
     accelerator.wait_for_everyone()
 
     progress.get().start("load")
@@ -193,12 +261,17 @@ def distill(cfg: DistillConfig) -> dict:
     t_tok = modelio.load_tokenizer(t_ref, cfg.trust_remote_code)
     s_tok = modelio.load_tokenizer(s_ref, cfg.trust_remote_code)
     t_vocab, s_vocab = vocabulary(t_tok), vocabulary(s_tok)
-    # A .txt file is one text when sequences are cut from a stream; otherwise ~2 chars per
-    # token keeps most of its segments within max_length.
-    texts = read_texts(cfg.data, cfg.data_format,
-                       segment_chars=None if cfg.pack == "fill" else 2 * cfg.max_length)
-    examples = build_examples(texts, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
-                              cfg.max_length, cfg.pack)
+    # Conversations need a template on each side that renders them (held-out ones: the
+    # student's only).
+    templates = (
+        chat_template(t_tok, cfg.teacher_chat_template, "teacher")
+        if needs_templates(docs) else None,
+        chat_template(s_tok, cfg.student_chat_template, "student")
+        if needs_templates(docs) or needs_templates(eval_docs) else None)
+    examples = build_examples(docs, t_tok, s_tok, t_vocab.token_bytes, s_vocab.token_bytes,
+                              cfg.max_length, cfg.pack, templates)
+    held = heldout.prepare(eval_docs, s_tok, templates[1], cfg.max_length) if eval_docs \
+        else None
 
     t_hidden_size, s_hidden_size = (
         modelio.load_config(ref, cfg.trust_remote_code).get_text_config().hidden_size
@@ -214,7 +287,6 @@ def distill(cfg: DistillConfig) -> dict:
             raise UsageError(f"--loss {name} needs equal hidden sizes (tokenizer transfer); "
                              "drop it for a differently sized student")
 
-    device = accelerator.device
     needs = {LOSSES[n].teacher for n, _ in terms}
     # The teacher runs online only for losses that read its hidden states, or for its
     # statistics without a cache; with a cache it is loaded only if a shard is missing.
@@ -233,11 +305,17 @@ def distill(cfg: DistillConfig) -> dict:
         teacher_model()
     student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
+    if cfg.gradient_checkpointing:
+        training.enable_gradient_checkpointing(student)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
+    training.start_trackers(accelerator, cfg.report_to, vars(cfg))  # main process only
+    scaler = training.grad_scaler(device, cfg.dtype)
+    curve = _heldout_curve(out / "metrics.jsonl") if held is not None and is_main else []
+    best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
     t_boundary, s_boundary = boundary_ids(t_vocab.token_bytes).to(device), \
@@ -252,7 +330,8 @@ def distill(cfg: DistillConfig) -> dict:
 
     def teacher_side(t: dict, hidden: torch.Tensor | None) -> Side:
         head, cap = (teacher_parts[2], teacher_parts[3]) if teacher_parts else (None, None)
-        return Side(t["ids"], t["mask"], t["chunk_ids"], hidden, head, t_boundary, cap)
+        return Side(t["ids"], t["mask"], t["chunk_ids"], hidden, head, t_boundary, cap,
+                    t["trained"])
 
     def compute_teacher(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Teacher statistics of examples ``indices``, per example (cache fill)."""
@@ -262,14 +341,38 @@ def distill(cfg: DistillConfig) -> dict:
             for a in range(0, len(indices), per_process):
                 batch = [examples[i] for i in indices[a:a + per_process]]
                 t = {k: v.to(device) for k, v in collate(batch, "teacher", t_pad).items()}
-                hidden = t_dec(input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state
+                with training.autocast(device, cfg.dtype):
+                    hidden = t_dec(input_ids=t["ids"],
+                                   attention_mask=t["mask"]).last_hidden_state.float()
                 realised, boundary = side_statistics(teacher_side(t, hidden), settings, True)
                 for b, e in enumerate(batch):
                     n = len(e.teacher_ids)
                     out.append((realised[b, :n].cpu(), boundary[b, :n].cpu()))
         return out
-    gradmag_params = last_layer_params(student) if cfg.gradmag else []
+    def evaluate_student(step: int) -> dict:
+        """Held-out bits per byte now; keeps the best checkpoint and the curve's plot."""
+        nonlocal best
+        student.eval()
+        figures = heldout.bits_per_byte(student, s_tok, held, cfg.logit_chunk)
+        student.train()
+        if is_main:
+            curve.append((step, figures["eval_bpb"]))
+            # The best trained step (step 0, the student as given, is only the curve's start).
+            if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
+                best = (step, figures["eval_bpb"])
+                training.save_checkpoint(out / "checkpoints" / training.BEST_DIR, step, student,
+                                         optimizer, scheduler, {"eval_bpb": best[1]}, keep=1)
+            plot_heldout(curve, out / HELDOUT_PLOT, cfg.student)
+        return figures
+
+    last_layer = last_layer_params(student)
     progress.get().start("train")
+    eval_bpb = None
+    if held is not None and cfg.eval_every and start == 0:
+        first = evaluate_student(0)
+        eval_bpb = first["eval_bpb"]
+        metrics.log(step=0, **first)
+        accelerator.log(first, step=0)
     bar = training.progress(cfg.steps, start, disable=cfg.quiet or not is_main)
     last: dict = {}
     for step in range(start, cfg.steps):
@@ -289,10 +392,12 @@ def distill(cfg: DistillConfig) -> dict:
                 s = {k: v.to(device) for k, v in collate(batch, "student", s_pad).items()}
                 t_hidden = None
                 if online:
-                    t_hidden = teacher_model()[0](input_ids=t["ids"],
-                                                  attention_mask=t["mask"]).last_hidden_state
+                    with training.autocast(device, cfg.dtype):
+                        t_hidden = teacher_model()[0](
+                            input_ids=t["ids"], attention_mask=t["mask"]).last_hidden_state.float()
                 x = LossInputs(
-                    student=Side(s["ids"], s["mask"], s["chunk_ids"], None, s_head, s_boundary, s_cap),
+                    student=Side(s["ids"], s["mask"], s["chunk_ids"], None, s_head, s_boundary,
+                                 s_cap, s["trained"]),
                     teacher=teacher_side(t, t_hidden),
                     num_chunks=max(e.num_chunks for e in batch), settings=settings)
                 if cache is not None:
@@ -305,25 +410,29 @@ def distill(cfg: DistillConfig) -> dict:
 
         totals = torch.zeros(len(terms), dtype=torch.float64)
         last_layer_norms = torch.zeros(len(terms), dtype=torch.float64)
-        for x in inputs:
-            x.student.hidden = s_dec(input_ids=x.student.ids,
-                                     attention_mask=x.student.mask).last_hidden_state
+        shares = None
+        for m, x in enumerate(inputs):
+            with training.autocast(device, cfg.dtype):
+                x.student.hidden = s_dec(input_ids=x.student.ids,
+                                         attention_mask=x.student.mask).last_hidden_state.float()
             # Scaled by the world size because average_gradients takes the mean.
             parts = [LOSSES[name].total(x) / float(global_counts[j]) for j, (name, _) in enumerate(terms)]
+            measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag
+            if cfg.gradmag or measure_shares:
+                norms = [float(n) for n in last_layer_gradient_norms(parts, last_layer)]
             if cfg.gradmag:
-                norms = [torch.linalg.vector_norm(torch.cat([
-                    g.reshape(-1) for g in torch.autograd.grad(
-                        part, gradmag_params, retain_graph=True, allow_unused=True,
-                        materialize_grads=True)])) for part in parts]
-                weights = [1.0 / max(float(n), 1e-12) for n in norms]
-                last_layer_norms += torch.tensor([float(n) for n in norms], dtype=torch.float64)
+                weights = [1.0 / max(n, 1e-12) for n in norms]
+                last_layer_norms += torch.tensor(norms, dtype=torch.float64)
             else:
                 weights = [w for _, w in terms]
+            if measure_shares:
+                shares = gradient_shares(norms, weights)
             combined = sum(w * p for w, p in zip(weights, parts)) / sum(weights)
-            (combined * world).backward()
+            scaler.scale(combined * world).backward()
             totals += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
             x.student.hidden = None
-        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
+        grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler,
+                                             scaler=scaler)
 
         per_loss = accelerator.reduce(totals.to(device), reduction="sum").cpu()
         all_tokens = int(accelerator.reduce(torch.tensor([tokens], device=device), "sum"))
@@ -335,9 +444,29 @@ def distill(cfg: DistillConfig) -> dict:
                 **{f"loss_{name}": float(per_loss[j]) for j, (name, _) in enumerate(terms)},
                 **{f"units_{name}": int(global_counts[j]) for j, (name, _) in enumerate(terms)},
                 **({f"gradmag_norm_{name}": float(last_layer_norms[j]) / len(inputs)
-                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {})}
+                    for j, (name, _) in enumerate(terms)} if cfg.gradmag else {}),
+                **({f"grad_share_{name}": shares[j] for j, (name, _) in enumerate(terms)}
+                   if shares else {})}
+        if shares and is_main:
+            weak = [(name, shares[j]) for j, (name, _) in enumerate(terms)
+                    if shares[j] < MIN_GRADIENT_SHARE]
+            for name, share in weak[:1]:
+                print(f"warning: the {name} term is {share:.2%} of the last layer's gradient "
+                      f"at step {step + 1} (--loss {cfg.loss}): it barely trains; raise its "
+                      "weight (e.g. alm:100) or measure it in larger units", file=sys.stderr)
+        if held is not None and (step + 1 == cfg.steps or
+                                 (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            figures = evaluate_student(step + 1)
+            eval_bpb = figures["eval_bpb"]
+            last.update(figures)
         metrics.log(**last)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{all_tokens / seconds:.0f}")
+        accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))
+                         and k != "step"}, step=step + 1)
+        bar.set_postfix(loss=f"{loss_value:.4f}",
+                        **{name: f"{float(per_loss[j]):.4f}" for j, (name, _) in enumerate(terms)
+                           if len(terms) > 1},
+                        tok_s=f"{all_tokens / seconds:.0f}",
+                        **({"heldout_bpb": f"{eval_bpb:.4f}"} if eval_bpb is not None else {}))
         bar.update(1)
         if training.checkpoint_due(step + 1, cfg.checkpoint_every, cfg.steps):
             if is_main:
@@ -347,14 +476,61 @@ def distill(cfg: DistillConfig) -> dict:
     bar.close()
 
     progress.get().start("save")
+    accelerator.end_training()
     if is_main:
         if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
             training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
                                      scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
-        training.save_final(cfg, out, student, s_tok)
+        training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,))
     accelerator.wait_for_everyone()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
-            "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train}
+            "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train,
+            **({"best": {"step": best[0], "eval_bpb": best[1]}} if best else {})}
+
+
+def last_layer_gradient_norms(parts: list[torch.Tensor],
+                              params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """|d part / d params| for each loss term (the graph is kept for the real backward)."""
+    return [torch.linalg.vector_norm(torch.cat([
+        g.reshape(-1) for g in torch.autograd.grad(
+            part, params, retain_graph=True, allow_unused=True, materialize_grads=True)]))
+        for part in parts]
+
+
+def gradient_shares(norms: list[float], weights: list[float]) -> list[float]:
+    """Each term's share of the combined gradient's magnitude, ``w_j |g_j| / sum_k w_k
+    |g_k|`` (a term below :data:`MIN_GRADIENT_SHARE` barely trains)."""
+    sizes = [w * n for w, n in zip(weights, norms)]
+    total = sum(sizes)
+    return [s / total if total > 0 else 0.0 for s in sizes]
+
+
+def _heldout_curve(path: Path) -> list[tuple[int, float]]:
+    """(step, held-out bpb) rows a resumed run logged before."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["eval_bpb"]) for r in rows if r.get("eval_bpb") is not None]
+
+
+def plot_heldout(curve: list[tuple[int, float]], path: Path, title: str) -> None:
+    """Write the held-out bits-per-byte curve as a PNG (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot([s for s, _ in curve], [b for _, b in curve], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title(f"student: {Path(title).name}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def render(summary: dict) -> str:

@@ -114,3 +114,48 @@ def save(model, tokenizer, directory: Path) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Chat templates in the two families' layouts (written for these tests): Gemma's turns
+# (``<start_of_turn>user``, the assistant called ``model``, a system prompt folded into the
+# first user turn) and SmolLM2's ChatML (``<|im_start|>user``, a default system prompt).
+GEMMA_STYLE_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_prefix = messages[0]['content'] | trim + '\\n\\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set first_prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('System role only first') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{% if loop.first %}{{ first_prefix }}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHATML_STYLE_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a small test assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerFast, template: str,
+                       turn_tokens: list[str]) -> PreTrainedTokenizerFast:
+    """``tokenizer`` with ``turn_tokens`` added as special tokens and ``template`` set."""
+    tokenizer.add_special_tokens({"additional_special_tokens": turn_tokens})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def gemma_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The SentencePiece-style tokenizer with Gemma-style turns."""
+    return with_chat_template(sentencepiece_tokenizer(), GEMMA_STYLE_TEMPLATE,
+                              ["<start_of_turn>", "<end_of_turn>"])
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte-level tokenizer with SmolLM2-style ChatML turns."""
+    return with_chat_template(byte_level_tokenizer(), CHATML_STYLE_TEMPLATE,
+                              ["<|im_start|>", "<|im_end|>"])

@@ -49,6 +49,12 @@ The scaffold both trainers share (same flags, same meanings):
 - ``start_run(cfg, out, model, optimizer, scheduler, is_main)`` -> ``(step, MetricsLog)``.
 - ``checkpoint_due(step, every, total)``; ``step_figures(...)``: the shared metric names.
 - ``save_final(cfg, out, model, tokenizer, files)``: the finished model replaces OUT.
+- ``check_precision(device, dtype)``, ``autocast(device, dtype)``, ``grad_scaler(device,
+  dtype)``: ``fp32|bf16|fp16`` as autocast over fp32 master weights; one code path for
+  CPU and GPU (fp16 adds loss scaling, a no-op object otherwise).
+- ``enable_gradient_checkpointing(model)``: recompute each decoder layer in the backward.
+- ``check_trackers(report_to)`` / ``start_trackers(accelerator, report_to, config)``:
+  accelerate's experiment trackers (TensorBoard works offline).
 """
 
 from __future__ import annotations
@@ -78,8 +84,10 @@ CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "complete"
 
 
-def setup_accelerator(device: str = "auto", seed: int = 0):
-    """An ``Accelerator`` on ``device`` with every RNG seeded to ``seed``.
+def setup_accelerator(device: str = "auto", seed: int = 0, report_to: str = "none",
+                      project_dir: str | Path | None = None):
+    """An ``Accelerator`` on ``device`` with every RNG seeded to ``seed``; ``report_to``
+    names an accelerate tracker (``none``: no tracker) writing under ``project_dir``.
 
     Several processes come from the launcher's environment (``accelerate launch``,
     ``torchrun``); on CPU they talk over gloo.
@@ -89,7 +97,9 @@ def setup_accelerator(device: str = "auto", seed: int = 0):
 
     keep_freed_memory()
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu)
+    tracking = {} if report_to == "none" else {"log_with": report_to,
+                                               "project_dir": str(project_dir)}
+    accelerator = Accelerator(cpu=cpu, **tracking)
     if device.startswith("cuda:") and accelerator.num_processes == 1:
         torch.cuda.set_device(torch.device(device))
     set_seed(seed)
@@ -171,13 +181,20 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float = 1.0) 
 
 def apply_gradients(accelerator, params: list[torch.nn.Parameter],
                     optimizer: torch.optim.Optimizer, scheduler: Any,
-                    max_norm: float = 1.0) -> float:
+                    max_norm: float = 1.0, scaler: torch.amp.GradScaler | None = None) -> float:
     """One optimizer step from the accumulated ``.grad``: average over processes, clip the
     global norm to ``max_norm``, step the optimizer and the schedule, clear the gradients.
-    Returns the norm before clipping."""
+    ``scaler`` (fp16, see :func:`grad_scaler`) unscales before clipping and skips a step
+    whose gradients overflowed. Returns the norm before clipping."""
     average_gradients(accelerator, params)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = clip_gradients(params, max_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -260,13 +277,18 @@ KEEP_CHECKPOINTS_HELP = (
     "checkpoint with its AdamW state is ~3x the model's size)")
 
 
+# Under OUT/checkpoints: the checkpoint with the best held-out score (--eval-every).
+BEST_DIR = "best"
+
+
 def finish_checkpoints(root: str | Path, keep: bool) -> dict[str, Any]:
     """What a finished run keeps of its checkpoints under ``root`` (``OUT/checkpoints``).
 
     Checkpoints exist so that a killed run can ``--resume``; a run that finished has nothing
     left to resume (the learning-rate schedule ends at ``--steps``, which ``--resume`` may not
-    change), so unless ``keep`` the folder is removed. Call it after the final model is in
-    OUT: a run killed before that keeps its checkpoints.
+    change), so unless ``keep`` the folder is removed, but for ``best/`` (the best held-out
+    checkpoint, a result of the run). Call it after the final model is in OUT: a run killed
+    before that keeps its checkpoints.
 
     Returns:
         {"kept": [step directory names], "bytes": their total size, "removed_bytes": size
@@ -275,11 +297,26 @@ def finish_checkpoints(root: str | Path, keep: bool) -> dict[str, Any]:
     root = Path(root)
     if not root.is_dir():
         return {"kept": [], "bytes": 0, "removed_bytes": 0}
-    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+    def size(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
     if keep:
-        return {"kept": [p.name for p in _checkpoints(root)], "bytes": size, "removed_bytes": 0}
-    shutil.rmtree(root)
-    return {"kept": [], "bytes": 0, "removed_bytes": size}
+        kept = [p.name for p in _checkpoints(root)]
+        if (root / BEST_DIR).is_dir():
+            kept += [f"{BEST_DIR}/{p.name}" for p in _checkpoints(root / BEST_DIR)]
+        return {"kept": kept, "bytes": size(root), "removed_bytes": 0}
+    removed = 0
+    for entry in list(root.iterdir()):
+        if entry.name == BEST_DIR:  # the best held-out checkpoint is a result, not resume state
+            continue
+        removed += size(entry) if entry.is_dir() else entry.stat().st_size
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    best = [f"{BEST_DIR}/{p.name}" for p in _checkpoints(root / BEST_DIR)] \
+        if (root / BEST_DIR).is_dir() else []
+    if not best:
+        shutil.rmtree(root)
+    return {"kept": best, "bytes": size(root) if best else 0, "removed_bytes": removed}
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -480,15 +517,15 @@ def step_figures(step: int, loss: float, grad_norm: float, lr: float, tokens: in
 
 
 def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
-               files: dict[str, dict] | None = None,
+               files: dict[str, dict] | None = None, carry: Iterable[str] = (),
                finish: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Replace OUT atomically with the trained ``model`` (a LoRA adapter merged in), its
     tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
-    checkpoints and metrics move along, and the checkpoints are then dropped unless
-    ``cfg.keep_checkpoints`` (:func:`finish_checkpoints`). ``finish(dir)`` runs on the saved
-    directory before the rename (a caller's own fix-up of the files). Call on the main
-    process only.
-    Returns what :func:`finish_checkpoints` kept."""
+    checkpoints, metrics, tracker logs and the entries named in ``carry`` move along, and
+    the checkpoints are then dropped unless ``cfg.keep_checkpoints``
+    (:func:`finish_checkpoints`; the best checkpoint stays). ``finish(dir)`` runs on the
+    saved directory before the rename (a caller's own fix-up of the files). Call on the
+    main process only. Returns what :func:`finish_checkpoints` kept."""
     final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     final.eval()
     with modelio.atomic_output_dir(out, overwrite=True) as tmp:
@@ -499,7 +536,92 @@ def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
         for name, data in (files or {}).items():
             modelio.write_json(tmp / name, data)
         # Renames within one directory: cheap, and last so a failed save keeps them in OUT.
-        for name in ("metrics.jsonl", "checkpoints"):
+        for name in ("metrics.jsonl", "checkpoints", TRACKER_DIR, *carry):
             if (out / name).exists():
                 os.replace(out / name, tmp / name)
     return finish_checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+
+
+# ------------------------------------------------------------------ precision and memory
+
+DTYPES = ("fp32", "bf16", "fp16")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX): without it torch
+    emulates bf16 matrix products, measured ~130x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def check_precision(device: torch.device, dtype: str) -> None:
+    """Refuse a ``dtype`` the device cannot run fast (one line naming the fix)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype == "fp32":
+        return
+    if device.type == "cpu":
+        if dtype == "fp16":
+            raise UsageError("--dtype fp16 is for GPUs (CPUs have no fast fp16 matrix "
+                             "products); use --dtype bf16 or fp32 on a CPU")
+        if not cpu_supports_bf16():
+            raise UsageError("--dtype bf16 on this CPU (no AVX512-BF16/AMX) is emulated and "
+                             "~130x slower than fp32; use --dtype fp32")
+    elif device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16 needs an Ampere or newer GPU; use --dtype fp16 here")
+
+
+def autocast(device: torch.device, dtype: str):
+    """Autocast context for forward passes: ``bf16``/``fp16`` compute over fp32 master
+    weights (the optimizer, gradients and weights stay fp32); ``fp32`` is a no-op."""
+    return torch.autocast(device.type, dtype=_TORCH_DTYPES.get(dtype, torch.bfloat16),
+                          enabled=dtype != "fp32")
+
+
+def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (whose gradients underflow); disabled, a pass-through, else."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them (memory ~ one layer's activations instead of all layers')."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ------------------------------------------------------------------ experiment trackers
+
+# Tracker logs go to OUT/tensorboard (the project name given to accelerate).
+TRACKER_DIR = "tensorboard"
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive")
+
+
+def check_trackers(report_to: str) -> None:
+    """Refuse a tracker whose package is missing, before anything is loaded."""
+    if report_to == "none":
+        return
+    if report_to not in TRACKERS:
+        raise UsageError(f"--report-to {report_to!r}: use one of {', '.join(TRACKERS)}")
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml"}.get(report_to, report_to)
+    if importlib.util.find_spec(package) is None and not (
+            report_to == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        hint = "'tokensurgeon[track]'" if report_to == "tensorboard" else package
+        raise UsageError(f"--report-to {report_to} needs the {package} package; run: "
+                         f"pip install {hint}")
+
+
+def start_trackers(accelerator, report_to: str, config: dict[str, Any]) -> None:
+    """Start the accelerator's trackers (logs under ``project_dir/``:data:`TRACKER_DIR`)
+    with the run's resolved options as hyperparameters (plain numbers and strings only,
+    which every tracker takes)."""
+    if report_to == "none":
+        return
+    plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+             for k, v in config.items()}
+    accelerator.init_trackers(TRACKER_DIR, config=plain)

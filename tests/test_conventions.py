@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import tiny
 from tokensurgeon import conventions, modelio
 from tokensurgeon.evaluate import bits_per_byte, bos_check, encode_segment
 from tokensurgeon.transplant import TransplantConfig, transplant

@@ -6,8 +6,13 @@ import pytest
 import tiny
 import torch
 
-from tokensurgeon.logits import (final_hidden_states, head_logits, logits_at, position_statistics,
-                                 token_logprobs)
+from tokensurgeon.logits import (
+    final_hidden_states,
+    head_logits,
+    logits_at,
+    position_statistics,
+    token_logprobs,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])

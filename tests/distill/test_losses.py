@@ -9,8 +9,6 @@ import tiny
 import torch
 from loss_fixtures import loss_inputs
 
-from tokensurgeon.logits import (checkpointed_position_statistics, naive_position_statistics,
-                                 position_statistics)
 from distill.losses import (
     LOSSES,
     alm_chunk_logliks,
@@ -20,6 +18,11 @@ from distill.losses import (
     parse_loss_spec,
     sorted_probability_l1,
     token_kl,
+)
+from tokensurgeon.logits import (
+    checkpointed_position_statistics,
+    naive_position_statistics,
+    position_statistics,
 )
 
 

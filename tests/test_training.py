@@ -201,3 +201,15 @@ def test_a_run_starts_out_fresh_or_resumes_its_checkpoint(tmp_path):
     assert training.prepare_out(resumed) == out
     with pytest.raises(UsageError, match="differ from the checkpointed run.*grad_accum"):
         training.prepare_out(Cfg(resume=True, grad_accum=2))
+
+
+def test_a_finished_run_keeps_its_best_checkpoint(tmp_path):
+    """Without --keep-checkpoints a finished run drops its resume state but not
+    checkpoints/best (the best held-out step, a result of the run)."""
+    root = tmp_path / "checkpoints"
+    _checkpointed_run(root)
+    _checkpointed_run(root / training.BEST_DIR, steps=(2,))
+    kept = training.finish_checkpoints(root, keep=False)
+    assert kept["kept"] == ["best/step-2"] and kept["removed_bytes"] > 0
+    assert sorted(p.name for p in root.iterdir()) == [training.BEST_DIR]
+    assert training.latest_checkpoint(root / training.BEST_DIR).name == "step-2"

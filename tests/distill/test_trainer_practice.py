@@ -256,7 +256,7 @@ def test_heldout_bpb_in_the_loop(chat_models, model_dirs, chat_file, tmp_path, m
                      "--batch-size", "4", "--max-length", "48", "--quiet", "--steps", "4",
                      "--lr", "1e-2", "--warmup-steps", "0", "--checkpoint-every", "4",
                      "--eval-data", str(heldout), "--eval-every", "2",
-                     "--report-to", "tensorboard"]) == 0
+                     "--report-to", "tensorboard", "--keep-checkpoints"]) == 0
     rows = metrics(out)
     curve = [(r["step"], r["eval_bpb"]) for r in rows if "eval_bpb" in r]
     assert [s for s, _ in curve] == [0, 2, 4]

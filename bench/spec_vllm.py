@@ -47,8 +47,10 @@ from spec_decode.bench import SpecBenchConfig, bench
 from tokensurgeon import modelio
 from tokensurgeon.errors import UsageError
 
-# Greedy only (the targets of issue 19): every prompt option of the spec benches but T.
-OPTIONS = tuple(o for o in SPEC_PROMPT_OPTIONS if o != "temperature")
+# Greedy only (the targets of issue 19): every prompt option of the spec benches but T, and
+# the vLLM engine options, all with SpecBenchConfig's defaults.
+OPTIONS = tuple(o for o in SPEC_PROMPT_OPTIONS if o != "temperature") + (
+    "vllm_memory", "max_model_len", "enforce_eager")
 TARGETS = {"smollm2": "builtin:smollm2-135m", "gemma": "builtin:gemma3-270m"}
 # TLI's draft for a cross-tokenizer target: the donor's original model.
 TLI = {"gemma": "builtin:smollm2-135m"}
@@ -95,7 +97,6 @@ def main() -> None:
     ap.add_argument("--sets", default="gsm8k,prose")
     ap.add_argument("--smollm2-draft", action="append", default=[], help="NAME=DIR (repeat)")
     ap.add_argument("--gemma-draft", action="append", default=[], help="NAME=DIR (repeat)")
-    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-anchors", action="store_true", help="skip ngram and TLI")
     add_data_root(ap)
     add_config_options(ap, SpecBenchConfig, OPTIONS)
@@ -127,7 +128,7 @@ def main() -> None:
             cfg = SpecBenchConfig(
                 target=target_dir, draft=drafts, prompts=str(prompts[name]),
                 out=str(out / f"{target}-{name}"), backend="vllm", batch_size=[1],
-                enforce_eager=args.enforce_eager, overwrite=True, quiet=True,
+                overwrite=True, quiet=True,
                 temperature=[0.0], **spec_options)
             report = bench(cfg)
             results[f"{target}-{name}"] = {

@@ -320,7 +320,7 @@ def test_resume_keeps_the_heldout_curve_and_the_best_checkpoint(model_dirs, tmp_
                          str(model_dirs["gemma_spm"]), "--data", str(data), "--out", str(out),
                          "--batch-size", "4", "--max-length", "48", "--quiet", "--steps", "4",
                          "--lr", "5e-3", "--checkpoint-every", "2", "--eval-data", str(heldout),
-                         "--eval-every", "2", *extra]) == 0
+                         "--eval-every", "2", "--keep-checkpoints", *extra]) == 0
 
     reference, out = tmp_path / "reference", tmp_path / "resumed"
     run(reference)

@@ -68,14 +68,7 @@ def masked_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: 
     with torch.inference_mode():
         for s in range(0, len(sequences), batch_size):
             batch = sequences[s: s + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            scored = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, (x, flags) in enumerate(batch):
-                ids[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
-                scored[r, : len(x)] = torch.tensor(flags, dtype=torch.bool)
+            ids, mask, scored = evaluate.pad_batch(batch, pad_id)
             ids, mask = ids.to(device), mask.to(device)
             hidden = evaluate.model_hidden_states(model, ids, mask)
             logp = evaluate.chunked_token_logprobs(hidden[:, :-1], head, ids[:, 1:],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +196,21 @@ def encode_segment(tokenizer, text: str, bos: str) -> tuple[list[int], int, int]
     return body, 1, n_bytes - len(text[:first_end].encode("utf-8"))
 
 
+def pad_batch(batch: Sequence[tuple[list[int], list[bool]]],
+              pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids [B, L], attention mask [B, L], scored [B, L] bool) of ``batch``:
+    (token ids, per-token "score this prediction" flags) pairs; L is the longest."""
+    width = max(len(x) for x, _ in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    scored = torch.zeros((len(batch), width), dtype=torch.bool)
+    for r, (x, flags) in enumerate(batch):
+        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[r, : len(x)] = 1
+        scored[r, : len(x)] = torch.tensor(flags, dtype=torch.bool)
+    return ids, mask, scored
+
+
 def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalConfig.batch_size,
                   logit_chunk: int = EvalConfig.logit_chunk, report: Callable | None = None,
                   bos: str = EvalConfig.bos) -> dict:
@@ -224,14 +239,8 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalC
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[s : s + batch_size]]
-            width = max(len(x) for x, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            scored = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, (x, start) in enumerate(batch):
-                ids[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
-                scored[r, max(start, 1) : len(x)] = True
+            ids, mask, scored = pad_batch(
+                [(x, [i >= max(start, 1) for i in range(len(x))]) for x, start in batch], pad)
             ids, mask = ids.to(device), mask.to(device)
             hidden = model_hidden_states(model, ids, mask)
             logp = chunked_token_logprobs(hidden[:, :-1], head, ids[:, 1:], logit_chunk, softcap)

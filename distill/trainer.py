@@ -476,13 +476,16 @@ def distill(cfg: DistillConfig) -> dict:
     bar.close()
 
     progress.get().start("save")
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # flush the logs before they move into OUT
+        tracker.finish()
     if is_main:
         if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
             training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
                                      scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
         training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,))
     accelerator.wait_for_everyone()
+    # Last: with several processes it also ends the process group.
+    accelerator.end_training()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
             "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train,
             **({"best": {"step": best[0], "eval_bpb": best[1]}} if best else {})}

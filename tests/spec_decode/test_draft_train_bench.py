@@ -18,13 +18,6 @@ from tokensurgeon.errors import UsageError
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, bpe_tokenizer):
-    root = tmp_path_factory.mktemp("spec")
-    return tiny.save(tiny.tiny_llama(len(bpe_tokenizer), layers=4, seed=5), bpe_tokenizer,
-                     root / "target")
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
     rows = [{"question": q, "answer": a} for q, a in zip(tiny.CORPUS, tiny.CORPUS[1:] + tiny.CORPUS[:1])]

@@ -83,13 +83,6 @@ def test_restricted_logits_equal_the_full_heads_on_the_set():
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, bpe_tokenizer):
-    root = tmp_path_factory.mktemp("rh")
-    return tiny.save(tiny.tiny_llama(len(bpe_tokenizer), layers=4, seed=5), bpe_tokenizer,
-                     root / "target")
-
-
-@pytest.fixture(scope="module")
 def head_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("rhdata") / "train.jsonl"
     rows = [{"question": q, "answer": a} for q, a in zip(tiny.CORPUS, tiny.CORPUS[1:])]

@@ -41,18 +41,27 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from spec_decode.divergences import DIVERGENCES, argmax_loss, distributions, divergence_names
+from spec_decode.divergences import divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
+from spec_decode.loss import chunked_acceptance, chunked_divergence
 from spec_decode.prompts import Example, chat_option, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
-from spec_decode.speculative import DRAFT_SAMPLE_METHODS, rule_acceptance
+from spec_decode.speculative import DRAFT_SAMPLE_METHODS
+from spec_decode.trainable_rows import DraftRows, split_rows
 from tokensurgeon import modelio, progress, training
 from tokensurgeon.errors import UsageError
-from tokensurgeon.logits import decoder_and_head, final_hidden_states, head_logits, logits_at
+from tokensurgeon.logits import (
+    LOGIT_CHUNK,
+    decoder_and_head,
+    final_hidden_states,
+    head_logits,
+    map_logit_chunks,
+)
 from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 
 SOURCES = ("on_policy", "target", "fixed")
@@ -108,6 +117,9 @@ class SpecTrainConfig(training.TrainingOptions):
     cache_top_k: int = field(default=64, metadata={
         "help": "logits kept per position in --target-cache (greedy needs only 1)"})
     chat: bool = chat_option()
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the draft's decoder layers in the backward pass (less memory, "
+                "more compute)"})
 
     def validate(self) -> None:
         super().validate()
@@ -205,43 +217,72 @@ def open_target_cache(cfg: SpecTrainConfig, target_ref, sequences: list[list[int
                         flag="--target-cache")
 
 
-def heldout_acceptance(draft, target_logits: torch.Tensor, batch, temperature: float,
-                       verify: str = "probabilistic") -> dict:
-    """Exact per-token acceptance of the draft on fixed held-out sequences, under each rule
-    (at temperature 0 both are argmax agreement), and the one ``verify`` names."""
+def target_logit_fn(target) -> Callable[..., torch.Tensor]:
+    """``fn(hidden [c, Ht], values [c, k] = None, index [c, k] = None, cached [c] = None)
+    -> [c, V]`` float32 target logits: from the target's final hidden states, and at rows
+    where ``cached`` from its top-k logits (``-inf`` elsewhere, :func:`sparse_logits`)."""
+    _, head, softcap = decoder_and_head(target)
+    vocab = head.weight.shape[0]
+
+    def fn(hidden, values=None, index=None, cached=None) -> torch.Tensor:
+        if values is None:
+            return head_logits(hidden, head, softcap)
+        out = sparse_logits(values, index, vocab)
+        online = ~cached
+        if bool(online.any()):
+            out[online] = head_logits(hidden[online], head, softcap)
+        return out
+
+    return fn
+
+
+def target_inputs(target, ids, attn, mask, sources: list[str], row_ids: list[int],
+                  cached=None, top_k: int = 1) -> tuple[torch.Tensor, ...]:
+    """What :func:`target_logit_fn` reads at the N loss positions (row-major, as
+    ``mask``): the target's final hidden states [N, Ht] (online), and with ``cached(row ids)
+    -> [(values [n * k], ids [n * k])]`` the fixed rows' cached top-k instead: then
+    ``(hidden, values [N, k], index [N, k], cached [N] bool)``."""
+    if cached is None:
+        return (final_hidden_states(target, ids, attn)[mask],)
+    counts = mask.sum(-1).tolist()
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    n, width = sum(counts), target.config.get_text_config().hidden_size
+    hidden = torch.zeros(n, width, device=ids.device)
+    values = torch.full((n, top_k), float("-inf"), device=ids.device)
+    index = torch.zeros(n, top_k, dtype=torch.long, device=ids.device)
+    from_cache = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    online = [r for r, s in enumerate(sources) if s != "fixed"]
+    if online:
+        computed = final_hidden_states(target, ids[online], attn[online])[mask[online]]
+        for r, block in zip(online, computed.split([counts[r] for r in online])):
+            hidden[starts[r]: starts[r] + counts[r]] = block
+    fixed = [r for r, s in enumerate(sources) if s == "fixed"]
+    if fixed:
+        for r, (v, i) in zip(fixed, cached([row_ids[r] for r in fixed])):
+            at = slice(starts[r], starts[r] + counts[r])
+            values[at] = v.view(counts[r], top_k).to(ids.device)
+            index[at] = i.view(counts[r], top_k).long().to(ids.device)
+            from_cache[at] = True
+    return hidden, values, index, from_cache
+
+
+def heldout_acceptance(draft, rows: DraftRows, target_hidden: torch.Tensor, target_fn, batch,
+                       temperature: float, verify: str = "probabilistic") -> dict:
+    """Exact per-token acceptance of the draft (with the head it is served with) on fixed
+    held-out sequences, under each rule (at temperature 0 both are argmax agreement), and
+    the one ``verify`` names; ``target_hidden`` [N, Ht] are the target's final hidden
+    states at ``batch``'s positions."""
     ids, attn, mask = batch
+    _, _, softcap = decoder_and_head(draft)
     with torch.inference_mode():
-        q = logits_at(draft, ids, attn, mask)
-    rules = rule_acceptance(target_logits, q, temperature)
+        hidden = final_hidden_states(draft, ids, attn)[mask]
+        rules = chunked_acceptance(hidden, rows.head, (target_hidden,), target_fn, temperature,
+                                   rows.head_ids, softcap)
     out = {"heldout_acceptance": float(rules["probabilistic"].mean()),
            "heldout_greedy_acceptance": float(rules["greedy"].mean()),
-           "heldout_argmax_agreement": float((q.argmax(-1) == target_logits.argmax(-1)).float().mean())}
+           "heldout_argmax_agreement": float(rules["agree"].mean())}
     out["heldout_rule_acceptance"] = float(rules[verify].mean())
     return out
-
-
-def target_logits(target, ids, attn, mask, sources: list[str], row_ids: list[int],
-                  cached=None, top_k: int = 1) -> torch.Tensor:
-    """[N, V] target logits at the loss positions (row-major, as :func:`logits_at`): fixed rows
-    from ``cached(row ids) -> [(values [n * k], ids [n * k])]`` (top-k, ``-inf`` elsewhere)
-    when given, the other rows online."""
-    if cached is None:
-        return logits_at(target, ids, attn, mask)
-    counts = mask.sum(-1).tolist()
-    online = [r for r, s in enumerate(sources) if s != "fixed"]
-    blocks: list[torch.Tensor | None] = [None] * len(sources)
-    if online:
-        computed = logits_at(target, ids[online], attn[online], mask[online])
-        for r, block in zip(online, computed.split([counts[r] for r in online])):
-            blocks[r] = block
-    fixed = [r for r, s in enumerate(sources) if s == "fixed"]
-    vocab = target.get_output_embeddings().weight.shape[0]
-    if fixed:
-        for r, (values, index) in zip(fixed, cached([row_ids[r] for r in fixed])):
-            n = counts[r]
-            blocks[r] = sparse_logits(values.view(n, top_k), index.view(n, top_k).long(),
-                                      vocab).to(ids.device)
-    return torch.cat(blocks)
 
 
 def train(cfg: SpecTrainConfig) -> dict:
@@ -272,6 +313,8 @@ def train(cfg: SpecTrainConfig) -> dict:
                                trust_remote_code=cfg.trust_remote_code)
     for p in target.parameters():
         p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        training.enable_gradient_checkpointing(draft)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = target.generation_config.eos_token_id
     eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else tokenizer.eos_token_id
@@ -279,7 +322,18 @@ def train(cfg: SpecTrainConfig) -> dict:
     def encode(rows: list[Example]) -> list[list[int]]:
         return [encode_prompt(tokenizer, e.prompt, cfg.chat) for e in rows]
 
+    # Only the embedding and head rows the loss reaches train (exact at weight decay 0; see
+    # spec_decode.trainable_rows): the tokens read are known in advance on fixed text only.
+    fixed_only = cfg.on_policy + cfg.target_generated == 0
+    reads = None
+    if fixed_only:
+        reads = torch.tensor([pad] + [t for e, p in zip(train_rows, encode(train_rows))
+                                      for t in p + fixed_continuation(
+                                          tokenizer, e.reference, cfg.max_new_tokens, eos)])
+    vocab_rows = split_rows(draft, head_token_ids(draft.config), reads,
+                      split=cfg.weight_decay == 0)
     params = [p for p in draft.parameters() if p.requires_grad]
+    target_fn = target_logit_fn(target)
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     main = accelerator.is_main_process
@@ -294,16 +348,22 @@ def train(cfg: SpecTrainConfig) -> dict:
         hc = generate(target, hp, cfg.max_new_tokens, cfg.temperature, pad, eos)
         held_batch = tuple(t.to(device) for t in pack(hp, hc, cfg.max_length, pad))
         with torch.inference_mode():
-            held_target = logits_at(target, *held_batch)
+            held_target = final_hidden_states(target, held_batch[0], held_batch[1])[held_batch[2]]
         if step == 0:
-            log.log(step=0, **heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
-                                                 cfg.verify))
+            log.log(step=0, **heldout_acceptance(draft, vocab_rows, held_target, target_fn, held_batch,
+                                                 cfg.temperature, cfg.verify))
 
     cached = None
     if cfg.target_cache and cfg.on_policy + cfg.target_generated < 1:
         fixed_seqs = [(p, fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos))
                       for p, e in zip(encode(train_rows), train_rows)]
         cache = open_target_cache(cfg, target_ref, [p + c for p, c in fixed_seqs])
+
+        _, target_head, target_softcap = decoder_and_head(target)
+
+        def top_k(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            top = logits.topk(cfg.cache_top_k, dim=-1)
+            return top.values, top.indices
 
         def compute_top_k(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             """Top-k target logits at each loss position of examples ``indices``, flattened
@@ -314,9 +374,11 @@ def train(cfg: SpecTrainConfig) -> dict:
                 ids, attn, mask = (t.to(device) for t in pack(
                     [p for p, _ in part], [c for _, c in part], cfg.max_length, pad))
                 with torch.inference_mode():
-                    top = logits_at(target, ids, attn, mask).float().topk(cfg.cache_top_k, dim=-1)
+                    hidden = final_hidden_states(target, ids, attn)[mask]
+                    values, top_ids = (x[0] for x in map_logit_chunks(
+                        top_k, hidden[None], target_head, (), LOGIT_CHUNK, target_softcap))
                 counts = mask.sum(-1).tolist()
-                for v, i in zip(top.values.cpu().split(counts), top.indices.cpu().split(counts)):
+                for v, i in zip(values.cpu().split(counts), top_ids.cpu().split(counts)):
                     stats.append((v.reshape(-1), i.float().reshape(-1)))
             return stats
 
@@ -358,35 +420,23 @@ def train(cfg: SpecTrainConfig) -> dict:
                   for p in parts]
         tokens = sum(int(mask.sum()) for _, _, mask in packed)
         draft.train()
-        # --verify greedy with a divergence that depends on log q(argmax p) alone (fkl, tvd):
-        # the loss comes from hidden states chunk by chunk (divergences.argmax_loss).
-        of_argmax = getattr(DIVERGENCES[cfg.divergence], "of_argmax", None) \
-            if cfg.verify == "greedy" else None
-        _, head, softcap = decoder_and_head(draft)
+        _, _, softcap = decoder_and_head(draft)
         loss_value = accept = 0.0
         for p, (ids, attn, mask) in zip(parts, packed):
             with torch.no_grad():
-                p_logits = target_logits(target, ids, attn, mask, sources[p], row_ids[p], cached,
+                t_inputs = target_inputs(target, ids, attn, mask, sources[p], row_ids[p], cached,
                                          cfg.cache_top_k)
-            if of_argmax is not None:  # one-hot target: no [N, V] tensor kept for backward
-                hidden = final_hidden_states(draft, ids, attn)[mask]
-                per_pos = argmax_loss(hidden, head, p_logits.argmax(-1), of_argmax,
-                                      cfg.temperature, softcap)
-                with torch.no_grad():
-                    q_logits = head_logits(hidden.detach(), head, softcap)
-            else:
-                q_logits = logits_at(draft, ids, attn, mask)
-                logp, logq = distributions(p_logits, q_logits, cfg.temperature,
-                                           greedy_target=cfg.verify == "greedy")
-                per_pos = DIVERGENCES[cfg.divergence](logp, logq, cfg.beta)
+            # Chunk by chunk from hidden states: no [N, V] tensor of either model is kept.
+            hidden = final_hidden_states(draft, ids, attn)[mask]
+            per_pos, accepted = chunked_divergence(
+                hidden, vocab_rows.head, t_inputs, target_fn, cfg.divergence, cfg.temperature,
+                cfg.verify, cfg.beta, vocab_rows.head_ids, softcap)
             share = per_pos.numel() / max(tokens, 1)
             loss = per_pos.mean() * share
             loss.backward()
             loss_value += loss.item()
-            with torch.no_grad():
-                accept += share * float(rule_acceptance(p_logits, q_logits.detach(),
-                                                        cfg.temperature)[cfg.verify].mean())
-            del q_logits, p_logits
+            accept += float(accepted.sum()) / max(tokens, 1)
+            del hidden, per_pos, loss, t_inputs
         grad_norm = training.apply_gradients(accelerator, params, optimizer, scheduler)
         step += 1
         last = {**training.step_figures(step, loss_value, grad_norm, scheduler.get_last_lr()[0],
@@ -394,8 +444,8 @@ def train(cfg: SpecTrainConfig) -> dict:
                 "train_acceptance": accept, **{f"n_{s}": sources.count(s) for s in SOURCES}}
         if held_batch is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             draft.eval()
-            last.update(heldout_acceptance(draft, held_target, held_batch, cfg.temperature,
-                                           cfg.verify))
+            last.update(heldout_acceptance(draft, vocab_rows, held_target, target_fn, held_batch,
+                                           cfg.temperature, cfg.verify))
         log.log(**last)
         bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accept:.3f}",
                         tok_s=f"{last[training.TOKENS_PER_S]:.0f}")
@@ -410,6 +460,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
                "verify": cfg.verify}
+    vocab_rows.restore()  # the trained rows back into the draft's own matrices
     if main:
         head_ids = head_token_ids(draft.config)
         # save_pretrained renames a reduced-head draft's architecture: name it again.

@@ -26,26 +26,21 @@ from collections.abc import Callable
 import torch
 
 from spec_decode.divergences import DIVERGENCES, distributions
-from spec_decode.speculative import rule_acceptance
-from tokensurgeon.logits import LOGIT_CHUNK, head_logits, map_logit_chunks
+from tokensurgeon.logits import head_logits, map_logit_chunks
+
+# Positions per chunk: a chunk holds a few [c, V] float32 tensors (the target's logits and
+# their softmax; the draft's too with a full head): 67 MB each at c = 64 and V = 262k.
+CHUNK = 64
 
 TargetLogits = Callable[..., torch.Tensor]
 """``target_logits(*chunks of target_inputs) -> [c, V]`` float32 target logits."""
 
 
-def full_vocabulary(draft_logits: torch.Tensor, head_ids: torch.Tensor | None,
-                    vocab: int) -> torch.Tensor:
-    """[c, K] logits on ``head_ids`` -> [c, V] with ``-inf`` elsewhere (identity when None)."""
-    if head_ids is None:
-        return draft_logits
-    out = draft_logits.new_full((draft_logits.shape[0], vocab), float("-inf"))
-    out[:, head_ids] = draft_logits
-    return out
-
-
 def rules(target: torch.Tensor, draft: torch.Tensor, head_ids: torch.Tensor | None,
           temperature: float) -> dict[str, torch.Tensor]:
-    """Per-position acceptance of the draft under each rule, and argmax agreement.
+    """Per-position acceptance of the draft under each rule, and argmax agreement: what
+    :func:`spec_decode.speculative.rule_acceptance` gives for the draft's logits on the full
+    vocabulary (``-inf`` off a reduced head's tokens), without making them.
 
     Args:
         target: [c, V] target logits.
@@ -53,12 +48,24 @@ def rules(target: torch.Tensor, draft: torch.Tensor, head_ids: torch.Tensor | No
         head_ids: the reduced head's token ids, or None.
         temperature: decoding temperature (0 = greedy).
     Returns:
-        {"probabilistic", "greedy", "agree"}: [c] float32 each.
+        {"probabilistic": 1 - TVD(p, q), "greedy": p(argmax q), "agree": argmax q ==
+        argmax p}: [c] float32 each; at temperature 0 all three are the agreement.
     """
-    full = full_vocabulary(draft.float(), head_ids, target.shape[-1])
-    out = rule_acceptance(target, full, temperature)
-    out["agree"] = (full.argmax(-1) == target.argmax(-1)).float()
-    return out
+    proposed = draft.argmax(-1)
+    if head_ids is not None:
+        proposed = head_ids[proposed]
+    agree = (proposed == target.argmax(-1)).float()
+    if temperature == 0:
+        return {"probabilistic": agree.clone(), "greedy": agree.clone(), "agree": agree}
+    logp = torch.log_softmax(target.float() / temperature, dim=-1)
+    q = torch.softmax(draft.float() / temperature, dim=-1)
+    p_on = (logp if head_ids is None else logp[:, head_ids]).exp()
+    tvd = 0.5 * (p_on - q).abs().sum(-1)
+    if head_ids is not None:  # the target's mass off the K tokens, where q is 0
+        tvd = tvd + 0.5 * (1 - p_on.sum(-1)).clamp(min=0)
+    return {"probabilistic": 1.0 - tvd,
+            "greedy": logp.gather(-1, proposed.unsqueeze(-1)).squeeze(-1).exp(),
+            "agree": agree}
 
 
 def _per_position(target: torch.Tensor, draft: torch.Tensor, head_ids: torch.Tensor | None,
@@ -80,7 +87,7 @@ def chunked_divergence(
     hidden: torch.Tensor, head: torch.nn.Module, target_inputs: tuple[torch.Tensor, ...],
     target_logits: TargetLogits, divergence: str, temperature: float, verify: str,
     beta: float = 0.5, head_ids: torch.Tensor | None = None, softcap: float | None = None,
-    chunk: int = LOGIT_CHUNK,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training divergence and the acceptance under ``verify``, per position.
 
@@ -120,7 +127,7 @@ def chunked_divergence(
 def chunked_acceptance(
     hidden: torch.Tensor, head: torch.nn.Module, target_inputs: tuple[torch.Tensor, ...],
     target_logits: TargetLogits, temperature: float, head_ids: torch.Tensor | None = None,
-    softcap: float | None = None, chunk: int = LOGIT_CHUNK,
+    softcap: float | None = None, chunk: int = CHUNK,
 ) -> dict[str, torch.Tensor]:
     """:func:`rules` at N positions, chunk by chunk, without gradient (arguments as in
     :func:`chunked_divergence`); returns {"probabilistic", "greedy", "agree"}: [N] each."""

@@ -11,8 +11,15 @@ Each step draws ``batch_size`` prompts and, per prompt, one data source by the l
 Every source trains at most ``--max-new-tokens`` positions per prompt (fixed answers are cut
 there too), so a step of any mix trains about the same number of positions.
 The loss is the chosen divergence between the target's and the draft's next-token
-distributions over the full vocabulary at ``--temperature``, averaged over continuation
-positions. ``--verify`` names the rule the draft will be verified with (vLLM's
+distributions over the draft's vocabulary at ``--temperature``, averaged over continuation
+positions: the full vocabulary, or for a reduced-head draft (``make-draft --head-tokens``)
+its K tokens, with the target renormalised on them (the draft as it is served; see
+:mod:`spec_decode.loss`). It is computed from both models' final hidden states a chunk of
+positions at a time, so no [N, V] logits are kept (0.5 GB each at 512 positions of a 262k
+vocabulary). Only the embedding and head rows the loss reaches train (the tokens of the
+fixed text, the K head rows), as parameters of their own: the same draft as training the
+whole matrices at weight decay 0, with the gradient and AdamW moments of those rows only
+(:mod:`spec_decode.trainable_rows`; with weight decay, or generated text, whole matrices). ``--verify`` names the rule the draft will be verified with (vLLM's
 ``draft_sample_method``; see :mod:`spec_decode.speculative`):
 - ``probabilistic``: drafts are sampled and accepted with probability 1 - TVD(p, q), so the
   loss compares p and q at the temperature;
@@ -117,9 +124,9 @@ class SpecTrainConfig(training.TrainingOptions):
     cache_top_k: int = field(default=64, metadata={
         "help": "logits kept per position in --target-cache (greedy needs only 1)"})
     chat: bool = chat_option()
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute the draft's decoder layers in the backward pass (less memory, "
-                "more compute)"})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "recompute the draft's decoder layers in the backward pass instead of keeping "
+                "their activations (~2 GB less at batch 8 for SmolLM2's 30 layers, more CPU)"})
 
     def validate(self) -> None:
         super().validate()

@@ -8,8 +8,8 @@ and returns one value per position; the caller masks and averages.
 
 ``target_logp`` may hold ``-inf`` (a one-hot greedy target); every divergence here treats
 0 * log 0 as 0. A divergence that, against a one-hot p, depends on log q(argmax p) alone
-declares it as ``fn.of_argmax`` (fkl, tvd), and ``spec train --verify greedy`` then
-computes it chunk by chunk without [N, V] tensors (:func:`argmax_loss`).
+declares it as ``fn.of_argmax`` (fkl, tvd), and ``spec train --verify greedy`` then skips
+the [c, V] one-hot target (:mod:`spec_decode.loss`).
 Adding one is one new module with a ``@register("name")`` function.
 """
 
@@ -18,7 +18,6 @@ from spec_decode.divergences import fkl, jsd, rkl, tvd  # noqa: F401
 from spec_decode.divergences.base import (  # noqa: F401 (re-exported)
     DIVERGENCES,
     Divergence,
-    argmax_loss,
     distributions,
     divergence_names,
     kl,

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import torch
 
-from tokensurgeon.logits import LOGIT_CHUNK, map_logit_chunks
 from tokensurgeon.registry import Registry
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -44,38 +43,6 @@ def distributions(
     else:
         target_logp = torch.log_softmax(target_logits.float() / t, dim=-1)
     return target_logp, draft_logp
-
-
-def argmax_loss(hidden: torch.Tensor, head: torch.nn.Module, argmax: torch.Tensor,
-                of_argmax: Callable[[torch.Tensor], torch.Tensor], temperature: float,
-                softcap: float | None = None, chunk: int = LOGIT_CHUNK) -> torch.Tensor:
-    """A divergence to a one-hot target (``--verify greedy``), straight from hidden states.
-
-    For a divergence that, against a one-hot p on token a, depends on log q(a) alone
-    (``of_argmax``: forward KL is -log q(a), TVD is 1 - q(a)), the [N, V] distributions of
-    :func:`distributions` are never needed: ``chunk`` rows of logits at a time are made,
-    reduced to log q(a), and recomputed in the backward pass, so memory is O(chunk x V)
-    instead of several [N, V] tensors (0.5 GB each for 512 positions of a 262k vocabulary).
-
-    Args:
-        hidden: [N, H] the draft's final hidden states at the loss positions.
-        head: the draft's output head, H -> V.
-        argmax: [N] the target's argmax at each position.
-        of_argmax: the divergence as a function of log q(a), [N] -> [N].
-        temperature: q's temperature (0 counts as 1, as in :func:`distributions`).
-        softcap: the draft's final-logit soft cap.
-        chunk: rows per head call.
-    Returns:
-        [N] float32, equal to ``divergence(*distributions(..., greedy_target=True))``.
-    """
-    t = temperature if temperature > 0 else 1.0
-
-    def pick(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor]:
-        logq = torch.log_softmax(logits.float() / t, dim=-1)
-        return (of_argmax(logq.gather(-1, ids.unsqueeze(-1)).squeeze(-1)),)
-
-    return map_logit_chunks(pick, hidden[None], head, (argmax[None],), chunk, softcap,
-                            recompute=True)[0][0]
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -21,5 +21,5 @@ def forward_kl(target_logp: torch.Tensor, draft_logp: torch.Tensor, beta: float 
     return kl(target_logp, draft_logp)
 
 
-# Against a one-hot p on token a: -log q(a) (see base.argmax_loss).
+# Against a one-hot p on token a: -log q(a) (see spec_decode.loss).
 forward_kl.of_argmax = lambda logq_a: -logq_a

@@ -21,5 +21,5 @@ def total_variation(target_logp: torch.Tensor, draft_logp: torch.Tensor, beta: f
     return 0.5 * (target_logp.exp() - draft_logp.exp()).abs().sum(-1)
 
 
-# Against a one-hot p on token a: 1 - q(a) (see base.argmax_loss).
+# Against a one-hot p on token a: 1 - q(a) (see spec_decode.loss).
 total_variation.of_argmax = lambda logq_a: 1 - logq_a.exp()

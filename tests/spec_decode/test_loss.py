@@ -9,6 +9,7 @@ import torch
 
 from spec_decode.divergences import DIVERGENCES
 from spec_decode.loss import chunked_acceptance, chunked_divergence, plain_divergence, rules
+from spec_decode.speculative import rule_acceptance
 from spec_decode.trainable_rows import RowsHead, split_rows
 from tokensurgeon import training
 
@@ -55,7 +56,7 @@ def test_chunked_equals_plain(name, verify, reduced, softcap, temperature):
     assert torch.isfinite(ref).all()
     g_ref = torch.autograd.grad(ref.sum(), [hidden, weight])
     assert all(g.abs().sum() > 0 for g in g_ref)  # a loss with a gradient to compare
-    for chunk in (1, 5, 64):
+    for chunk in (4, 64):  # several chunks (the last one short), and one
         got, acc = chunked_divergence(hidden, head, (t_hidden,), target_fn, name, temperature,
                                       verify, 0.3, head_ids, softcap, chunk)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -83,11 +84,26 @@ def test_reduced_head_reads_the_target_on_its_tokens():
     assert torch.equal(acc, (proposed == target.argmax(-1)).float())
 
 
+def full_vocabulary(draft: torch.Tensor, head_ids: torch.Tensor | None) -> torch.Tensor:
+    """[N, K] draft logits -> [N, V], -inf off the head's tokens (as the served head)."""
+    if head_ids is None:
+        return draft
+    return torch.full((draft.shape[0], V), float("-inf")).index_copy(1, head_ids, draft)
+
+
 @pytest.mark.parametrize("reduced", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_chunked_acceptance_equals_rules(reduced, temperature):
+    """rules() equals speculative.rule_acceptance on the draft's full-vocabulary logits, and
+    its chunked form equals it."""
     hidden, head, _, head_ids, t_hidden, t_head = setup(reduced)
-    want = rules(t_head(t_hidden).detach(), head(hidden).detach(), head_ids, temperature)
+    target, draft = t_head(t_hidden).detach(), head(hidden).detach()
+    want = rules(target, draft, head_ids, temperature)
+    served = full_vocabulary(draft, head_ids)
+    reference = rule_acceptance(target, served, temperature)
+    for k in ("greedy", "probabilistic"):
+        torch.testing.assert_close(want[k], reference[k], atol=1e-6, rtol=1e-5)
+    assert torch.equal(want["agree"], (served.argmax(-1) == target.argmax(-1)).float())
     got = chunked_acceptance(hidden.detach(), head, (t_hidden,), lambda h: t_head(h).float(),
                              temperature, head_ids, chunk=4)
     assert set(got) == set(want) == {"probabilistic", "greedy", "agree"}
@@ -121,9 +137,9 @@ def adam_run(model, parts, ids: torch.Tensor, head_ids, steps: int = 3) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma"])
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("reduced", [True, False])
+@pytest.mark.parametrize("kind,tied,reduced", [
+    ("llama", True, True), ("llama", True, False), ("llama", False, True),
+    ("llama", False, False), ("gemma", True, True)])  # Gemma: a scaled embedding
 def test_split_rows_train_like_the_whole_matrices(kind, tied, reduced):
     """AdamW on the split-off rows (weight decay 0) gives the same weights as on the whole
     embedding and head; the rows that train are only the ones read and the head's."""
@@ -146,7 +162,7 @@ def test_split_rows_train_like_the_whole_matrices(kind, tied, reduced):
     for k in want:
         torch.testing.assert_close(after[k], want[k], atol=2e-6, rtol=1e-5, msg=k)
     emb = split.get_input_embeddings().weight
-    moved = (emb != before[[k for k in before if "embed_tokens" in k][0]]).any(-1)
+    moved = (emb != before[next(k for k in before if "embed_tokens" in k)]).any(-1)
     reachable = set(ids.unique().tolist()) | (set(head_ids.tolist()) if tied and reduced else set())
     if tied and not reduced:  # every row is reached through the softmax: nothing split
         assert parts.trained_rows["embedding"] == vocab

@@ -154,6 +154,34 @@ def test_spec_train_keeps_the_reduced_head(tmp_path, target_dir, head_data):
     assert config["architectures"] == ["ReducedHeadLlamaForCausalLM"]
 
 
+def test_spec_train_moves_only_the_rows_its_loss_reaches(tmp_path, target_dir, head_data):
+    """On fixed text, a reduced-head draft's embedding/head rows move only for the tokens it
+    reads and its K head tokens; the loss is over the K tokens (finite, with a gradient)."""
+    from spec_decode.prompts import encode_prompt, read_examples
+    from spec_decode.train import SpecTrainConfig, fixed_continuation, train
+
+    cut = tmp_path / "cut"
+    make_draft(MakeDraftConfig(target=str(target_dir), out=str(cut), depth=2, head_tokens=10,
+                               head_data=str(head_data)))
+    out = tmp_path / "trained"
+    train(SpecTrainConfig(target=str(target_dir), draft=str(cut), data=str(head_data),
+                          out=str(out), steps=3, batch_size=2, warmup_steps=0, lr=1e-2,
+                          max_new_tokens=4, heldout=0, quiet=True))
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 and r["loss"] > 0 for r in steps)
+    before = modelio.load_model(modelio.resolve(str(cut))).get_input_embeddings().weight
+    after = modelio.load_model(modelio.resolve(str(out))).get_input_embeddings().weight
+    moved = set((before != after).any(-1).nonzero().flatten().tolist())
+    tok = modelio.load_tokenizer(modelio.resolve(str(target_dir)))
+    eos = tok.eos_token_id
+    reads = {tok.pad_token_id if tok.pad_token_id is not None else eos}
+    for e in read_examples(str(head_data)):
+        reads |= set(encode_prompt(tok, e.prompt, True) + fixed_continuation(tok, e.reference, 4, eos))
+    head = set(json.loads((cut / "config.json").read_text())[reduced_head.CONFIG_KEY])
+    assert moved and moved <= reads | head  # the cut is tied: one matrix for both
+    assert len(moved) < before.shape[0]
+
+
 def test_engine_options_for_hybrid_kv_caches():
     from spec_decode.backends.vllm_engine import engine_options
 

@@ -464,6 +464,11 @@ def train(cfg: SpecTrainConfig) -> dict:
             accelerator.wait_for_everyone()
     bar.close()
     progress.get().start("save")
+    # The save copies every weight of the draft into a buffer: drop the AdamW moments and the
+    # target (its weights are mapped from disk) and hand their memory back first.
+    optimizer.state.clear()
+    target = target_fn = cached = compute_top_k = target_head = None
+    training.release_freed_memory()
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
                "verify": cfg.verify}

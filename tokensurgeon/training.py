@@ -15,6 +15,8 @@ API (all functions are small; read them):
 - ``keep_freed_memory()``: glibc only; freed blocks stay in the process instead of going
   back to the kernel, so a step's large temporaries are not page-faulted in again on every
   step (called by ``setup_accelerator``).
+- ``release_freed_memory()``: glibc only; hand the heap's free pages back to the kernel now
+  (after a trainer drops its optimizer state, before a save that copies every weight).
 - ``warmup_then_linear_decay(optimizer, warmup_steps, total_steps)`` -> LambdaLR scheduler.
 - ``average_gradients(accelerator, params)``: all-reduce (mean) the ``.grad`` of ``params``
   across processes. Trainers call it once per optimizer step instead of wrapping the model
@@ -124,6 +126,21 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(name)
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Return the free pages of glibc's heap to the kernel (``malloc_trim(0)``), so that what
+    :func:`keep_freed_memory` keeps stops counting in the process's RSS. Returns False where
+    there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+        return False
+    return bool(ctypes.CDLL(name).malloc_trim(0))
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float,

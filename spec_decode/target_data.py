@@ -173,8 +173,7 @@ def make_data(cfg: MakeDataConfig) -> dict:
                "tokens_per_s": round(sum(map(len, conts)) / max(seconds, 1e-9), 1)}
     with modelio.atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         with open(tmp / DATA_FILE, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         write_resolved_config(tmp, cfg)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {**summary, "out": str(Path(cfg.out) / DATA_FILE)}

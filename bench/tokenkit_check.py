@@ -42,8 +42,8 @@ Where the two differ by design, the difference is measured rather than hidden:
 
 needs ``jax``, ``flax``, ``optax``, ``editdistance`` and ``wandb`` importable beside
 tokensurgeon (tokenkit's losses module imports them). Prints a table; the last stdout line is
-one JSON object with the largest absolute difference per configuration; raw results go to
-``bench/results/distill/tokenkit_check.json``. ``tests/distill/test_tokenkit_check.py``
+one JSON object with the largest absolute difference per configuration (exit code 1 when
+they do not agree); raw results go to ``bench/results/distill/tokenkit_check.json``. ``tests/distill/test_tokenkit_check.py``
 (slow tier) runs the same comparison (:func:`compare`, judged by :func:`failures`).
 """
 
@@ -586,6 +586,8 @@ def main() -> None:
         "max_abs_diff_tokenkit_epsilon": run["default_epsilon"]["max_abs_diff_same_divisor"],
         "max_abs_diff_student_without_bos":
             run["student_without_bos"]["max_abs_diff_same_divisor"]}))
+    if problems:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -104,28 +104,18 @@ def stop_ids(tokenizer, generation_config) -> set[int]:
 
 
 def generate_hf(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                seed: int, stops: set[int], batch_size: int, device: str,
-                bar: Any = None) -> list[list[int]]:
-    """Continuations of each prompt (token ids, up to and including no stop id), from HF
-    ``generate`` with left padding, ``batch_size`` prompts at a time. Greedy at T = 0."""
-    pad = next(iter(sorted(stops))) if stops else 0
+                seed: int, stops: set[int], batch_size: int, bar: Any = None) -> list[list[int]]:
+    """Continuations of each prompt (token ids before the first stop id), from spec train's
+    left-padded HF ``generate``, ``batch_size`` prompts at a time. Greedy at T = 0."""
+    from spec_decode.train import generate
+
+    eos = min(stops) if stops else None
     out: list[list[int]] = []
-    gen_kwargs: dict = {"max_new_tokens": max_new_tokens, "eos_token_id": sorted(stops) or None,
-                        "pad_token_id": pad}
-    if temperature > 0:
-        gen_kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    else:
-        gen_kwargs.update(do_sample=False)
     torch.manual_seed(seed)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.inference_mode():
-            res = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-        for row in res[:, width:].tolist():
-            out.append(cut_at_stop(row, stops)[0])
+        out += [cut_at_stop(c, stops)[0]
+                for c in generate(model, chunk, max_new_tokens, temperature, eos or 0, eos)]
         if bar is not None:
             bar.update(len(chunk))
     return out
@@ -158,11 +148,11 @@ def make_data(cfg: MakeDataConfig) -> dict:
         progress.get().start("generate (vllm)")
         conts = [cut_at_stop(c, stops)[0] for c in generate_vllm(cfg, str(ref.directory), prompts)]
     else:
-        device = modelio.resolve_device(cfg.device)
-        model = modelio.load_model(ref, device=device, trust_remote_code=cfg.trust_remote_code)
+        model = modelio.load_model(ref, device=modelio.resolve_device(cfg.device),
+                                   trust_remote_code=cfg.trust_remote_code)
         bar = progress.get().start("generate (hf)", total=len(prompts), unit="prompt")
         conts = generate_hf(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                            stops, cfg.batch_size, device, bar)
+                            stops, cfg.batch_size, bar)
     seconds = time.time() - t0
     rows = [{"prompt": e.prompt, "completion": tokenizer.decode(c, skip_special_tokens=True)}
             for e, c in zip(examples, conts)]

@@ -40,7 +40,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(target_dir, prompts_file
     tok, model = modelio.load_tokenizer(ref), modelio.load_model(ref)
     prompts = [encode_prompt(tok, e.prompt, True) for e in read_examples(prompts_file)]
     assert len({len(p) for p in prompts}) > 1
-    batched = generate_hf(model, prompts, 6, 0.0, 0, set(), batch_size=5, device="cpu")
+    batched = generate_hf(model, prompts, 6, 0.0, 0, set(), batch_size=5)
     single = [continuation(model, p, 6, 0.0, 0, "cpu") for p in prompts]
     assert batched == single
 

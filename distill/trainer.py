@@ -154,6 +154,10 @@ class DistillConfig(training.TrainingOptions):
     report_to: str = field(default="none", metadata={
         "help": "experiment tracker (accelerate's; tensorboard writes OUT/tensorboard, "
                 "offline)", "choices": training.TRACKERS})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the student's weights, gradients and optimizer state over the "
+                "processes (FSDP2; launch 2 or more with torchrun or accelerate launch, "
+                "whose --use_fsdp also turns this on); same losses and update as unsharded"})
 
     def validate(self) -> None:
         super().validate()
@@ -170,6 +174,20 @@ class DistillConfig(training.TrainingOptions):
         if self.eval_every and not self.eval_data:
             raise UsageError("--eval-every needs --eval-data FILE (held-out text)")
         training.check_trackers(self.report_to)
+        if self.fsdp:
+            # One line naming the fix for each option the sharded path does not take.
+            refused = {"train": (self.train == "lora",
+                                 "--train lora cannot be merged from shards; use --train full "
+                                 "or embeddings with --fsdp, or drop --fsdp"),
+                       "gradmag": (self.gradmag,
+                                   "--gradmag differentiates each loss by the last layer's "
+                                   "sharded weights; drop --gradmag or --fsdp"),
+                       "dtype": (self.dtype == "fp16",
+                                 "--dtype fp16 needs loss scaling across shards; use --dtype "
+                                 "bf16 with --fsdp")}
+            for bad, message in refused.values():
+                if bad:
+                    raise UsageError(message)
         online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
         if self.teacher_cache and online:
             raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
@@ -234,6 +252,8 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
 
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
+    if training.fsdp_launched():  # accelerate launch --use_fsdp
+        cfg.fsdp = True
     cfg.validate()
     # Rows are read (and bad ones refused) before anything is loaded or written. A .txt
     # file is one text when sequences are cut from a stream; otherwise ~2 chars per token
@@ -250,6 +270,10 @@ def distill(cfg: DistillConfig) -> dict:
     out_path = Path(cfg.out).expanduser()
     accelerator = training.setup_accelerator(cfg.device, cfg.seed, cfg.report_to, out_path)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.fsdp and world < 2:
+        raise UsageError("--fsdp shards the student over several processes; launch 2 or more "
+                         "(torchrun --nproc_per_node 2 -m cli distill ..., or accelerate "
+                         "launch --num_processes 2), or drop --fsdp")
     per_process = training.micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
     device = accelerator.device
     training.check_precision(device, cfg.dtype)
@@ -308,13 +332,18 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.gradient_checkpointing:
         training.enable_gradient_checkpointing(student)
     student.train()
+    # Every use of the student's weights runs inside call(fn, ...): sharded or not, one path.
+    call = training.ModelCall(student)
+    if cfg.fsdp:
+        training.shard(call, decoder_and_head(student)[0].layers, device, world)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
     training.start_trackers(accelerator, cfg.report_to, vars(cfg))  # main process only
     scaler = training.grad_scaler(device, cfg.dtype)
-    curve = _heldout_curve(out / "metrics.jsonl") if held is not None and is_main else []
+    # (on every process: under --fsdp all of them save the best checkpoint together)
+    curve = _heldout_curve(out / "metrics.jsonl") if held is not None else []
     best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
@@ -353,15 +382,16 @@ def distill(cfg: DistillConfig) -> dict:
         """Held-out bits per byte now; keeps the best checkpoint and the curve's plot."""
         nonlocal best
         student.eval()
-        figures = heldout.bits_per_byte(student, s_tok, held, cfg.logit_chunk)
+        figures = call(lambda model: heldout.bits_per_byte(model, s_tok, held, cfg.logit_chunk))
         student.train()
+        curve.append((step, figures["eval_bpb"]))
+        # The best trained step (step 0, the student as given, is only the curve's start).
+        if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
+            best = (step, figures["eval_bpb"])
+            training.save_checkpoint(out / "checkpoints" / training.BEST_DIR, step, student,
+                                     optimizer, scheduler, {"eval_bpb": best[1]}, keep=1,
+                                     write=is_main)
         if is_main:
-            curve.append((step, figures["eval_bpb"]))
-            # The best trained step (step 0, the student as given, is only the curve's start).
-            if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
-                best = (step, figures["eval_bpb"])
-                training.save_checkpoint(out / "checkpoints" / training.BEST_DIR, step, student,
-                                         optimizer, scheduler, {"eval_bpb": best[1]}, keep=1)
             plot_heldout(curve, out / HELDOUT_PLOT, cfg.student)
         return figures
 
@@ -411,13 +441,21 @@ def distill(cfg: DistillConfig) -> dict:
         totals = torch.zeros(len(terms), dtype=torch.float64)
         last_layer_norms = torch.zeros(len(terms), dtype=torch.float64)
         shares = None
-        for m, x in enumerate(inputs):
+        def student_parts(_model, x: LossInputs) -> list[torch.Tensor]:
+            """Each term's sum over the global unit count (run as ``call``'s forward)."""
             with training.autocast(device, cfg.dtype):
                 x.student.hidden = s_dec(input_ids=x.student.ids,
                                          attention_mask=x.student.mask).last_hidden_state.float()
-            # Scaled by the world size because average_gradients takes the mean.
-            parts = [LOSSES[name].total(x) / float(global_counts[j]) for j, (name, _) in enumerate(terms)]
-            measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag
+            return [LOSSES[name].total(x) / float(global_counts[j])
+                    for j, (name, _) in enumerate(terms)]
+
+        for m, x in enumerate(inputs):
+            # Scaled by the world size because gradients are averaged over processes.
+            parts = call(student_parts, x)
+            # (under --fsdp the last layer's weights are shards outside the forward: the
+            # shares are not measured)
+            measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag \
+                and not cfg.fsdp
             if cfg.gradmag or measure_shares:
                 norms = [float(n) for n in last_layer_gradient_norms(parts, last_layer)]
             if cfg.gradmag:
@@ -469,20 +507,23 @@ def distill(cfg: DistillConfig) -> dict:
                         **({"heldout_bpb": f"{eval_bpb:.4f}"} if eval_bpb is not None else {}))
         bar.update(1)
         if training.checkpoint_due(step + 1, cfg.checkpoint_every, cfg.steps):
-            if is_main:
-                training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
-                                         scheduler, {"examples_seen": (step + 1) * cfg.batch_size})
+            training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
+                                     scheduler, {"examples_seen": (step + 1) * cfg.batch_size},
+                                     write=is_main)
             accelerator.wait_for_everyone()
     bar.close()
 
     progress.get().start("save")
     for tracker in accelerator.trackers:  # flush the logs before they move into OUT
         tracker.finish()
+    if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
+        training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
+                                 scheduler, {"examples_seen": cfg.steps * cfg.batch_size},
+                                 write=is_main)
+    # A sharded student's full weights, gathered by every process onto the main one.
+    weights = training.full_state_dict(student) if cfg.fsdp else None
     if is_main:
-        if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
-            training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
-                                     scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
-        training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,))
+        training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,), state_dict=weights)
     accelerator.wait_for_everyone()
     # Last: with several processes it also ends the process group.
     accelerator.end_training()

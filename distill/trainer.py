@@ -174,20 +174,15 @@ class DistillConfig(training.TrainingOptions):
         if self.eval_every and not self.eval_data:
             raise UsageError("--eval-every needs --eval-data FILE (held-out text)")
         training.check_trackers(self.report_to)
-        if self.fsdp:
-            # One line naming the fix for each option the sharded path does not take.
-            refused = {"train": (self.train == "lora",
-                                 "--train lora cannot be merged from shards; use --train full "
-                                 "or embeddings with --fsdp, or drop --fsdp"),
-                       "gradmag": (self.gradmag,
-                                   "--gradmag differentiates each loss by the last layer's "
-                                   "sharded weights; drop --gradmag or --fsdp"),
-                       "dtype": (self.dtype == "fp16",
-                                 "--dtype fp16 needs loss scaling across shards; use --dtype "
-                                 "bf16 with --fsdp")}
-            for bad, message in refused.values():
-                if bad:
-                    raise UsageError(message)
+        if self.fsdp and self.train == "lora":
+            raise UsageError("--train lora is not merged from shards; use --train full or "
+                             "embeddings with --fsdp, or drop --fsdp")
+        if self.fsdp and self.gradmag:
+            raise UsageError("--gradmag differentiates each loss by the last layer's weights, "
+                             "which --fsdp shards; drop --gradmag or --fsdp")
+        if self.fsdp and self.dtype == "fp16":
+            raise UsageError("--dtype fp16 needs loss scaling across shards; use --dtype bf16 "
+                             "with --fsdp")
         online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
         if self.teacher_cache and online:
             raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
@@ -342,7 +337,9 @@ def distill(cfg: DistillConfig) -> dict:
     start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
     training.start_trackers(accelerator, cfg.report_to, vars(cfg))  # main process only
     scaler = training.grad_scaler(device, cfg.dtype)
-    # (on every process: under --fsdp all of them save the best checkpoint together)
+    # Read on every process, after the main one has dropped a killed run's rows: all of
+    # them take the same best-checkpoint decisions (under --fsdp they save it together).
+    accelerator.wait_for_everyone()
     curve = _heldout_curve(out / "metrics.jsonl") if held is not None else []
     best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)
 
@@ -395,6 +392,14 @@ def distill(cfg: DistillConfig) -> dict:
             plot_heldout(curve, out / HELDOUT_PLOT, cfg.student)
         return figures
 
+    def student_parts(_model, x: LossInputs, counts: torch.Tensor) -> list[torch.Tensor]:
+        """Each term's sum over its global unit count; runs as ``call``'s forward, where a
+        sharded student's head and embeddings are whole (the fused backward reads them)."""
+        with training.autocast(device, cfg.dtype):
+            x.student.hidden = s_dec(input_ids=x.student.ids,
+                                     attention_mask=x.student.mask).last_hidden_state.float()
+        return [LOSSES[name].total(x) / float(counts[j]) for j, (name, _) in enumerate(terms)]
+
     last_layer = last_layer_params(student)
     progress.get().start("train")
     eval_bpb = None
@@ -441,17 +446,9 @@ def distill(cfg: DistillConfig) -> dict:
         totals = torch.zeros(len(terms), dtype=torch.float64)
         last_layer_norms = torch.zeros(len(terms), dtype=torch.float64)
         shares = None
-        def student_parts(_model, x: LossInputs) -> list[torch.Tensor]:
-            """Each term's sum over the global unit count (run as ``call``'s forward)."""
-            with training.autocast(device, cfg.dtype):
-                x.student.hidden = s_dec(input_ids=x.student.ids,
-                                         attention_mask=x.student.mask).last_hidden_state.float()
-            return [LOSSES[name].total(x) / float(global_counts[j])
-                    for j, (name, _) in enumerate(terms)]
-
         for m, x in enumerate(inputs):
             # Scaled by the world size because gradients are averaged over processes.
-            parts = call(student_parts, x)
+            parts = call(student_parts, x, global_counts)
             # (under --fsdp the last layer's weights are shards outside the forward: the
             # shares are not measured)
             measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag \
@@ -528,7 +525,7 @@ def distill(cfg: DistillConfig) -> dict:
     # Last: with several processes it also ends the process group.
     accelerator.end_training()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
-            "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train,
+            "processes": world, "fsdp": cfg.fsdp, "last": last, "loss": cfg.loss, "train": cfg.train,
             **({"best": {"step": best[0], "eval_bpb": best[1]}} if best else {})}
 
 
@@ -580,6 +577,7 @@ def plot_heldout(curve: list[tuple[int, float]], path: Path, title: str) -> None
 def render(summary: dict) -> str:
     last = summary["last"]
     figures = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
+    sharded = ", sharded (FSDP)" if summary.get("fsdp") else ""
     return (f"wrote {summary['out']}: {summary['steps']} steps of {summary['loss']} "
             f"({summary['train']}) on {summary['examples']} sequences, {summary['processes']} "
-            f"process(es); final loss {last.get('loss', float('nan')):.4f} ({figures})")
+            f"process(es){sharded}; final loss {last.get('loss', float('nan')):.4f} ({figures})")

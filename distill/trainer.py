@@ -247,7 +247,7 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
 
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
-    if training.fsdp_launched():  # accelerate launch --use_fsdp
+    if training.adopt_fsdp_launch():  # accelerate launch --use_fsdp
         cfg.fsdp = True
     cfg.validate()
     # Rows are read (and bad ones refused) before anything is loaded or written. A .txt
@@ -322,7 +322,9 @@ def distill(cfg: DistillConfig) -> dict:
     online = "online" in needs or ("statistics" in needs and not cfg.teacher_cache)
     if online:
         teacher_model()
-    student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    # (--fsdp: loaded on the CPU; sharding moves each process's shards to its device)
+    student = modelio.load_model(s_ref, device="cpu" if cfg.fsdp else device,
+                                 trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
     if cfg.gradient_checkpointing:
         training.enable_gradient_checkpointing(student)

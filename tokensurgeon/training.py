@@ -24,7 +24,7 @@ API (all functions are small; read them):
   clip, step the optimizer and the schedule, clear the gradients (one optimizer step).
 - ``trainable_state(model)`` / ``load_trainable_state(model, tensors)``: the parameters with
   ``requires_grad`` (the full model, a LoRA adapter, or embeddings only), by name.
-- ``save_checkpoint(root, step, model, optimizer, scheduler, extra)``: atomically writes
+- ``save_checkpoint(root, step, model, optimizer, scheduler, extra, write=True)``: atomically writes
   ``root/step-N/`` (trainable weights as safetensors; optimizer, scheduler, RNG and the
   trainer's ``extra`` dict, e.g. its data position, via ``torch.save`` of plain state dicts)
   and keeps the newest ``keep`` checkpoints.
@@ -55,6 +55,18 @@ The scaffold both trainers share (same flags, same meanings):
 - ``enable_gradient_checkpointing(model)``: recompute each decoder layer in the backward.
 - ``check_trackers(report_to)`` / ``start_trackers(accelerator, report_to, config)``:
   accelerate's experiment trackers (TensorBoard works offline).
+
+Sharded training (FSDP2, the same code on CPU/gloo and GPU/NCCL):
+
+- ``ModelCall(model)``: runs ``fn(model, *args)`` as its forward; a trainer calls every use
+  of its model's weights through it, sharded or not. ``shard(call, layers, device, n)``
+  makes it the FSDP root, each decoder layer a unit of its own; ``is_sharded(model)``.
+- ``adopt_fsdp_launch()``: ``accelerate launch --use_fsdp`` asked for sharding (which
+  the trainer then does itself).
+- ``full_state_dict(model)``: a sharded model's full weights on the main process (for
+  ``save_final(..., state_dict=...)``); ``save_checkpoint`` / ``load_checkpoint`` gather
+  and re-shard a sharded model's weights and optimizer state themselves (every process
+  calls them; ``write`` on the main one).
 """
 
 from __future__ import annotations
@@ -657,9 +669,17 @@ def start_trackers(accelerator, report_to: str, config: dict[str, Any]) -> None:
 ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
-def fsdp_launched() -> bool:
-    """True when accelerate's launcher asked for FSDP (``accelerate launch --use_fsdp``)."""
-    return os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() in ("true", "1")
+def adopt_fsdp_launch() -> bool:
+    """True when ``accelerate launch --use_fsdp`` asked for FSDP. The trainer then shards
+    the model itself (:func:`shard`), and accelerate's own FSDP is turned off in this
+    process: accelerate applies it only to what ``accelerator.prepare`` wraps, refuses it on
+    CPUs (``sync_module_states``), and its ``cpu_ram_efficient_loading`` has transformers
+    give every process but the first zeros for weights, which only ``prepare`` broadcasts.
+    Call it before :func:`setup_accelerator` and before any model is loaded."""
+    if os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() not in ("true", "1"):
+        return False
+    os.environ[ACCELERATE_FSDP_ENV] = "false"
+    return True
 
 
 class ModelCall(torch.nn.Module):

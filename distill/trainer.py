@@ -14,6 +14,10 @@ One optimizer step:
 3. run the student on each micro-batch; every loss is its sum divided by the global count,
    so the gradient equals that of one process holding the whole batch;
 4. average gradients over processes, clip to 1.0, step AdamW and the schedule.
+With ``--fsdp`` the student is sharded over the processes (FSDP2): every use of its
+weights (the forward, the losses with the fused head, held-out scoring) runs as the
+forward of the sharded root, :class:`tokensurgeon.training.ModelCall`, where the head and
+embeddings are whole; gradients are averaged by FSDP's reduce-scatter instead.
 Forward passes run under ``--dtype`` autocast (fp32 master weights); the head and the
 losses stay in fp32. Chat rows are rendered by each side's own template and only their
 assistant text is trained (:mod:`distill.chat`). With ``--eval-data``, the student's

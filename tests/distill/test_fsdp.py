@@ -152,9 +152,11 @@ def test_fsdp_resume_continues_exactly(model_dirs, data, tmp_path):
 
 @pytest.mark.slow  # a launch of 2 processes
 def test_accelerate_fsdp_launch_untied_embeddings_checkpointed(model_dirs, data, tmp_path):
-    """``accelerate launch --use_fsdp``; an untied head, embeddings-only training and
-    gradient checkpointing: only the two embedding matrices change, as in one process."""
-    common = ["--steps", "3", "--train", "embeddings", "--gradient-checkpointing"]
+    """``accelerate launch --use_fsdp``; an untied head, embeddings-only training, gradient
+    checkpointing and 2 micro-batches: only the two embedding matrices change, as in one
+    process."""
+    common = ["--steps", "3", "--train", "embeddings", "--gradient-checkpointing",
+              "--grad-accum", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(args(model_dirs, data, one, *common, student="gemma_spm_untied")) == 0
     launch(args(model_dirs, data, two, *common, student="gemma_spm_untied"), accelerate=True)
@@ -167,9 +169,9 @@ def test_accelerate_fsdp_launch_untied_embeddings_checkpointed(model_dirs, data,
 
 @pytest.mark.parametrize("extra, expected", [
     ([], "launch 2 or more"),
-    (["--train", "lora"], "--train lora"),
-    (["--gradmag"], "--gradmag"),
-    (["--dtype", "fp16"], "--dtype bf16"),
+    (["--train", "lora"], "not merged from shards"),
+    (["--gradmag"], "which --fsdp shards"),
+    (["--dtype", "fp16"], "loss scaling across shards"),
 ])
 def test_fsdp_bad_input_gives_one_line_error(model_dirs, data, tmp_path, capsys, extra,
                                              expected):

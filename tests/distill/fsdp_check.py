@@ -9,7 +9,8 @@ the world size as the trainer scales it. The statistics, every parameter's gradi
 shards gathered) and the weights after one AdamW step must equal the copy's. Exits 1 with
 the failing comparison on stderr.
 
-Run: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=P python fsdp_check.py``.
+Run: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=P python fsdp_check.py``, or
+:func:`main` in forked processes (the test: no second import of torch and transformers).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def objective(realised: torch.Tensor, boundary: torch.Tensor, units: int) -> tor
 
 
 def main() -> int:
+    """The check in this process (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` from the environment); 0 when everything matched."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -11,7 +11,9 @@ shard, or a gradient not reduced, is off by orders of magnitude more.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -40,19 +42,35 @@ def port() -> str:
     return str(29500 + os.getpid() % 1000)
 
 
-def test_fused_head_under_fsdp_matches_one_process():
+def _check_in_process(rank: int, master_port: str) -> None:
+    """A forked process's share of tests/distill/fsdp_check.py; its exit code is the result."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=master_port)
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("fsdp_check",
+                                                  Path(__file__).with_name("fsdp_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    os._exit(check.main())  # no pytest teardown in a forked child
+
+
+def test_fused_head_under_fsdp_matches_one_process(capfd):
     """Fast twin of the end-to-end runs below: two processes shard a tied, soft-capped
     student; the fused head's statistics, every gradient and the weights after an AdamW
-    step equal an unsharded copy's on the whole batch (tests/distill/fsdp_check.py)."""
-    script = Path(__file__).with_name("fsdp_check.py")
-    common = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port()}
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT,
-                              env=env(RANK=str(r), **common), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    results = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, out + err[-3000:]
-        assert "0 mismatches" in out
+    step equal an unsharded copy's on the whole batch (tests/distill/fsdp_check.py). The
+    processes are forked, so torch and transformers are not imported again."""
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_check_in_process, args=(rank, port())) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():  # a process waiting on its dead peer: end it, the test fails
+            p.kill()
+    out, err = capfd.readouterr()
+    assert [p.exitcode for p in procs] == [0, 0], out + err[-3000:]
+    assert out.count("0 mismatches") == 2
 
 
 @pytest.fixture(scope="module")

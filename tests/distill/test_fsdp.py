@@ -144,8 +144,9 @@ def test_fsdp_run_matches_one_process_and_saves_the_same_model(model_dirs, data,
     from transformers import AutoModelForCausalLM
 
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert json.loads((two / "config.json").read_text()) == \
-        json.loads((one / "config.json").read_text())
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (two / name).read_text() == (one / name).read_text(), name
     model = AutoModelForCausalLM.from_pretrained(two)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     for step in ("step-2", "step-4", "best/step-2"):

@@ -65,7 +65,7 @@ def masked_nll(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: 
     device = next(model.parameters()).device
     _, head, softcap = evaluate.decoder_and_head(model)
     total = 0.0
-    with torch.inference_mode():
+    with torch.no_grad():  # (not inference_mode: see evaluate.bits_per_byte)
         for s in range(0, len(sequences), batch_size):
             batch = sequences[s: s + batch_size]
             ids, mask, scored = evaluate.pad_batch(batch, pad_id)

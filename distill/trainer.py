@@ -14,6 +14,10 @@ One optimizer step:
 3. run the student on each micro-batch; every loss is its sum divided by the global count,
    so the gradient equals that of one process holding the whole batch;
 4. average gradients over processes, clip to 1.0, step AdamW and the schedule.
+With ``--fsdp`` the student is sharded over the processes (FSDP2): every use of its
+weights (the forward, the losses with the fused head, held-out scoring) runs as the
+forward of the sharded root, :class:`tokensurgeon.training.ModelCall`, where the head and
+embeddings are whole; gradients are averaged by FSDP's reduce-scatter instead.
 Forward passes run under ``--dtype`` autocast (fp32 master weights); the head and the
 losses stay in fp32. Chat rows are rendered by each side's own template and only their
 assistant text is trained (:mod:`distill.chat`). With ``--eval-data``, the student's
@@ -154,6 +158,10 @@ class DistillConfig(training.TrainingOptions):
     report_to: str = field(default="none", metadata={
         "help": "experiment tracker (accelerate's; tensorboard writes OUT/tensorboard, "
                 "offline)", "choices": training.TRACKERS})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the student's weights, gradients and optimizer state over the "
+                "processes (FSDP2; launch 2 or more with torchrun or accelerate launch, "
+                "whose --use_fsdp also turns this on); same losses and update as unsharded"})
 
     def validate(self) -> None:
         super().validate()
@@ -170,6 +178,15 @@ class DistillConfig(training.TrainingOptions):
         if self.eval_every and not self.eval_data:
             raise UsageError("--eval-every needs --eval-data FILE (held-out text)")
         training.check_trackers(self.report_to)
+        if self.fsdp and self.train == "lora":
+            raise UsageError("--train lora is not merged from shards; use --train full or "
+                             "embeddings with --fsdp, or drop --fsdp")
+        if self.fsdp and self.gradmag:
+            raise UsageError("--gradmag differentiates each loss by the last layer's weights, "
+                             "which --fsdp shards; drop --gradmag or --fsdp")
+        if self.fsdp and self.dtype == "fp16":
+            raise UsageError("--dtype fp16 needs loss scaling across shards; use --dtype bf16 "
+                             "with --fsdp")
         online = [name for name, _ in self.terms if not LOSSES[name].cacheable]
         if self.teacher_cache and online:
             raise UsageError(f"--teacher-cache serves {_listed(_CACHEABLE)} only; "
@@ -234,6 +251,8 @@ def last_layer_params(model) -> list[torch.nn.Parameter]:
 
 def distill(cfg: DistillConfig) -> dict:
     """Run the training described by ``cfg``; return a summary dict."""
+    if training.adopt_fsdp_launch():  # accelerate launch --use_fsdp
+        cfg.fsdp = True
     cfg.validate()
     # Rows are read (and bad ones refused) before anything is loaded or written. A .txt
     # file is one text when sequences are cut from a stream; otherwise ~2 chars per token
@@ -250,6 +269,10 @@ def distill(cfg: DistillConfig) -> dict:
     out_path = Path(cfg.out).expanduser()
     accelerator = training.setup_accelerator(cfg.device, cfg.seed, cfg.report_to, out_path)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.fsdp and world < 2:
+        raise UsageError("--fsdp shards the student over several processes; launch 2 or more "
+                         "(torchrun --nproc_per_node 2 -m cli distill ..., or accelerate "
+                         "launch --num_processes 2), or drop --fsdp")
     per_process = training.micro_batch_size(cfg.batch_size, world, cfg.grad_accum)
     device = accelerator.device
     training.check_precision(device, cfg.dtype)
@@ -303,18 +326,27 @@ def distill(cfg: DistillConfig) -> dict:
     online = "online" in needs or ("statistics" in needs and not cfg.teacher_cache)
     if online:
         teacher_model()
-    student = modelio.load_model(s_ref, device=device, trust_remote_code=cfg.trust_remote_code)
+    # (--fsdp: loaded on the CPU; sharding moves each process's shards to its device)
+    student = modelio.load_model(s_ref, device="cpu" if cfg.fsdp else device,
+                                 trust_remote_code=cfg.trust_remote_code)
     student = select_trainable(student, cfg)
     if cfg.gradient_checkpointing:
         training.enable_gradient_checkpointing(student)
     student.train()
+    # Every use of the student's weights runs inside call(fn, ...): sharded or not, one path.
+    call = training.ModelCall(student)
+    if cfg.fsdp:
+        training.shard(call, decoder_and_head(student)[0].layers, device, world)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     start, metrics = training.start_run(cfg, out, student, optimizer, scheduler, is_main)
     training.start_trackers(accelerator, cfg.report_to, vars(cfg))  # main process only
     scaler = training.grad_scaler(device, cfg.dtype)
-    curve = _heldout_curve(out / "metrics.jsonl") if held is not None and is_main else []
+    # Read on every process, after the main one has dropped a killed run's rows: all of
+    # them take the same best-checkpoint decisions (under --fsdp they save it together).
+    accelerator.wait_for_everyone()
+    curve = _heldout_curve(out / "metrics.jsonl") if held is not None else []
     best = min((r for r in curve if r[0] > 0), key=lambda r: r[1], default=None)
 
     s_dec, s_head, s_cap = decoder_and_head(student)
@@ -353,17 +385,26 @@ def distill(cfg: DistillConfig) -> dict:
         """Held-out bits per byte now; keeps the best checkpoint and the curve's plot."""
         nonlocal best
         student.eval()
-        figures = heldout.bits_per_byte(student, s_tok, held, cfg.logit_chunk)
+        figures = call(lambda model: heldout.bits_per_byte(model, s_tok, held, cfg.logit_chunk))
         student.train()
+        curve.append((step, figures["eval_bpb"]))
+        # The best trained step (step 0, the student as given, is only the curve's start).
+        if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
+            best = (step, figures["eval_bpb"])
+            training.save_checkpoint(out / "checkpoints" / training.BEST_DIR, step, student,
+                                     optimizer, scheduler, {"eval_bpb": best[1]}, keep=1,
+                                     write=is_main)
         if is_main:
-            curve.append((step, figures["eval_bpb"]))
-            # The best trained step (step 0, the student as given, is only the curve's start).
-            if step > 0 and (best is None or figures["eval_bpb"] < best[1]):
-                best = (step, figures["eval_bpb"])
-                training.save_checkpoint(out / "checkpoints" / training.BEST_DIR, step, student,
-                                         optimizer, scheduler, {"eval_bpb": best[1]}, keep=1)
             plot_heldout(curve, out / HELDOUT_PLOT, cfg.student)
         return figures
+
+    def student_parts(_model, x: LossInputs, counts: torch.Tensor) -> list[torch.Tensor]:
+        """Each term's sum over its global unit count; runs as ``call``'s forward, where a
+        sharded student's head and embeddings are whole (the fused backward reads them)."""
+        with training.autocast(device, cfg.dtype):
+            x.student.hidden = s_dec(input_ids=x.student.ids,
+                                     attention_mask=x.student.mask).last_hidden_state.float()
+        return [LOSSES[name].total(x) / float(counts[j]) for j, (name, _) in enumerate(terms)]
 
     last_layer = last_layer_params(student)
     progress.get().start("train")
@@ -412,12 +453,12 @@ def distill(cfg: DistillConfig) -> dict:
         last_layer_norms = torch.zeros(len(terms), dtype=torch.float64)
         shares = None
         for m, x in enumerate(inputs):
-            with training.autocast(device, cfg.dtype):
-                x.student.hidden = s_dec(input_ids=x.student.ids,
-                                         attention_mask=x.student.mask).last_hidden_state.float()
-            # Scaled by the world size because average_gradients takes the mean.
-            parts = [LOSSES[name].total(x) / float(global_counts[j]) for j, (name, _) in enumerate(terms)]
-            measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag
+            # Scaled by the world size because gradients are averaged over processes.
+            parts = call(student_parts, x, global_counts)
+            # (under --fsdp the last layer's weights are shards outside the forward: the
+            # shares are not measured)
+            measure_shares = m == 0 and step == start and len(terms) > 1 and not cfg.gradmag \
+                and not cfg.fsdp
             if cfg.gradmag or measure_shares:
                 norms = [float(n) for n in last_layer_gradient_norms(parts, last_layer)]
             if cfg.gradmag:
@@ -469,25 +510,28 @@ def distill(cfg: DistillConfig) -> dict:
                         **({"heldout_bpb": f"{eval_bpb:.4f}"} if eval_bpb is not None else {}))
         bar.update(1)
         if training.checkpoint_due(step + 1, cfg.checkpoint_every, cfg.steps):
-            if is_main:
-                training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
-                                         scheduler, {"examples_seen": (step + 1) * cfg.batch_size})
+            training.save_checkpoint(out / "checkpoints", step + 1, student, optimizer,
+                                     scheduler, {"examples_seen": (step + 1) * cfg.batch_size},
+                                     write=is_main)
             accelerator.wait_for_everyone()
     bar.close()
 
     progress.get().start("save")
     for tracker in accelerator.trackers:  # flush the logs before they move into OUT
         tracker.finish()
+    if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
+        training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
+                                 scheduler, {"examples_seen": cfg.steps * cfg.batch_size},
+                                 write=is_main)
+    # A sharded student's full weights, gathered by every process onto the main one.
+    weights = training.full_state_dict(student) if cfg.fsdp else None
     if is_main:
-        if cfg.keep_checkpoints:  # otherwise save_final drops the checkpoints at once
-            training.save_checkpoint(out / "checkpoints", cfg.steps, student, optimizer,
-                                     scheduler, {"examples_seen": cfg.steps * cfg.batch_size})
-        training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,))
+        training.save_final(cfg, out, student, s_tok, carry=(HELDOUT_PLOT,), state_dict=weights)
     accelerator.wait_for_everyone()
     # Last: with several processes it also ends the process group.
     accelerator.end_training()
     return {"out": str(out), "steps": cfg.steps, "examples": len(examples),
-            "processes": world, "last": last, "loss": cfg.loss, "train": cfg.train,
+            "processes": world, "fsdp": cfg.fsdp, "last": last, "loss": cfg.loss, "train": cfg.train,
             **({"best": {"step": best[0], "eval_bpb": best[1]}} if best else {})}
 
 
@@ -539,6 +583,7 @@ def plot_heldout(curve: list[tuple[int, float]], path: Path, title: str) -> None
 def render(summary: dict) -> str:
     last = summary["last"]
     figures = ", ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
+    sharded = ", sharded (FSDP)" if summary.get("fsdp") else ""
     return (f"wrote {summary['out']}: {summary['steps']} steps of {summary['loss']} "
             f"({summary['train']}) on {summary['examples']} sequences, {summary['processes']} "
-            f"process(es); final loss {last.get('loss', float('nan')):.4f} ({figures})")
+            f"process(es){sharded}; final loss {last.get('loss', float('nan')):.4f} ({figures})")

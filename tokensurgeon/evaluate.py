@@ -236,7 +236,9 @@ def bits_per_byte(model, tokenizer, segments: list[str], batch_size: int = EvalC
     report = report or progress.get().report
     to_score, scored_tokens = sum(len(x) for x, _ in encoded), 0
     report(0, to_score, "tok")
-    with torch.inference_mode():
+    # no_grad, not inference_mode: a model sharded by FSDP gathers its weights into buffers
+    # that training reuses, which must not become inference tensors.
+    with torch.no_grad():
         for s in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[s : s + batch_size]]
             ids, mask, scored = pad_batch(

@@ -496,13 +496,15 @@ def sync_special_token_ids(model, tokenizer, ids: dict | None = None) -> None:
             setattr(gen, key, value)
 
 
-def save_model(model, tokenizer, out_dir: Path, conv=None, extra_stops=()) -> dict:
+def save_model(model, tokenizer, out_dir: Path, conv=None, extra_stops=(),
+               state_dict: dict | None = None) -> dict:
     """Save model (safetensors), tokenizer, config.json and generation_config.json.
 
     The tokenizer is first made to follow ``conv`` (a :class:`conventions.Conventions`; by
     default the ones the tokenizer and the model's generation config already have), so the
     saved directory frames text and stops generation the way the weights expect. ``extra_stops``
     adds stop ids (e.g. tokens whose rows are copies of a base stop token's row).
+    ``state_dict`` replaces the model's own weights (an FSDP-sharded model's, gathered).
     Returns the conventions written, as JSON.
     """
     from tokensurgeon import conventions
@@ -512,7 +514,7 @@ def save_model(model, tokenizer, out_dir: Path, conv=None, extra_stops=()) -> di
     ids = conventions.adopt(tokenizer, conv)
     ids["eos_token_id"] = list(dict.fromkeys(ids["eos_token_id"] + [int(i) for i in extra_stops]))
     sync_special_token_ids(model, tokenizer, ids)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return {**conv.to_json(), "stop_ids": ids["eos_token_id"], "add_bos": conv.add_bos}
 

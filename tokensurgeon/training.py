@@ -26,7 +26,7 @@ API (all functions are small; read them):
   clip, step the optimizer and the schedule, clear the gradients (one optimizer step).
 - ``trainable_state(model)`` / ``load_trainable_state(model, tensors)``: the parameters with
   ``requires_grad`` (the full model, a LoRA adapter, or embeddings only), by name.
-- ``save_checkpoint(root, step, model, optimizer, scheduler, extra)``: atomically writes
+- ``save_checkpoint(root, step, model, optimizer, scheduler, extra, write=True)``: atomically writes
   ``root/step-N/`` (trainable weights as safetensors; optimizer, scheduler, RNG and the
   trainer's ``extra`` dict, e.g. its data position, via ``torch.save`` of plain state dicts)
   and keeps the newest ``keep`` checkpoints.
@@ -57,6 +57,18 @@ The scaffold both trainers share (same flags, same meanings):
 - ``enable_gradient_checkpointing(model)``: recompute each decoder layer in the backward.
 - ``check_trackers(report_to)`` / ``start_trackers(accelerator, report_to, config)``:
   accelerate's experiment trackers (TensorBoard works offline).
+
+Sharded training (FSDP2, the same code on CPU/gloo and GPU/NCCL):
+
+- ``ModelCall(model)``: runs ``fn(model, *args)`` as its forward; a trainer calls every use
+  of its model's weights through it, sharded or not. ``shard(call, layers, device, n)``
+  makes it the FSDP root, each decoder layer a unit of its own; ``is_sharded(model)``.
+- ``adopt_fsdp_launch()``: ``accelerate launch --use_fsdp`` asked for sharding (which
+  the trainer then does itself).
+- ``full_state_dict(model)``: a sharded model's full weights on the main process (for
+  ``save_final(..., state_dict=...)``); ``save_checkpoint`` / ``load_checkpoint`` gather
+  and re-shard a sharded model's weights and optimizer state themselves (every process
+  calls them; ``write`` on the main one).
 """
 
 from __future__ import annotations
@@ -174,10 +186,14 @@ def average_gradients(accelerator, params: Iterable[torch.nn.Parameter]) -> None
     """Replace each ``.grad`` by its mean over processes (a no-op with one process).
 
     Gradients are flattened into one buffer so there is a single all-reduce per step.
+    Parameters sharded by FSDP (DTensors, see :func:`shard`) are left alone: their
+    gradients were already averaged over processes (reduce-scattered) in the backward.
     """
     if accelerator.num_processes == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not _is_dtensor(p)]
+    if not params:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     flat = accelerator.reduce(flat, reduction="mean")
@@ -258,22 +274,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+                    extra: dict[str, Any] | None = None, keep: int = 2, *,
+                    write: bool = True) -> Path:
     """Atomically write ``root/step-{step}``; keep only the newest ``keep`` checkpoints.
 
     ``extra`` must hold plain data (numbers, strings, lists, dicts, tensors); trainers put
-    their data position there.
+    their data position there. A model sharded by FSDP (:func:`shard`) has its full
+    trainable weights and optimizer state gathered first, which every process takes part
+    in: call it on all processes, with ``write`` True on the main one only (the same files
+    as an unsharded run, but the optimizer state keyed by parameter name).
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if is_sharded(model):
+        weights, optimizer_state = gathered_trainable_state(model, optimizer)
+    elif write:
+        weights, optimizer_state = trainable_state(model), optimizer.state_dict()
+    if not write:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save({
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
         "extra": extra or {},
@@ -356,11 +382,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, dict]:
-    """Restore a :func:`save_checkpoint` directory in place; return ``(step, extra)``."""
+    """Restore a :func:`save_checkpoint` directory in place; return ``(step, extra)``.
+    A model sharded by FSDP takes its shards of the full weights and optimizer state (every
+    process calls it)."""
     path = Path(path)
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    tensors = load_file(str(path / "trainable.safetensors"))
     state = torch.load(path / "training_state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        load_sharded_state(model, optimizer, tensors, state["optimizer"])
+    else:
+        load_trainable_state(model, tensors)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return int(state["step"]), state["extra"]
@@ -535,18 +567,21 @@ def step_figures(step: int, loss: float, grad_norm: float, lr: float, tokens: in
 
 def save_final(cfg: Any, out: Path, model: torch.nn.Module, tokenizer,
                files: dict[str, dict] | None = None, carry: Iterable[str] = (),
-               finish: Callable[[Path], None] | None = None) -> dict[str, Any]:
+               finish: Callable[[Path], None] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Replace OUT atomically with the trained ``model`` (a LoRA adapter merged in), its
     tokenizer, the resolved config and ``files`` (name -> JSON object); the run's
     checkpoints, metrics, tracker logs and the entries named in ``carry`` move along, and
     the checkpoints are then dropped unless ``cfg.keep_checkpoints``
     (:func:`finish_checkpoints`; the best checkpoint stays). ``finish(dir)`` runs on the
     saved directory before the rename (a caller's own fix-up of the files). Call on the
-    main process only. Returns what :func:`finish_checkpoints` kept."""
+    main process only; a model sharded by FSDP is saved from ``state_dict``, its full
+    weights (:func:`full_state_dict`, gathered on every process). Returns what
+    :func:`finish_checkpoints` kept."""
     final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     final.eval()
     with modelio.atomic_output_dir(out, overwrite=True) as tmp:
-        modelio.save_model(final, tokenizer, tmp)
+        modelio.save_model(final, tokenizer, tmp, state_dict=state_dict)
         if finish is not None:
             finish(tmp)
         write_resolved_config(tmp, cfg)
@@ -642,3 +677,127 @@ def start_trackers(accelerator, report_to: str, config: dict[str, Any]) -> None:
     plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
              for k, v in config.items()}
     accelerator.init_trackers(TRACKER_DIR, config=plain)
+
+
+# ------------------------------------------------------------------ sharded training (FSDP)
+
+# Set by ``accelerate launch --use_fsdp`` (and by an accelerate config file whose
+# distributed_type is FSDP).
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
+
+
+def adopt_fsdp_launch() -> bool:
+    """True when ``accelerate launch --use_fsdp`` asked for FSDP. The trainer then shards
+    the model itself (:func:`shard`), and accelerate's own FSDP is turned off in this
+    process: accelerate applies it only to what ``accelerator.prepare`` wraps, refuses it on
+    CPUs (``sync_module_states``), and its ``cpu_ram_efficient_loading`` has transformers
+    give every process but the first zeros for weights, which only ``prepare`` broadcasts.
+    Call it before :func:`setup_accelerator` and before any model is loaded."""
+    if os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() not in ("true", "1"):
+        return False
+    os.environ[ACCELERATE_FSDP_ENV] = "false"
+    return True
+
+
+class ModelCall(torch.nn.Module):
+    """Runs ``fn(model, *args)`` as its forward: the one way a trainer calls its model, so
+    a sharded and an unsharded run take the same code path.
+
+    Under FSDP (:func:`shard`) this module is the root: FSDP gathers a module's full
+    parameters only inside that module's forward, and reduce-scatters (averages) the
+    gradients of what it gathered in the backward. Code that reads weights directly and not
+    through a submodule's forward (the fused head's closed-form backward reads
+    ``lm_head.weight``; tied embeddings share it; held-out scoring) therefore runs as
+    ``fn``: there the root's parameters (embeddings, final norm, head) are full tensors and
+    each decoder layer gathers its own while it runs.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+
+def shard(call: ModelCall, layers: Iterable[torch.nn.Module], device: torch.device,
+          processes: int) -> ModelCall:
+    """Shard ``call.model`` over ``processes`` with FSDP2 (``fully_shard``), in place: each
+    of ``layers`` (the decoder layers) is one unit, the rest (embeddings, norms, the head,
+    tied or not) the root unit ``call``. Parameters stay fp32 (``--dtype`` autocasts in
+    the forward); every process holds 1/``processes`` of each (DTensors on ``device``).
+    Returns ``call``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (processes,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(call, mesh=mesh)
+    return call
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP shards ``model``'s parameters (they are DTensors)."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Full tensors on the CPU of the main process only ({} on the others).
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of a sharded ``model`` on the main process's CPU ({} on the
+    others; every process must call it): its ``state_dict`` names, tied weights as one
+    tensor, as ``save_pretrained`` expects them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_full_options())
+    if not full:
+        return {}
+    # Tied names (the head and the embeddings) hold the same DTensor: give them one tensor.
+    first: dict[int, str] = {}
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(tensor), name)
+        out[name] = out[owner] if owner != name else full[name]
+    return out
+
+
+def gathered_trainable_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`trainable_state` and the optimizer state (keyed by parameter name) of a
+    sharded ``model``, full, on the main process ({} elsewhere; every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = full_state_dict(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return ({n: full[n].contiguous() for n in names} if full else {}), optimizer_state
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       tensors: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Give every process its shards of full trainable weights ``tensors`` and optimizer
+    state (as :func:`gathered_trainable_state` wrote them)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    missing = sorted(set(tensors) - {n for n, _ in model.named_parameters()})
+    if missing:
+        raise ValueError(f"checkpoint holds parameters the model lacks: {missing[:3]}")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, tensors, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -74,6 +74,9 @@ from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fin
 SOURCES = ("on_policy", "target", "fixed")
 
 
+LABEL_SOURCES = ("target", "data")
+
+
 @dataclass
 class SpecTrainConfig(training.TrainingOptions):
     """Train DRAFT to imitate TARGET (DistillSpec): minimise a divergence between their
@@ -162,9 +165,6 @@ class SpecTrainConfig(training.TrainingOptions):
             if needs:
                 raise UsageError("--labels data reads the target's greedy choice from the text, "
                                  f"so it needs {', '.join(needs)}; or pass --labels target")
-
-
-LABEL_SOURCES = ("target", "data")
 
 
 def on_policy_share(cfg: SpecTrainConfig, step: int) -> float:

@@ -99,6 +99,17 @@ def engine_options(target_config: dict) -> dict:
     return {}
 
 
+def engine_defaults() -> dict:
+    """The worker's ``memory`` and ``dtype`` at ``spec bench``'s defaults, for callers that
+    run vLLM without a bench config (``spec make-data``)."""
+    from dataclasses import fields
+
+    from spec_decode.bench import SpecBenchConfig
+
+    defaults = {f.name: f.default for f in fields(SpecBenchConfig)}
+    return {"memory": defaults["vllm_memory"], "dtype": defaults["dtype"]}
+
+
 def plugin_installed() -> bool:
     """Whether vLLM will find tokensurgeon's model plugin (reduced-head drafts)."""
     from importlib.metadata import entry_points

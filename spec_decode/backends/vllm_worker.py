@@ -58,12 +58,32 @@ def delta(after: dict, before: dict) -> dict:
     return d
 
 
+def generate(job: dict) -> dict:
+    """A ``generate`` job (``spec make-data``): every prompt's continuation, stopping at the
+    model's stop tokens, ``batch_size`` requests in flight at once."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
+              gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
+              max_num_seqs=job["batch_size"], **(job.get("engine_options") or {}))
+    params = [SamplingParams(max_tokens=job["max_tokens"], temperature=job["temperature"],
+                             seed=job["seed"] + i) for i in range(len(job["prompts"]))]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params,
+                        use_tqdm=False)
+    return {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+
+
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     with open(job_path) as f:
         job = json.load(f)
+    if job.get("kind") == "generate":
+        with open(out_path, "w") as f:
+            json.dump(generate(job), f)
+        return
     kwargs = dict(job.get("engine_options") or {})
     if job["draft"] in PROPOSERS:
         kwargs["speculative_config"] = {**PROPOSERS[job["draft"]],

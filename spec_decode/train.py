@@ -55,7 +55,7 @@ import torch
 
 from spec_decode.divergences import DIVERGENCES, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
-from spec_decode.loss import chunked_acceptance, chunked_divergence
+from spec_decode.loss import chunked_acceptance, chunked_divergence, positions_per_chunk
 from spec_decode.prompts import Example, chat_option, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
@@ -330,7 +330,8 @@ def heldout_acceptance(draft, rows: DraftRows, held_inputs: tuple[torch.Tensor, 
     with torch.inference_mode():
         hidden = final_hidden_states(draft, ids, attn)[mask]
         rules = chunked_acceptance(hidden, rows.head, held_inputs, target_fn, temperature,
-                                   rows.head_ids, softcap)
+                                   rows.head_ids, softcap,
+                                   positions_per_chunk(draft.config.get_text_config().vocab_size))
     out = {"heldout_acceptance": float(rules["probabilistic"].mean()),
            "heldout_greedy_acceptance": float(rules["greedy"].mean()),
            "heldout_argmax_agreement": float(rules["agree"].mean())}
@@ -388,6 +389,7 @@ def train(cfg: SpecTrainConfig) -> dict:
                       split=cfg.weight_decay == 0)
     params = [p for p in draft.parameters() if p.requires_grad]
     target_fn = target_logit_fn(target, draft.config.get_text_config().vocab_size)
+    chunk = positions_per_chunk(draft.config.get_text_config().vocab_size)
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     main = accelerator.is_main_process
@@ -495,7 +497,7 @@ def train(cfg: SpecTrainConfig) -> dict:
             hidden = final_hidden_states(draft, ids, attn)[mask]
             per_pos, accepted = chunked_divergence(
                 hidden, vocab_rows.head, t_inputs, target_fn, cfg.divergence, cfg.temperature,
-                cfg.verify, cfg.beta, vocab_rows.head_ids, softcap)
+                cfg.verify, cfg.beta, vocab_rows.head_ids, softcap, chunk)
             share = per_pos.numel() / max(tokens, 1)
             loss = per_pos.mean() * share
             loss.backward()

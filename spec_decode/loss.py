@@ -31,6 +31,13 @@ from tokensurgeon.logits import head_logits, map_logit_chunks
 # Positions per chunk: a chunk holds a few [c, V] float32 tensors (the target's logits and
 # their softmax; the draft's too with a full head): 67 MB each at c = 64 and V = 262k.
 CHUNK = 64
+LOGIT_ELEMENTS = CHUNK * 262_144  # the same 67 MB for any vocabulary
+
+
+def positions_per_chunk(vocab: int) -> int:
+    """Positions per chunk for a V-token vocabulary: [c, V] stays at 67 MB (c = 64 at
+    Gemma-3's 262k, 341 at SmolLM2's 49k); fewer, larger head calls cost less per position."""
+    return max(1, LOGIT_ELEMENTS // max(vocab, 1))
 
 TargetLogits = Callable[..., torch.Tensor]
 """``target_logits(*chunks of target_inputs) -> [c, V]`` float32 target logits."""

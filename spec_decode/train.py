@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spec_decode.divergences import divergence_names
+from spec_decode.divergences import DIVERGENCES, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
-from spec_decode.loss import chunked_acceptance, chunked_divergence
+from spec_decode.loss import chunked_acceptance, chunked_divergence, positions_per_chunk
 from spec_decode.prompts import Example, chat_option, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
@@ -72,6 +72,9 @@ from tokensurgeon.logits import (
 from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fingerprint
 
 SOURCES = ("on_policy", "target", "fixed")
+
+
+LABEL_SOURCES = ("target", "data")
 
 
 @dataclass
@@ -103,6 +106,12 @@ class SpecTrainConfig(training.TrainingOptions):
     temperature: float = field(default=0.0, metadata={
         "help": "decoding temperature the draft is trained for (0 = greedy); also the "
                 "sampling temperature of generated continuations"})
+    labels: str = field(default="target", metadata={
+        "choices": list(LABEL_SOURCES),
+        "help": "target: run the target for its logits at every position; data: the fixed "
+                "text is the target's own greedy output (spec make-data), so each next token "
+                "is the target's argmax: train on it without loading the target (fixed data, "
+                "--verify greedy, --temperature 0 and a divergence of the argmax: fkl or tvd)"})
     verify: str = field(default="greedy", metadata={
         "choices": list(DRAFT_SAMPLE_METHODS),
         "help": "the rule the draft will be verified with (vLLM draft_sample_method): "
@@ -145,6 +154,17 @@ class SpecTrainConfig(training.TrainingOptions):
         for name in ("max_new_tokens", "max_length", "eval_every", "cache_top_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.labels == "data":
+            needs = [flag for flag, bad in (
+                ("--on-policy 0 --target-generated 0", self.on_policy or self.target_generated),
+                ("--verify greedy", self.verify != "greedy"),
+                ("--temperature 0", self.temperature != 0),
+                ("--divergence fkl or tvd",
+                 getattr(DIVERGENCES.get(self.divergence), "of_argmax", None) is None),
+                ("no --target-cache", self.target_cache)) if bad]
+            if needs:
+                raise UsageError("--labels data reads the target's greedy choice from the text, "
+                                 f"so it needs {', '.join(needs)}; or pass --labels target")
 
 
 def on_policy_share(cfg: SpecTrainConfig, step: int) -> float:
@@ -224,12 +244,15 @@ def open_target_cache(cfg: SpecTrainConfig, target_ref, sequences: list[list[int
                         flag="--target-cache")
 
 
-def target_logit_fn(target) -> Callable[..., torch.Tensor]:
+def target_logit_fn(target, vocab: int | None = None) -> Callable[..., torch.Tensor]:
     """``fn(hidden [c, Ht], values [c, k] = None, index [c, k] = None, cached [c] = None)
     -> [c, V]`` float32 target logits: from the target's final hidden states, and at rows
-    where ``cached`` from its top-k logits (``-inf`` elsewhere, :func:`sparse_logits`)."""
-    _, head, softcap = decoder_and_head(target)
-    vocab = head.weight.shape[0]
+    where ``cached`` from its top-k logits (``-inf`` elsewhere, :func:`sparse_logits`).
+    ``target`` None (``--labels data``): every row is cached, over ``vocab`` tokens."""
+    head = softcap = None
+    if target is not None:
+        _, head, softcap = decoder_and_head(target)
+        vocab = head.weight.shape[0]
 
     def fn(hidden, values=None, index=None, cached=None) -> torch.Tensor:
         if values is None:
@@ -241,6 +264,29 @@ def target_logit_fn(target) -> Callable[..., torch.Tensor]:
         return out
 
     return fn
+
+
+def label_inputs(labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`target_logit_fn`'s inputs that make the target a one-hot on ``labels`` [N]
+    (``--labels data``): (hidden [N, 1] unused, values [N, 1] zeros, index [N, 1], cached
+    [N] all true)."""
+    n = labels.numel()
+    return (torch.zeros(n, 1, device=labels.device), torch.zeros(n, 1, device=labels.device),
+            labels.reshape(n, 1).long(), torch.ones(n, dtype=torch.bool, device=labels.device))
+
+
+def next_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] the token after each loss position of ``mask`` [B, L] in ``ids`` [B, L]."""
+    return ids.roll(-1, dims=1)[mask]
+
+
+def predictable(ids: torch.Tensor, mask: torch.Tensor, head_ids: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` [B, L] without the positions whose next token a reduced head (``head_ids``
+    [K]) cannot propose: no draft of it is ever accepted there, and with labels from the
+    text they have no target on its K tokens."""
+    if head_ids is None:
+        return mask
+    return mask & torch.isin(ids.roll(-1, dims=1), head_ids.to(ids.device))
 
 
 def target_inputs(target, ids, attn, mask, sources: list[str], row_ids: list[int],
@@ -273,18 +319,19 @@ def target_inputs(target, ids, attn, mask, sources: list[str], row_ids: list[int
     return hidden, values, index, from_cache
 
 
-def heldout_acceptance(draft, rows: DraftRows, target_hidden: torch.Tensor, target_fn, batch,
-                       temperature: float, verify: str = "probabilistic") -> dict:
+def heldout_acceptance(draft, rows: DraftRows, held_inputs: tuple[torch.Tensor, ...], target_fn,
+                       batch, temperature: float, verify: str = "probabilistic") -> dict:
     """Exact per-token acceptance of the draft (with the head it is served with) on fixed
     held-out sequences, under each rule (at temperature 0 both are argmax agreement), and
-    the one ``verify`` names; ``target_hidden`` [N, Ht] are the target's final hidden
-    states at ``batch``'s positions."""
+    the one ``verify`` names; ``held_inputs`` are :func:`target_logit_fn`'s inputs at
+    ``batch``'s positions (the target's final hidden states, or :func:`label_inputs`)."""
     ids, attn, mask = batch
     _, _, softcap = decoder_and_head(draft)
     with torch.inference_mode():
         hidden = final_hidden_states(draft, ids, attn)[mask]
-        rules = chunked_acceptance(hidden, rows.head, (target_hidden,), target_fn, temperature,
-                                   rows.head_ids, softcap)
+        rules = chunked_acceptance(hidden, rows.head, held_inputs, target_fn, temperature,
+                                   rows.head_ids, softcap,
+                                   positions_per_chunk(draft.config.get_text_config().vocab_size))
     out = {"heldout_acceptance": float(rules["probabilistic"].mean()),
            "heldout_greedy_acceptance": float(rules["greedy"].mean()),
            "heldout_argmax_agreement": float(rules["agree"].mean())}
@@ -314,16 +361,17 @@ def train(cfg: SpecTrainConfig) -> dict:
     device = accelerator.device
     progress.get().start("load")
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
-    target = modelio.load_model(target_ref, device=str(device),
-                                trust_remote_code=cfg.trust_remote_code)
+    from_data = cfg.labels == "data"  # the target is never run: it is not loaded
+    target = None if from_data else modelio.load_model(
+        target_ref, device=str(device), trust_remote_code=cfg.trust_remote_code)
     draft = modelio.load_model(draft_ref, device=str(device),
                                trust_remote_code=cfg.trust_remote_code)
-    for p in target.parameters():
+    for p in target.parameters() if target is not None else ():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         training.enable_gradient_checkpointing(draft)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = target.generation_config.eos_token_id
+    eos = modelio.load_generation_config(target_ref).eos_token_id
     eos = (eos[0] if isinstance(eos, list) else eos) if eos is not None else tokenizer.eos_token_id
 
     def encode(rows: list[Example]) -> list[list[int]]:
@@ -340,7 +388,8 @@ def train(cfg: SpecTrainConfig) -> dict:
     vocab_rows = split_rows(draft, head_token_ids(draft.config), reads,
                       split=cfg.weight_decay == 0)
     params = [p for p in draft.parameters() if p.requires_grad]
-    target_fn = target_logit_fn(target)
+    target_fn = target_logit_fn(target, draft.config.get_text_config().vocab_size)
+    chunk = positions_per_chunk(draft.config.get_text_config().vocab_size)
     optimizer = training.build_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = training.warmup_then_linear_decay(optimizer, cfg.warmup_steps, cfg.steps)
     main = accelerator.is_main_process
@@ -351,11 +400,19 @@ def train(cfg: SpecTrainConfig) -> dict:
     if heldout:
         progress.get().start("held-out targets")
         hp = encode(heldout)
-        target.eval()
-        hc = generate(target, hp, cfg.max_new_tokens, cfg.temperature, pad, eos)
+        if from_data:  # the held-out rows' own text is the target's continuation
+            hc = [fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos)
+                  for e in heldout]
+        else:
+            target.eval()
+            hc = generate(target, hp, cfg.max_new_tokens, cfg.temperature, pad, eos)
         held_batch = tuple(t.to(device) for t in pack(hp, hc, cfg.max_length, pad))
-        with torch.inference_mode():
-            held_target = final_hidden_states(target, held_batch[0], held_batch[1])[held_batch[2]]
+        if from_data:
+            held_target = label_inputs(next_tokens(held_batch[0], held_batch[2]))
+        else:
+            with torch.inference_mode():
+                held_target = (final_hidden_states(target, held_batch[0],
+                                                   held_batch[1])[held_batch[2]],)
         if step == 0:
             log.log(step=0, **heldout_acceptance(draft, vocab_rows, held_target, target_fn, held_batch,
                                                  cfg.temperature, cfg.verify))
@@ -425,19 +482,22 @@ def train(cfg: SpecTrainConfig) -> dict:
         parts = [slice(m * micro, (m + 1) * micro) for m in range(cfg.grad_accum)]
         packed = [tuple(t.to(device) for t in pack(prompts[p], conts[p], cfg.max_length, pad))
                   for p in parts]
+        if from_data:
+            packed = [(ids, attn, predictable(ids, mask, vocab_rows.head_ids))
+                      for ids, attn, mask in packed]
         tokens = sum(int(mask.sum()) for _, _, mask in packed)
         draft.train()
         _, _, softcap = decoder_and_head(draft)
         loss_value = accept = 0.0
         for p, (ids, attn, mask) in zip(parts, packed):
             with torch.no_grad():
-                t_inputs = target_inputs(target, ids, attn, mask, sources[p], row_ids[p], cached,
-                                         cfg.cache_top_k)
+                t_inputs = label_inputs(next_tokens(ids, mask)) if from_data else target_inputs(
+                    target, ids, attn, mask, sources[p], row_ids[p], cached, cfg.cache_top_k)
             # Chunk by chunk from hidden states: no [N, V] tensor of either model is kept.
             hidden = final_hidden_states(draft, ids, attn)[mask]
             per_pos, accepted = chunked_divergence(
                 hidden, vocab_rows.head, t_inputs, target_fn, cfg.divergence, cfg.temperature,
-                cfg.verify, cfg.beta, vocab_rows.head_ids, softcap)
+                cfg.verify, cfg.beta, vocab_rows.head_ids, softcap, chunk)
             share = per_pos.numel() / max(tokens, 1)
             loss = per_pos.mean() * share
             loss.backward()

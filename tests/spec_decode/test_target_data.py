@@ -6,7 +6,7 @@ import json
 
 import pytest
 import tiny
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cli
@@ -25,6 +25,7 @@ def prompts_file(tmp_path_factory):
     return path
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 9), max_size=12), st.sets(st.integers(0, 9), max_size=3))
 def test_cut_at_stop(ids, stops):
     kept, stopped = cut_at_stop(ids, stops)

@@ -621,7 +621,9 @@ def main() -> None:
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "trl": _version("trl"),
         "transformers": _version("transformers"), "dtype": "float32", "shared_machine": True},
-        "load_average_at_start": load_average(), "args": vars(args)}
+        "load_average_at_start": load_average(),
+        # the data root is the machine's: only whether one was given is kept
+        "args": {**vars(args), "data_root": "given" if args.data_root else None}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = WORK / "data"
     work.mkdir(parents=True, exist_ok=True)

@@ -402,7 +402,7 @@ def run_grid(setting: Setting, args) -> list[dict]:
                 done[(r["arm"], r["seed"])] = r
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.arms.split(","):
-            if (name, seed) in done:
+            if (name, seed) in done or args.summary_only:
                 continue
             arm = ARMS[name]
             digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -459,6 +459,8 @@ def summarise(setting: Setting, runs: list[dict], args) -> dict:
     against GOLD's best arm (lowest mean held-out prose); costs."""
     final = str(args.steps)
     arms = [a for a in args.arms.split(",") if any(r["arm"] == a for r in runs)]
+    if not arms:
+        return {"budget": budget_of(args), "table": {}}
     by = {(r["arm"], r["seed"]): r["curve"][final] for r in runs if final in r["curve"]}
     table = {}
     for a in arms:
@@ -470,7 +472,18 @@ def summarise(setting: Setting, runs: list[dict], args) -> dict:
                   "trained_tokens"):
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[k] = round(sum(vals) / len(vals), 2) if vals else None
+        # each run's cost and the machine's load when it ended (a shared machine)
+        row["runs"] = {r["seed"]: {k: r.get(k) for k in ("cpu_s", "wall_s", "train_cpu_s",
+                                                         "tokens_per_cpu_s", "segments",
+                                                         "load_avg")} for r in rs}
         table[a] = row
+    gold_rate = [table[a]["tokens_per_cpu_s"] for a in table
+                 if ARMS[a].trainer == "gold" and table[a]["tokens_per_cpu_s"]]
+    if gold_rate:
+        for a, row in table.items():
+            if row["tokens_per_cpu_s"]:
+                row["tokens_per_cpu_s_vs_gold"] = round(
+                    row["tokens_per_cpu_s"] / (sum(gold_rate) / len(gold_rate)), 2)
     gold = [a for a in arms if ARMS[a].trainer == "gold"]
     best_gold = min(gold, key=lambda a: table[a]["prose_heldout"][0], default=None)
     paired = {}
@@ -602,6 +615,8 @@ def main() -> None:
     p.add_argument("--retention-bytes", type=int, default=4000,
                    help="bytes of GSM8K test answers and of Shakespeare scored")
     p.add_argument("--gap-segments", type=int, default=4)
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: summarise and plot the finished runs of this budget")
     p.add_argument("--throughput-steps", type=int, default=3)
     p.add_argument("--throughput-skip", default="", help="probe names to skip, ';'-separated")
     add_data_root(p)

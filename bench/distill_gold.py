@@ -72,6 +72,7 @@ from common import (
     run,
 )
 
+from distill.alignment import text_byte_lengths
 from distill.data import batch_indices, build_examples, read_documents
 from distill.trainer import DistillConfig, distill
 from tokensurgeon import modelio, training
@@ -231,6 +232,31 @@ def run_order(examples_count: int, steps: int, batch_size: int, seed: int) -> li
     """Indices of the pieces distill draws at steps 0..steps-1 for ``seed``."""
     return [i for step in range(steps)
             for i in batch_indices(step, batch_size, examples_count, seed)]
+
+
+def positional_alignment(setting: Setting, args) -> dict:
+    """How often GOLD's positional pairing (``use_extended_uld=False``: the i-th completion
+    token of the student against the teacher's i-th) pairs tokens that end at the same byte,
+    over the completions of seed 0's pieces; and the median first position where they part."""
+    cfg = distill_config(setting, args, 0, WORK / "unused")
+    examples, texts = pieces(setting, cfg)
+    toks = [modelio.load_tokenizer(ref) for ref in (setting.teacher, setting.student)]
+    spelled = [vocabulary(t).token_bytes for t in toks]
+    shares, parted = [], []
+    for i in sorted(set(run_order(len(examples), args.steps, args.batch_size, 0))):
+        completion = prompt_completion(texts[i], toks[1])["completion"]
+        ends = []
+        for tok, token_bytes in zip(toks, spelled):
+            lengths = text_byte_lengths(tok(completion, add_special_tokens=False)["input_ids"],
+                                        token_bytes, completion.encode())
+            ends.append(list(itertools.accumulate(lengths)))
+        n = min(len(e) for e in ends)
+        same = [a == b for a, b in zip(ends[0][:n], ends[1][:n])]
+        shares.append(sum(same) / max(n, 1))
+        parted.append(same.index(False) if False in same else n)
+    parted.sort()
+    return {"pieces": len(shares), "share_same_end": round(sum(shares) / len(shares), 3),
+            "median_first_parting": parted[len(parted) // 2]}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -649,6 +675,8 @@ def main() -> None:
         setting = SETTINGS[section](args, work)
         runs = run_grid(setting, args)
         result[section] = summarise(setting, runs, args)
+        result[section]["gold_positional_alignment"] = positional_alignment(setting, args)
+        print(f"GOLD's positional pairing: {result[section]['gold_positional_alignment']}")
     result["load_average_at_end"] = load_average()
     (RESULTS / "summary.json").write_text(json.dumps(portable(result), indent=1))
     print(json.dumps(portable(result)))

@@ -592,7 +592,9 @@ def section_throughput(args, work: Path) -> dict:
                                                         "lora_rank": 64, "lora_alpha": 64.0}),
               "ours sft full": (ARMS["sft"], online),
               "gold-hybrid-ce0.1": (ARMS["gold-hybrid-ce0.1"], {}),
-              "gold-ce": (ARMS["gold-ce"], {})}
+              "gold-ce": (ARMS["gold-ce"], {}),
+              # every step on-policy: the student generates each completion first
+              "gold-onpolicy": (ARMS["gold-onpolicy-ce0.1"], {"lmbda": 1.0})}
     for name, (arm, extra) in probes.items():
         if args.throughput_skip and name in args.throughput_skip.split(";"):
             continue

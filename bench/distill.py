@@ -393,8 +393,18 @@ def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
     text = (DATA / PROSE).read_text(encoding="utf-8")
     cut = text.rfind("\n", 0, int(len(text) * fraction)) + 1
     path = work / "prose-train.txt"
-    path.write_text(text[:cut], encoding="utf-8")
+    write_if_changed(path, text[:cut])
     return path, text[cut:]
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless ``path`` holds it already: benches sharing a work
+    folder never see a half-written training file."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def heldout_sets(heldout_prose: str, retention_bytes: int, order: tuple[str, ...]) -> dict:

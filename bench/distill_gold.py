@@ -158,8 +158,9 @@ def setting_transfer1(args, work: Path) -> Setting:
     teacher = modelio.resolve(base)
     student = modelio.resolve(str(bench_distill.transfer_transplant(1)))
     train_path = work / "gsm8k-train-answers.jsonl"
-    train_path.write_text("".join(json.dumps({"text": a}) + "\n" for a in read_eval_documents(
-        bench_distill.DATA / GSM8K_TRAIN, "answer")), encoding="utf-8")
+    bench_distill.write_if_changed(train_path, "".join(
+        json.dumps({"text": a}) + "\n"
+        for a in read_eval_documents(bench_distill.DATA / GSM8K_TRAIN, "answer")))
     _, heldout_text = bench_distill.split_prose(work, 0.8)
     sets = bench_distill.heldout_sets(heldout_text, args.retention_bytes, TEXTS)
     return _with_baselines("transfer1", teacher, student, train_path, sets, args)

@@ -458,23 +458,24 @@ def run_grid(setting: Setting, args) -> list[dict]:
 def train_cost(metrics: list[dict], curve: dict) -> dict:
     """CPU seconds of the training steps after the first (evaluations excluded) and the
     student tokens they processed; None where a resumed run lacks the step ends."""
+    tokens = dict(zip((m["step"] for m in metrics), _step_tokens(metrics)))
     ends = [(m["step"], m.get("cpu_end")) for m in metrics]
-    if len(ends) < 2 or any(c is None for _, c in ends):
-        return {"train_cpu_s": None, "tokens_per_cpu_s": None}
-    cpu = 0.0
+    cpu, counted = 0.0, 0
     for (s0, c0), (s1, c1) in itertools.pairwise(ends):
-        if c1 < c0:  # a new process (resumed): the step's CPU is not known
+        # a step's CPU is known when the step before it ended in the same process
+        if c0 is None or c1 is None or c1 < c0 or s1 != s0 + 1:
             continue
         cpu += c1 - c0 - (curve.get(str(s0), {}).get("eval_cpu_s", 0.0))
-    tokens = _step_tokens(metrics)[1:]
-    return {"train_cpu_s": round(cpu, 1),
-            "tokens_per_cpu_s": round(sum(tokens) / cpu, 2) if cpu > 0 else None}
+        counted += tokens[s1]
+    return {"train_cpu_s": round(cpu, 1) if counted else None,
+            "tokens_per_cpu_s": round(counted / cpu, 2) if counted and cpu > 0 else None}
 
 
 def _step_tokens(metrics: list[dict]) -> list[int]:
     if all("tokens" in m for m in metrics):
         return [m["tokens"] for m in metrics]
-    seen = [m["tokens_seen"] for m in metrics]
+    # GOLD: the trainer's running count (logged before a resume, kept by the callback after)
+    seen = [m.get("tokens_seen", m.get("num_input_tokens_seen")) for m in metrics]
     return [b - a for a, b in zip([0] + seen, seen)]
 
 
@@ -495,6 +496,8 @@ def summarise(setting: Setting, runs: list[dict], args) -> dict:
         row = {"seeds": sorted(r["seed"] for r in rs)}
         for t in TEXTS:
             row[t] = [round(x, 5) for x in mean_se([by[(a, r["seed"])][t] for r in rs])]
+        for r in rs:  # from the steps' records (a resumed run counts its known steps)
+            r.update(train_cost(r["metrics"], r["curve"]))
         for k in ("cpu_s", "wall_s", "train_cpu_s", "tokens_per_cpu_s", "student_tokens",
                   "trained_tokens"):
             vals = [r[k] for r in rs if r.get(k) is not None]

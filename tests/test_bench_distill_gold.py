@@ -73,3 +73,15 @@ def test_train_cost_skips_evaluations_and_the_first_step(gold_bench):
                {"step": 3, "tokens": 30, "cpu_end": 12.0}]
     cost = gold_bench.train_cost(metrics, {"2": {"eval_cpu_s": 1.0}})
     assert cost == {"train_cpu_s": 6.0, "tokens_per_cpu_s": round(50 / 6.0, 2)}
+
+
+def test_train_cost_counts_only_steps_whose_start_is_known(gold_bench):
+    # steps 1-2 from a killed process (no CPU clock kept), 3-5 from the resumed one
+    metrics = [{"step": 1, "tokens_seen": 10}, {"step": 2, "tokens_seen": 20},
+               {"step": 3, "tokens_seen": 30, "cpu_end": 50.0},
+               {"step": 4, "tokens_seen": 40, "cpu_end": 52.0},
+               {"step": 5, "tokens_seen": 50, "cpu_end": 56.0}]
+    assert gold_bench.train_cost(metrics, {}) == {"train_cpu_s": 6.0,
+                                                   "tokens_per_cpu_s": round(20 / 6.0, 2)}
+    assert gold_bench.train_cost(metrics[:3], {}) == {"train_cpu_s": None,
+                                                       "tokens_per_cpu_s": None}

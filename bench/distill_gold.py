@@ -689,7 +689,8 @@ def main() -> None:
         result[section]["gold_positional_alignment"] = positional_alignment(setting, args)
         print(f"GOLD's positional pairing: {result[section]['gold_positional_alignment']}")
     result["load_average_at_end"] = load_average()
-    (RESULTS / "summary.json").write_text(json.dumps(portable(result), indent=1))
+    (RESULTS / f"{'+'.join(sections)}_summary.json").write_text(
+        json.dumps(portable(result), indent=1))
     print(json.dumps(portable(result)))
 
 

@@ -393,8 +393,32 @@ def split_prose(work: Path, fraction: float) -> tuple[Path, str]:
     text = (DATA / PROSE).read_text(encoding="utf-8")
     cut = text.rfind("\n", 0, int(len(text) * fraction)) + 1
     path = work / "prose-train.txt"
-    path.write_text(text[:cut], encoding="utf-8")
+    write_if_changed(path, text[:cut])
     return path, text[cut:]
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless ``path`` holds it already: benches sharing a work
+    folder never see a half-written training file."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def heldout_sets(heldout_prose: str, retention_bytes: int, order: tuple[str, ...]) -> dict:
+    """The held-out texts, as 2,000-character segments, in ``order`` (the key order of the
+    saved baselines): the prose after the training cut (all of it), and the first
+    ``retention_bytes`` of GSM8K test answers and of Shakespeare's last 200 kB."""
+    sets = {
+        "prose_heldout": lambda: segment_text([heldout_prose], 2000, 0),
+        "gsm8k_test": lambda: segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
+                                           2000, retention_bytes),
+        "shakespeare": lambda: segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
+                                             [-200_000:]], 2000, retention_bytes),
+    }
+    return {name: sets[name]() for name in order}
 
 
 def cached_baselines(saved: Path, key: str, teacher_ref, student_ref, sets: dict,
@@ -441,13 +465,8 @@ def section_teacher_student(args, work: Path) -> dict:
     teacher_ref, student_ref = modelio.resolve("builtin:gemma3-270m"), modelio.resolve(
         "builtin:smollm2-135m")
     train_path, heldout_text = split_prose(work, 0.8)
-    sets = {
-        "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
-                                   2000, args.retention_bytes),
-        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
-                                     [-200_000:]], 2000, args.retention_bytes),
-    }
+    sets = heldout_sets(heldout_text, args.retention_bytes,
+                        ("prose_heldout", "gsm8k_test", "shakespeare"))
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
     print(f"held-out bytes: {sizes}", flush=True)
     baselines, reference = cached_baselines(
@@ -661,13 +680,8 @@ def section_transfer(args, work: Path, direction: int) -> dict:
     train_path.write_text("".join(json.dumps({"text": a}) + "\n" for a in read_documents(
         DATA / GSM8K_TRAIN, "answer")), encoding="utf-8")
     _, heldout_text = split_prose(work, 0.8)
-    sets = {
-        "prose_heldout": segment_text([heldout_text], 2000, 0),
-        "shakespeare": segment_text([(DATA / SHAKESPEARE).read_text(encoding="utf-8")
-                                     [-200_000:]], 2000, args.retention_bytes),
-        "gsm8k_test": segment_text(read_documents(DATA / GSM8K_TEST, "answer"),
-                                   2000, args.retention_bytes),
-    }
+    sets = heldout_sets(heldout_text, args.retention_bytes,
+                        ("prose_heldout", "shakespeare", "gsm8k_test"))
     sizes = {k: sum(len(s.encode()) for s in v) for k, v in sets.items()}
     print(f"transfer d{direction}: {base} on {donor}'s tokenizer; held-out bytes {sizes}",
           flush=True)

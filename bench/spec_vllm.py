@@ -32,6 +32,7 @@ from pathlib import Path
 import common  # noqa: F401  (puts the repository first on sys.path)
 from common import (
     GSM8K_TEST,
+    GSM8K_TRAIN,
     PROSE,
     SPEC_PROMPT_OPTIONS,
     add_config_options,
@@ -75,6 +76,25 @@ def prompt_files(data: Path, out: Path, n: int) -> dict[str, Path]:
     return {"gsm8k": out / "prompts_gsm8k.jsonl", "prose": out / "prompts_prose.txt"}
 
 
+def train_prompts(data: Path, path: Path, gsm8k_rows: int = 1500) -> int:
+    """The drafts' training prompts, disjoint from both prompt sets: the first ``gsm8k_rows``
+    GSM8K **train** questions and up to three opening sentences (> 40 characters) of each
+    paragraph in the **first** 80% of the WikiText prose, shuffled with seed 0, as
+    ``{"question": ...}`` rows (``spec make-data --prompts``). Returns the row count."""
+    import random
+
+    gsm = [json.loads(line)["question"] for line in (data / GSM8K_TRAIN).read_text().splitlines()
+           if line.strip()][:gsm8k_rows]
+    paragraphs = [p.strip() for p in (data / PROSE).read_text().split("\n\n") if p.strip()]
+    openings = [s.strip().replace("\n", " ") for p in paragraphs[: int(0.8 * len(paragraphs))]
+                for s in re.split(r"(?<=[.!?])\s", p)[:3] if len(s.strip()) > 40]
+    rows = [json.dumps({"question": q}) for q in gsm + openings]
+    random.Random(0).shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return len(rows)
+
+
 def table(report: dict) -> list[dict]:
     """One row per proposer x gamma, plus the target alone (from a spec bench report)."""
     rows = []
@@ -98,9 +118,17 @@ def main() -> None:
     ap.add_argument("--smollm2-draft", action="append", default=[], help="NAME=DIR (repeat)")
     ap.add_argument("--gemma-draft", action="append", default=[], help="NAME=DIR (repeat)")
     ap.add_argument("--no-anchors", action="store_true", help="skip ngram and TLI")
+    ap.add_argument("--make-train-prompts", metavar="FILE", default="",
+                    help="only write the drafts' training prompts (GSM8K train + the first 80%% "
+                         "of the prose, disjoint from both prompt sets) to FILE and stop")
     add_data_root(ap)
     add_config_options(ap, SpecBenchConfig, OPTIONS)
     args = ap.parse_args()
+    if args.make_train_prompts:
+        data = require(args, [GSM8K_TRAIN, PROSE])
+        n = train_prompts(data, Path(args.make_train_prompts))
+        print(json.dumps({"bench": "spec_vllm", "train_prompts": args.make_train_prompts, "rows": n}))
+        return
     spec_options = resolve_options(args, SpecBenchConfig, OPTIONS)
     out = Path(args.out)
     targets = [t for t in args.targets.split(",") if t]

@@ -93,3 +93,19 @@ def test_reduced_head_draft_in_stock_vllm(tmp_path, bpe_tokenizer):
     if not emitted & ids:  # the target never says a token of the set: nothing is accepted
         assert rows["reduced"]["num_accepted_tokens"] == 0
     assert rows["reduced"]["num_accepted_tokens"] <= rows["all"]["num_accepted_tokens"]
+
+
+def test_make_data_vllm_equals_hf(tmp_path, bpe_tokenizer):
+    """``spec make-data``: vLLM's batched greedy continuations are the HF backend's rows."""
+    target = tiny.save(tiny.tiny_llama(len(bpe_tokenizer), hidden=256, layers=2, seed=7),
+                       bpe_tokenizer, tmp_path / "target")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(tiny.CORPUS[:6]) + "\n")
+    rows = {}
+    for backend in ("vllm", "hf"):
+        assert cli.main(["spec", "make-data", str(target), "--prompts", str(prompts), "--out",
+                         str(tmp_path / backend), "--backend", backend, "--max-new-tokens", "8",
+                         "--batch-size", "3", "--quiet"]) == 0
+        rows[backend] = (tmp_path / backend / "data.jsonl").read_text().splitlines()
+    assert len(rows["vllm"]) == 6
+    assert rows["vllm"] == rows["hf"]

@@ -58,15 +58,24 @@ def delta(after: dict, before: dict) -> dict:
     return d
 
 
+def engine(job: dict, **options):
+    """One ``vllm.LLM`` for ``job``'s model, dtype, seed, memory share and length, plus
+    ``options`` (the job's own engine options and what the caller adds)."""
+    from vllm import LLM
+
+    options = {**(job.get("engine_options") or {}), **options}
+    return LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
+               gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
+               **options)
+
+
 def generate(job: dict) -> dict:
     """A ``generate`` job (``spec make-data``): every prompt's continuation, stopping at the
     model's stop tokens, ``batch_size`` requests in flight at once."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
-              gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
-              max_num_seqs=job["batch_size"], **(job.get("engine_options") or {}))
+    llm = engine(job, max_num_seqs=job["batch_size"])
     params = [SamplingParams(max_tokens=job["max_tokens"], temperature=job["temperature"],
                              seed=job["seed"] + i) for i in range(len(job["prompts"]))]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params,
@@ -75,7 +84,7 @@ def generate(job: dict) -> dict:
 
 
 def main(job_path: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     with open(job_path) as f:
@@ -84,7 +93,7 @@ def main(job_path: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(generate(job), f)
         return
-    kwargs = dict(job.get("engine_options") or {})
+    kwargs: dict = {}
     if job["draft"] in PROPOSERS:
         kwargs["speculative_config"] = {**PROPOSERS[job["draft"]],
                                         "num_speculative_tokens": job["gamma"]}
@@ -95,10 +104,8 @@ def main(job_path: str, out_path: str) -> None:
             "draft_sample_method": job.get("draft_sample", "greedy")}
         if job.get("heterogeneous"):  # the draft keeps its tokenizer (TLI)
             kwargs["speculative_config"]["use_heterogeneous_vocab"] = True
-    llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job["dtype"], seed=job["seed"],
-              gpu_memory_utilization=job["memory"], max_model_len=job["max_model_len"],
-              max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False,
-              enforce_eager=job.get("enforce_eager", False), **kwargs)
+    llm = engine(job, max_num_seqs=max(job["batch_sizes"]), disable_log_stats=False,
+                 enforce_eager=job.get("enforce_eager", False), **kwargs)
     first = job["prompts"][str(job["batch_sizes"][0])][0]
     llm.generate([TokensPrompt(prompt_token_ids=first)],
                  SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0), use_tqdm=False)

@@ -19,12 +19,18 @@ from tokensurgeon.errors import UsageError
 
 PROMPT_KEYS = ("question", "prompt", "text")
 ANSWER_KEYS = ("answer", "completion", "response")
+# tokens per continuation, generated or fixed: spec make-data's and spec train's default
+# (128 keeps most GSM8K answers whole)
+MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
     reference: str | None  # a fixed continuation, when the file holds one
+    # whether the text ends where the reference ends (so EOS follows it); False for rows
+    # ``spec make-data`` cut at its --max-new-tokens (its ``"stopped": false``)
+    ends: bool = True
 
 
 def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Example]:
@@ -45,7 +51,8 @@ def read_examples(path: str | Path, limit: int = 0, offset: int = 0) -> list[Exa
                 raise UsageError(f"{path}:{n} has no string field among {list(PROMPT_KEYS)}; "
                                  "add one or pass a .txt file")
             ref = next((row[k] for k in ANSWER_KEYS if k in row), None)
-            examples.append(Example(prompt, ref if isinstance(ref, str) else None))
+            examples.append(Example(prompt, ref if isinstance(ref, str) else None,
+                                    row.get("stopped") is not False))
         else:
             examples.append(Example(line.replace("\\n", "\n"), None))
     examples = examples[offset:]

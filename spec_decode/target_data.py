@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from spec_decode.prompts import chat_option, encode_prompt, read_examples
+from spec_decode.prompts import MAX_NEW_TOKENS, chat_option, encode_prompt, read_examples
 from tokensurgeon import modelio, progress
 from tokensurgeon.config import write_resolved_config
 from tokensurgeon.errors import UsageError
@@ -45,7 +45,7 @@ class MakeDataConfig:
         "help": ".jsonl (question/prompt/text field) or .txt (one prompt per line)"})
     out: str = field(default="out/target-data", metadata={
         "help": "output directory: data.jsonl ({prompt, completion} rows), config.yaml, summary.json"})
-    max_new_tokens: int = field(default=128, metadata={
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={
         "help": "most tokens per continuation (it stops earlier at the target's stop tokens)"})
     num_examples: int = field(default=0, metadata={"help": "use the first N prompts (0 = all)"})
     temperature: float = field(default=0.0, metadata={
@@ -104,21 +104,23 @@ def stop_ids(tokenizer, generation_config) -> set[int]:
 
 
 def generate_hf(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                seed: int, stops: set[int], batch_size: int, bar: Any = None) -> list[list[int]]:
-    """Continuations of each prompt (token ids before the first stop id), from spec train's
-    left-padded HF ``generate``, ``batch_size`` prompts at a time. Greedy at T = 0."""
+                seed: int, stops: set[int], batch_size: int,
+                bar: Any = None) -> tuple[list[list[int]], list[bool]]:
+    """Continuations of each prompt (token ids before the first stop id) and whether a stop
+    id ended each, from spec train's left-padded HF ``generate``, ``batch_size`` prompts at
+    a time. Greedy at T = 0."""
     from spec_decode.train import generate
 
     eos = min(stops) if stops else None
-    out: list[list[int]] = []
+    out: list[tuple[list[int], bool]] = []
     torch.manual_seed(seed)
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        out += [cut_at_stop(c, stops)[0]
+        out += [cut_at_stop(c, stops)
                 for c in generate(model, chunk, max_new_tokens, temperature, eos or 0, eos)]
         if bar is not None:
             bar.update(len(chunk))
-    return out
+    return [c for c, _ in out], [s for _, s in out]
 
 
 def generate_vllm(cfg: MakeDataConfig, model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
@@ -146,17 +148,20 @@ def make_data(cfg: MakeDataConfig) -> dict:
     t0 = time.time()
     if backend == "vllm":
         progress.get().start("generate (vllm)")
-        conts = [cut_at_stop(c, stops)[0] for c in generate_vllm(cfg, str(ref.directory), prompts)]
+        cut = [cut_at_stop(c, stops) for c in generate_vllm(cfg, str(ref.directory), prompts)]
+        conts, stopped = [c for c, _ in cut], [s for _, s in cut]
     else:
         model = modelio.load_model(ref, device=modelio.resolve_device(cfg.device),
                                    trust_remote_code=cfg.trust_remote_code)
         bar = progress.get().start("generate (hf)", total=len(prompts), unit="prompt")
-        conts = generate_hf(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                            stops, cfg.batch_size, bar)
+        conts, stopped = generate_hf(model, prompts, cfg.max_new_tokens, cfg.temperature,
+                                     cfg.seed, stops, cfg.batch_size, bar)
     seconds = time.time() - t0
-    rows = [{"prompt": e.prompt, "completion": tokenizer.decode(c, skip_special_tokens=True)}
-            for e, c in zip(examples, conts)]
-    ended = sum(len(c) < cfg.max_new_tokens for c in conts)
+    # "stopped": false marks a continuation cut at --max-new-tokens: spec train then puts no
+    # EOS after it (the target did not stop there)
+    rows = [{"prompt": e.prompt, "completion": tokenizer.decode(c, skip_special_tokens=True),
+             "stopped": s} for e, c, s in zip(examples, conts, stopped)]
+    ended = sum(stopped)
     summary = {"target": str(cfg.target), "backend": backend, "rows": len(rows),
                "tokens": sum(map(len, conts)), "stopped_before_limit": ended,
                "seconds": round(seconds, 1),

@@ -48,15 +48,17 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import yaml
 
 from spec_decode.divergences import DIVERGENCES, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
 from spec_decode.loss import chunked_acceptance, chunked_divergence, positions_per_chunk
-from spec_decode.prompts import Example, chat_option, encode_prompt, read_examples
+from spec_decode.prompts import MAX_NEW_TOKENS, Example, chat_option, encode_prompt, read_examples
 from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
 from spec_decode.trainable_rows import DraftRows, split_rows
@@ -74,7 +76,7 @@ from tokensurgeon.teacher_cache import TeacherCache, data_fingerprint, model_fin
 SOURCES = ("on_policy", "target", "fixed")
 
 
-LABEL_SOURCES = ("target", "data")
+LABEL_SOURCES = ("auto", "target", "data")
 
 
 @dataclass
@@ -106,12 +108,14 @@ class SpecTrainConfig(training.TrainingOptions):
     temperature: float = field(default=0.0, metadata={
         "help": "decoding temperature the draft is trained for (0 = greedy); also the "
                 "sampling temperature of generated continuations"})
-    labels: str = field(default="target", metadata={
+    labels: str = field(default="auto", metadata={
         "choices": list(LABEL_SOURCES),
         "help": "target: run the target for its logits at every position; data: the fixed "
                 "text is the target's own greedy output (spec make-data), so each next token "
                 "is the target's argmax: train on it without loading the target (fixed data, "
-                "--verify greedy, --temperature 0 and a divergence of the argmax: fkl or tvd)"})
+                "--verify greedy, --temperature 0 and a divergence of the argmax: fkl or tvd); "
+                "auto: data when --data is spec make-data's greedy output of this TARGET "
+                "and the other options allow it, else target"})
     verify: str = field(default="greedy", metadata={
         "choices": list(DRAFT_SAMPLE_METHODS),
         "help": "the rule the draft will be verified with (vLLM draft_sample_method): "
@@ -120,7 +124,7 @@ class SpecTrainConfig(training.TrainingOptions):
     steps: int = training.own_default("steps", 200)
     lr: float = training.own_default("lr", 5e-4)  # it healed the cuts of docs/spec.md
     weight_decay: float = training.own_default("weight_decay", 0.0)
-    max_new_tokens: int = field(default=64, metadata={
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={
         "help": "tokens per generated continuation; fixed answers are cut to it too"})
     max_length: int = field(default=384, metadata={"help": "truncate prompt+continuation to this"})
     num_examples: int = field(default=0, metadata={"help": "use the first N rows of --data (0 = all)"})
@@ -155,16 +159,69 @@ class SpecTrainConfig(training.TrainingOptions):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if self.labels == "data":
-            needs = [flag for flag, bad in (
-                ("--on-policy 0 --target-generated 0", self.on_policy or self.target_generated),
-                ("--verify greedy", self.verify != "greedy"),
-                ("--temperature 0", self.temperature != 0),
-                ("--divergence fkl or tvd",
-                 getattr(DIVERGENCES.get(self.divergence), "of_argmax", None) is None),
-                ("no --target-cache", self.target_cache)) if bad]
+            needs = labels_from_data_needs(self)
             if needs:
                 raise UsageError("--labels data reads the target's greedy choice from the text, "
                                  f"so it needs {', '.join(needs)}; or pass --labels target")
+
+
+def labels_from_data_needs(cfg: SpecTrainConfig) -> list[str]:
+    """The flags ``--labels data`` lacks in ``cfg`` (empty: the run may take its labels from
+    the text)."""
+    return [flag for flag, bad in (
+        ("--on-policy 0 --target-generated 0", cfg.on_policy or cfg.target_generated),
+        ("--verify greedy", cfg.verify != "greedy"),
+        ("--temperature 0", cfg.temperature != 0),
+        ("--divergence fkl or tvd",
+         getattr(DIVERGENCES.get(cfg.divergence), "of_argmax", None) is None),
+        ("no --target-cache", cfg.target_cache)) if bad]
+
+
+def made_by(data: str) -> dict | None:
+    """``spec make-data``'s resolved options when ``data`` is its output (OUT/data.jsonl with
+    OUT/config.yaml and OUT/summary.json beside it), else None."""
+    from spec_decode.target_data import DATA_FILE
+
+    path = Path(data)
+    if path.name != DATA_FILE or not (path.parent / "summary.json").is_file():
+        return None
+    try:
+        made = yaml.safe_load((path.parent / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return made if isinstance(made, dict) and "target" in made and "prompts" in made else None
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model arguments name the same model (equal text or the same resolved
+    directory)."""
+    if a == b:
+        return True
+    if a.startswith("builtin:") and b.startswith("builtin:"):
+        return False
+    try:
+        return modelio.resolve(a).directory.resolve() == modelio.resolve(b).directory.resolve()
+    except (UsageError, OSError):
+        return False
+
+
+def resolved_labels(cfg: SpecTrainConfig) -> tuple[str, str]:
+    """(``target`` or ``data``, why) for ``cfg.labels``: ``auto`` takes the labels from the
+    text when it is ``spec make-data``'s greedy output of this TARGET with the same chat
+    setting and the run allows it (:func:`labels_from_data_needs`), else runs the target."""
+    if cfg.labels != "auto":
+        return cfg.labels, f"--labels {cfg.labels}"
+    made = made_by(cfg.data)
+    if made is None:
+        return "target", "--data is not spec make-data output"
+    if not same_model(str(made["target"]), cfg.target):
+        return "target", f"--data was made by {made['target']}, not this target"
+    if made.get("temperature", 0) != 0 or made.get("chat", True) != cfg.chat:
+        return "target", "--data was sampled (T > 0) or made with another --chat setting"
+    needs = labels_from_data_needs(cfg)
+    if needs:
+        return "target", f"labels from the text need {', '.join(needs)}"
+    return "data", "--data is this target's greedy output (spec make-data)"
 
 
 def on_policy_share(cfg: SpecTrainConfig, step: int) -> float:
@@ -221,10 +278,12 @@ def pack(prompts: list[list[int]], conts: list[list[int]], max_length: int, pad_
     return ids, attn, loss_mask
 
 
-def fixed_continuation(tokenizer, reference: str, max_new_tokens: int, eos: int | None) -> list[int]:
-    """The reference answer's ids then EOS, cut to ``max_new_tokens`` (no EOS when cut)."""
-    ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    return ids[:max_new_tokens]
+def fixed_continuation(tokenizer, reference: str, max_new_tokens: int, eos: int | None,
+                       ends: bool = True) -> list[int]:
+    """The reference answer's ids then EOS, cut to ``max_new_tokens`` (no EOS when cut, nor
+    when the text does not end there: ``ends`` False, a make-data row cut at its limit)."""
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    return (ids + ([eos] if eos is not None and ends else []))[:max_new_tokens]
 
 
 def sparse_logits(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -361,7 +420,9 @@ def train(cfg: SpecTrainConfig) -> dict:
     device = accelerator.device
     progress.get().start("load")
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
-    from_data = cfg.labels == "data"  # the target is never run: it is not loaded
+    labels, why = resolved_labels(cfg)
+    progress.get().message(f"labels: {labels} ({why})")
+    from_data = labels == "data"  # the target is never run: it is not loaded
     target = None if from_data else modelio.load_model(
         target_ref, device=str(device), trust_remote_code=cfg.trust_remote_code)
     draft = modelio.load_model(draft_ref, device=str(device),
@@ -384,7 +445,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     if fixed_only:
         reads = torch.tensor([pad] + [t for e, p in zip(train_rows, encode(train_rows))
                                       for t in p + fixed_continuation(
-                                          tokenizer, e.reference, cfg.max_new_tokens, eos)])
+                                          tokenizer, e.reference, cfg.max_new_tokens, eos, e.ends)])
     vocab_rows = split_rows(draft, head_token_ids(draft.config), reads,
                       split=cfg.weight_decay == 0)
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -401,7 +462,7 @@ def train(cfg: SpecTrainConfig) -> dict:
         progress.get().start("held-out targets")
         hp = encode(heldout)
         if from_data:  # the held-out rows' own text is the target's continuation
-            hc = [fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos)
+            hc = [fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos, e.ends)
                   for e in heldout]
         else:
             target.eval()
@@ -419,7 +480,8 @@ def train(cfg: SpecTrainConfig) -> dict:
 
     cached = None
     if cfg.target_cache and cfg.on_policy + cfg.target_generated < 1:
-        fixed_seqs = [(p, fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos))
+        fixed_seqs = [(p, fixed_continuation(tokenizer, e.reference, cfg.max_new_tokens, eos,
+                                             e.ends))
                       for p, e in zip(encode(train_rows), train_rows)]
         cache = open_target_cache(cfg, target_ref, [p + c for p, c in fixed_seqs])
 
@@ -476,7 +538,8 @@ def train(cfg: SpecTrainConfig) -> dict:
                     conts[i] = c
         for i, s in enumerate(sources):
             if s == "fixed":
-                conts[i] = fixed_continuation(tokenizer, rows[i].reference, cfg.max_new_tokens, eos)
+                conts[i] = fixed_continuation(tokenizer, rows[i].reference, cfg.max_new_tokens,
+                                              eos, rows[i].ends)
         # Micro-batches of the process's prompts: each loss is its mean over its positions
         # times its share of the process's positions, so their sum is the whole mean.
         parts = [slice(m * micro, (m + 1) * micro) for m in range(cfg.grad_accum)]

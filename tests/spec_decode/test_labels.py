@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 
 import cli
 from spec_decode.draft import MakeDraftConfig, make_draft
-from spec_decode.prompts import encode_prompt
+from spec_decode.prompts import encode_prompt, read_examples
 from spec_decode.train import (
     SpecTrainConfig,
     fixed_continuation,
     next_tokens,
     pack,
     predictable,
+    resolved_labels,
     train,
 )
 from tokensurgeon import modelio
@@ -105,3 +106,53 @@ def test_labels_data_bad_options_one_line(extra, message, capsys):
                      *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_labels_auto_reads_make_data_output_without_the_target(tmp_path, target_dir, greedy_data,
+                                                                monkeypatch):
+    """The default ``--labels auto`` takes the labels from spec make-data's greedy output of
+    this target (the target is never loaded), and runs the target on any other text."""
+    made = greedy_data.parent / "made" / "data.jsonl"  # make-data's own directory
+    make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "cut"),
+                               keep_layers="0", quiet=True))
+    loaded = []
+    load_model = modelio.load_model
+    monkeypatch.setattr(modelio, "load_model",
+                        lambda ref, *a, **k: loaded.append(ref.directory) or load_model(ref, *a, **k))
+    _run(tmp_path, target_dir, tmp_path / "cut", made, "auto")
+    assert loaded == [modelio.resolve(str(tmp_path / "cut")).directory]
+    loaded.clear()
+    _run(tmp_path, target_dir, tmp_path / "cut", greedy_data, "plain")  # no make-data files
+    assert modelio.resolve(str(target_dir)).directory in loaded
+
+
+def test_resolved_labels(tmp_path, target_dir, greedy_data):
+    made = str(greedy_data.parent / "made" / "data.jsonl")
+
+    def labels(**options):
+        cfg = SpecTrainConfig(**{"target": str(target_dir), "draft": "D", "data": made, **options})
+        return resolved_labels(cfg)[0]
+
+    assert labels() == "data"
+    assert labels(target=str(target_dir) + "/") == "data"  # the same directory, spelled apart
+    assert labels(data=str(greedy_data)) == "target"  # not make-data's directory
+    assert labels(target="builtin:gemma3-270m") == "target"  # made by another target
+    assert labels(chat=False) == "target"  # encoded another way
+    assert labels(on_policy=0.5) == "target"  # the run generates text the file does not hold
+    assert labels(verify="probabilistic") == "target"
+    assert labels(divergence="jsd") == "target"
+    assert labels(labels="target") == "target"
+
+
+def test_a_cut_make_data_row_gets_no_eos(tmp_path, target_dir):
+    """A continuation make-data cut at its limit did not end there: no EOS label follows it."""
+    tok = modelio.load_tokenizer(modelio.resolve(str(target_dir)))
+    eos = tok.eos_token_id
+    ids = tok("the cat sat", add_special_tokens=False)["input_ids"]
+    assert fixed_continuation(tok, "the cat sat", 64, eos) == ids + [eos]
+    assert fixed_continuation(tok, "the cat sat", 64, eos, ends=False) == ids
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b", "stopped": false}\n'
+                    '{"prompt": "a", "completion": "b", "stopped": true}\n'
+                    '{"question": "a", "answer": "b"}\n')
+    assert [e.ends for e in read_examples(path)] == [False, True, True]

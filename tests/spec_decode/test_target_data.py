@@ -41,9 +41,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(target_dir, prompts_file
     tok, model = modelio.load_tokenizer(ref), modelio.load_model(ref)
     prompts = [encode_prompt(tok, e.prompt, True) for e in read_examples(prompts_file)]
     assert len({len(p) for p in prompts}) > 1
-    batched = generate_hf(model, prompts, 6, 0.0, 0, set(), batch_size=5)
+    batched, stopped = generate_hf(model, prompts, 6, 0.0, 0, set(), batch_size=5)
     single = [continuation(model, p, 6, 0.0, 0, "cpu") for p in prompts]
-    assert batched == single
+    assert batched == single and stopped == [False] * len(prompts)  # no stop id given
 
 
 def test_make_data_rows_are_the_targets_greedy_text(tmp_path, target_dir, prompts_file):
@@ -61,6 +61,7 @@ def test_make_data_rows_are_the_targets_greedy_text(tmp_path, target_dir, prompt
         ids = cut_at_stop(continuation(model, encode_prompt(tok, e.prompt, True), 5, 0.0, 0,
                                        "cpu"), stops)[0]
         assert row["completion"] == tok.decode(ids, skip_special_tokens=True)
+        assert row["stopped"] == (len(ids) < 5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] == len(rows) and summary["backend"] == "hf"
     # spec train reads it as fixed data (every row has a completion).

@@ -594,7 +594,7 @@ def train(cfg: SpecTrainConfig) -> dict:
     training.release_freed_memory()
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
-               "verify": cfg.verify}
+               "verify": cfg.verify, "labels": labels}
     vocab_rows.restore()  # the trained rows back into the draft's own matrices
     if main:
         head_ids = head_token_ids(draft.config)

@@ -121,6 +121,7 @@ def test_labels_auto_reads_make_data_output_without_the_target(tmp_path, target_
                         lambda ref, *a, **k: loaded.append(ref.directory) or load_model(ref, *a, **k))
     _run(tmp_path, target_dir, tmp_path / "cut", made, "auto")
     assert loaded == [modelio.resolve(str(tmp_path / "cut")).directory]
+    assert json.loads((tmp_path / "auto" / "train.json").read_text())["labels"] == "data"
     loaded.clear()
     _run(tmp_path, target_dir, tmp_path / "cut", greedy_data, "plain")  # no make-data files
     assert modelio.resolve(str(target_dir)).directory in loaded

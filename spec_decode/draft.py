@@ -7,7 +7,8 @@ Boundary: model surgery and saving only. Two ways to get a draft:
   every per-layer list (``layer_types``, ...) are cut to the kept layers.
 - ``--from SMALL_MODEL``: a foreign smaller model given TARGET's tokenizer by
   :func:`tokensurgeon.transplant.transplant` (vLLM needs draft and target to share one
-  vocabulary).
+  vocabulary); with ``--keep-layers`` only those decoder layers of the transplant are kept
+  (a cheaper draft: the transplant's cost per token is that of all its layers).
 
 Also holds :func:`check_shared_vocabulary`, the check that ``spec train`` and ``spec bench``
 run before anything else (it loads both tokenizers; the comparison itself is
@@ -16,6 +17,7 @@ run before anything else (it loads both tokenizers; the comparison itself is
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,8 @@ class MakeDraftConfig:
         "positional": True, "help": "target model: HF directory, .gguf file or builtin:NAME"})
     out: str = field(metadata={"help": "output directory (written atomically)"})
     keep_layers: str = field(default="", metadata={
-        "help": "decoder layers to keep, e.g. 0-5,28,29 (0-based, ranges inclusive)"})
+        "help": "decoder layers to keep, e.g. 0-5,28,29 (0-based, ranges inclusive): of "
+                "TARGET, or with --from of the transplanted model"})
     depth: int = field(default=2, metadata={
         "help": "without --keep-layers or --from: keep this many layers, the last "
                 "min(2, depth - 1) and the rest from the start (2: the first and the last; "
@@ -60,9 +63,6 @@ class MakeDraftConfig:
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
     def validate(self) -> None:
-        if self.keep_layers and self.from_model:
-            raise UsageError("pass at most one of --keep-layers LAYERS (prune TARGET) or "
-                             "--from SMALL_MODEL (transplant a smaller model)")
         if self.depth < 1:
             raise UsageError(f"--depth {self.depth}: keep at least 1 layer")
         if self.keep_layers:
@@ -211,6 +211,27 @@ def _head_ids(cfg: MakeDraftConfig, head_examples, target_ref) -> torch.Tensor |
     return choose_head_tokens(tokenizer, head_examples, cfg.head_tokens, vocab, always)
 
 
+def _prune_saved(out: Path, cfg: MakeDraftConfig) -> dict:
+    """Keep only ``cfg.keep_layers`` of the model saved in ``out`` (the transplant), rewritten
+    atomically with every other file of ``out`` (the transplant's reports) beside it."""
+    ref = modelio.resolve(str(out))
+    layers = _text_config(modelio.load_config(ref, cfg.trust_remote_code)).num_hidden_layers
+    keep = parse_layers(cfg.keep_layers, layers)
+    progress.get().start("prune")
+    tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)
+    model = modelio.load_model(ref, trust_remote_code=cfg.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    prune_layers(model, keep)
+    kept = sum(p.numel() for p in model.parameters())
+    with modelio.atomic_output_dir(out, overwrite=True) as tmp:
+        modelio.save_model(model, tokenizer, Path(tmp))
+        for item in out.iterdir():  # the transplant's reports; the model files are new
+            if not (Path(tmp) / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(tmp) / item.name)
+    return {"kept_layers": keep, "from_layers": layers, "parameters": kept,
+            "from_parameters": total}
+
+
 def make_draft(cfg: MakeDraftConfig) -> dict:
     """Build the draft; returns the manifest written to OUT/draft.json."""
     t0 = time.perf_counter()
@@ -232,6 +253,8 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
             conventions="donor"))
         manifest = {"kind": "transplant", "target": target_ref.label, "from": cfg.from_model,
                     "vocab_size": report["vocab_size"], **head, "options": config_to_dict(cfg)}
+        if cfg.keep_layers:
+            manifest.update(_prune_saved(Path(cfg.out), cfg))
         if head_ids is not None:
             record_head(Path(cfg.out), head_ids)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)

@@ -259,7 +259,6 @@ def test_bench_hf_backend(tmp_path, target_dir, prompts_file):
 @pytest.mark.parametrize("argv, message", [
     (["spec", "bench", "T", "--draft", "D", "--prompts", "p.txt", "--gamma", "0,2"], "gamma must be >= 1"),
     (["spec", "bench", "T", "--draft", "D"], "no prompts"),
-    (["spec", "make-draft", "T", "--out", "o", "--keep-layers", "0", "--from", "S"], "at most one of"),
     (["spec", "make-draft", "T", "--out", "o", "--depth", "0"], "at least 1 layer"),
     (["spec", "train", "T", "D", "--data", "x.jsonl", "--verify", "greedy", "--divergence", "rkl"],
      "reverse KL to a one-hot"),
@@ -317,6 +316,35 @@ def test_make_draft_from_transplants_onto_target_vocabulary(tmp_path, target_dir
     draft = modelio.load_model(modelio.resolve(str(tmp_path / "d")))
     assert draft.config.model_type == "gemma3_text"
     assert (tmp_path / "d" / "draft.json").is_file()
+
+
+def test_make_draft_from_with_keep_layers_cuts_the_transplant(tmp_path, target_dir, model_dirs):
+    """--from S --keep-layers L is the full transplant with only layers L: the same
+    embeddings, head and kept layers' weights, the layer count in its config."""
+    from safetensors.torch import load_file
+
+    from spec_decode.draft import check_shared_vocabulary
+
+    full = make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "full"),
+                                      from_model=str(model_dirs["gemma_spm"]), quiet=True))
+    cut = make_draft(MakeDraftConfig(target=str(target_dir), out=str(tmp_path / "cut"),
+                                     from_model=str(model_dirs["gemma_spm"]), keep_layers="1",
+                                     quiet=True))
+    assert "kept_layers" not in full and cut["kept_layers"] == [1]
+    assert cut["parameters"] < cut["from_parameters"]
+    w_full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    w_cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    renamed = {k.replace("layers.0.", "layers.1."): v for k, v in w_cut.items()}
+    assert set(renamed) <= set(w_full) and any("layers.1." in k for k in renamed)
+    assert not any("layers.0." in k for k in renamed)
+    for name, value in renamed.items():
+        torch.testing.assert_close(value, w_full[name], rtol=0, atol=0)
+    draft = modelio.load_model(modelio.resolve(str(tmp_path / "cut")))
+    assert draft.config.num_hidden_layers == 1
+    assert (tmp_path / "cut" / "draft.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "cut").iterdir())
+    check_shared_vocabulary(modelio.resolve(str(target_dir)), modelio.resolve(str(tmp_path / "cut")))
 
 
 def test_default_recipe_learns(tmp_path, target_dir, prompts_file):

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from spec_decode.divergences import DIVERGENCES, divergence_names
 from spec_decode.draft import check_shared_vocabulary, record_head
@@ -63,6 +62,7 @@ from spec_decode.reduced_head import head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
 from spec_decode.trainable_rows import DraftRows, split_rows
 from tokensurgeon import modelio, progress, training
+from tokensurgeon.config import read_resolved_config
 from tokensurgeon.errors import UsageError
 from tokensurgeon.logits import (
     LOGIT_CHUNK,
@@ -185,11 +185,8 @@ def made_by(data: str) -> dict | None:
     path = Path(data)
     if path.name != DATA_FILE or not (path.parent / "summary.json").is_file():
         return None
-    try:
-        made = yaml.safe_load((path.parent / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return made if isinstance(made, dict) and "target" in made and "prompts" in made else None
+    made = read_resolved_config(path.parent)
+    return made if "target" in made and "prompts" in made else None
 
 
 def same_model(a: str, b: str) -> bool:

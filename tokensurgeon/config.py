@@ -327,12 +327,22 @@ def write_resolved_config(directory: str | Path, config: Any) -> Path:
     return path
 
 
+def read_resolved_config(directory: str | Path) -> dict:
+    """The options :func:`write_resolved_config` saved in ``directory/config.yaml`` ({} when
+    there is none or it is not a mapping)."""
+    path = Path(directory) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def check_resume_options(out: Path, config: Any, free: set[str]) -> None:
     """Refuse a ``--resume`` whose options differ from those saved in ``out/config.yaml``
     (except the ``free`` ones, which do not change the result). An option the saved file
     lacks (added since that run) counts as its default, which keeps the earlier behaviour."""
-    saved_path = Path(out) / "config.yaml"
-    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    saved = read_resolved_config(out)
     now = config_to_dict(config)
     default = {f.name: _default_of(f) for f in dataclasses.fields(config)}
     changed = sorted(k for k in now

@@ -202,13 +202,24 @@ def record_head(out_dir: Path, token_ids: torch.Tensor) -> None:
     tmp.replace(path)
 
 
+def head_for(tokenizer, target_ref, examples: list[Example], k: int, vocab_size: int,
+             chat: bool = True) -> torch.Tensor | None:
+    """The reduced head [K'] that ``make-draft --head-tokens`` and ``spec train --head-tokens``
+    give a draft of ``target_ref``: :func:`choose_head_tokens` on ``examples`` with every
+    special and stop token of the target; None (the full head) when ``k`` is 0 or keeps the
+    whole vocabulary anyway."""
+    if not k or k >= vocab_size:
+        return None
+    always = special_and_stop_ids(tokenizer, modelio.load_generation_config(target_ref))
+    return choose_head_tokens(tokenizer, examples, k, vocab_size, always, chat)
+
+
 def _head_ids(cfg: MakeDraftConfig, head_examples, target_ref) -> torch.Tensor | None:
     if not cfg.head_tokens:
         return None
     tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
     vocab = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code)).vocab_size
-    always = special_and_stop_ids(tokenizer, modelio.load_generation_config(target_ref))
-    return choose_head_tokens(tokenizer, head_examples, cfg.head_tokens, vocab, always)
+    return head_for(tokenizer, target_ref, head_examples, cfg.head_tokens, vocab)
 
 
 def _prune_saved(out: Path, cfg: MakeDraftConfig) -> dict:

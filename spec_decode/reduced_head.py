@@ -29,6 +29,10 @@ import torch
 from tokensurgeon.logits import apply_softcap
 
 CONFIG_KEY = "draft_head_token_ids"
+# spec train's default K: the reduced heads measured in vLLM (docs/spec.md, Results) kept
+# 4,096 or 8,192 tokens; 8,192 is the one both best drafts use (SmolLM2's 49k vocabulary and
+# Gemma-3's 262k).
+HEAD_TOKENS = 8192
 ARCH_PREFIX = "ReducedHead"
 
 

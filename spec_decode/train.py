@@ -55,10 +55,10 @@ from pathlib import Path
 import torch
 
 from spec_decode.divergences import DIVERGENCES, divergence_names
-from spec_decode.draft import check_shared_vocabulary, record_head
+from spec_decode.draft import check_shared_vocabulary, head_for, record_head
 from spec_decode.loss import chunked_acceptance, chunked_divergence, positions_per_chunk
 from spec_decode.prompts import MAX_NEW_TOKENS, Example, chat_option, encode_prompt, read_examples
-from spec_decode.reduced_head import head_token_ids
+from spec_decode.reduced_head import CONFIG_KEY, HEAD_TOKENS, head_token_ids
 from spec_decode.speculative import DRAFT_SAMPLE_METHODS
 from spec_decode.trainable_rows import DraftRows, split_rows
 from tokensurgeon import modelio, progress, training
@@ -137,6 +137,11 @@ class SpecTrainConfig(training.TrainingOptions):
     cache_top_k: int = field(default=64, metadata={
         "help": "logits kept per position in --target-cache (greedy needs only 1)"})
     chat: bool = chat_option()
+    head_tokens: int = field(default=HEAD_TOKENS, metadata={
+        "help": "a DRAFT with the full output head gets a reduced one (FR-Spec, as make-draft "
+                "--head-tokens): the K target tokens most frequent in --data's training rows "
+                "plus every special and stop token, chosen before step 1 and saved with the "
+                "draft; 0 keeps the full head. A draft that already has a reduced head keeps it"})
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "recompute the draft's decoder layers in the backward pass instead of keeping "
                 "their activations (1.3 GB less for SmolLM2's 30 layers at batch 8; more CPU)"})
@@ -155,6 +160,8 @@ class SpecTrainConfig(training.TrainingOptions):
                              "use --divergence fkl, tvd or jsd")
         if not 0 < self.beta < 1:
             raise UsageError(f"--beta must be in (0, 1) (got {self.beta})")
+        if self.head_tokens < 0:
+            raise UsageError(f"--head-tokens {self.head_tokens}: give K >= 1, or 0 for the full head")
         for name in ("max_new_tokens", "max_length", "eval_every", "cache_top_k"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -163,6 +170,11 @@ class SpecTrainConfig(training.TrainingOptions):
             if needs:
                 raise UsageError("--labels data reads the target's greedy choice from the text, "
                                  f"so it needs {', '.join(needs)}; or pass --labels target")
+
+
+HEAD_SOURCES = {"draft": "the draft's own reduced head",
+                "data": "the most frequent target tokens of --data with every special and stop token",
+                "full": "the full vocabulary (--head-tokens 0, or K >= the vocabulary)"}
 
 
 def labels_from_data_needs(cfg: SpecTrainConfig) -> list[str]:
@@ -424,6 +436,15 @@ def train(cfg: SpecTrainConfig) -> dict:
         target_ref, device=str(device), trust_remote_code=cfg.trust_remote_code)
     draft = modelio.load_model(draft_ref, device=str(device),
                                trust_remote_code=cfg.trust_remote_code)
+    head, head_source = head_token_ids(draft.config), "draft"
+    if head is None:
+        head = head_for(tokenizer, target_ref, train_rows, cfg.head_tokens,
+                        draft.config.get_text_config().vocab_size, cfg.chat)
+        head_source = "full" if head is None else "data"
+        if head is not None:
+            setattr(draft.config.get_text_config(), CONFIG_KEY, head.tolist())
+    progress.get().message(f"head: {HEAD_SOURCES[head_source]}" if head is None else
+                           f"head: {head.numel()} tokens, {HEAD_SOURCES[head_source]}")
     for p in target.parameters() if target is not None else ():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -591,7 +612,9 @@ def train(cfg: SpecTrainConfig) -> dict:
     training.release_freed_memory()
     summary = {"out": str(out), "steps": step, "seconds": round(time.perf_counter() - t_start, 1),
                "final": last, "divergence": cfg.divergence, "temperature": cfg.temperature,
-               "verify": cfg.verify, "labels": labels}
+               "verify": cfg.verify, "labels": labels,
+               "head": {"tokens": None if head is None else int(head.numel()),
+                        "source": head_source}}
     vocab_rows.restore()  # the trained rows back into the draft's own matrices
     if main:
         head_ids = head_token_ids(draft.config)

@@ -147,11 +147,44 @@ def test_spec_train_keeps_the_reduced_head(tmp_path, target_dir, head_data):
     before = json.loads((cut / "config.json").read_text())[reduced_head.CONFIG_KEY]
     out = tmp_path / "trained"
     train(SpecTrainConfig(target=str(target_dir), draft=str(cut), data=str(head_data),
-                          out=str(out), steps=1, batch_size=2, warmup_steps=0,
+                          out=str(out), steps=1, batch_size=2, warmup_steps=0, head_tokens=3,
                           max_new_tokens=4, heldout=0, quiet=True))
+    assert json.loads((out / "train.json").read_text())["head"] == {
+        "tokens": len(before), "source": "draft"}  # its own set, not one chosen anew
     config = json.loads((out / "config.json").read_text())
     assert config[reduced_head.CONFIG_KEY] == before
     assert config["architectures"] == ["ReducedHeadLlamaForCausalLM"]
+
+
+def test_spec_train_gives_a_full_head_draft_the_make_draft_head(tmp_path, target_dir, head_data):
+    """spec train --head-tokens K on a full-head draft saves the head make-draft --head-tokens K
+    --head-data would have chosen on the same rows; 0, or K >= V, keeps the full head."""
+    from spec_decode.train import SpecTrainConfig, train
+
+    full = tmp_path / "full"
+    make_draft(MakeDraftConfig(target=str(target_dir), out=str(full), depth=2))
+    reduced = tmp_path / "reduced"
+    make_draft(MakeDraftConfig(target=str(target_dir), out=str(reduced), depth=2, head_tokens=10,
+                               head_data=str(head_data)))
+    expected = json.loads((reduced / "config.json").read_text())[reduced_head.CONFIG_KEY]
+    vocab = json.loads((full / "config.json").read_text())["vocab_size"]
+    for k, want in ((10, expected), (0, None), (vocab, None)):
+        out = tmp_path / f"trained-{k}"
+        train(SpecTrainConfig(target=str(target_dir), draft=str(full), data=str(head_data),
+                              out=str(out), steps=1, batch_size=2, warmup_steps=0, head_tokens=k,
+                              max_new_tokens=4, heldout=0, quiet=True))
+        config = json.loads((out / "config.json").read_text())
+        summary = json.loads((out / "train.json").read_text())
+        assert config.get(reduced_head.CONFIG_KEY) == want
+        if want is None:
+            assert summary["head"] == {"tokens": None, "source": "full"}
+            assert not config["architectures"][0].startswith(reduced_head.ARCH_PREFIX)
+        else:
+            assert summary["head"] == {"tokens": len(want), "source": "data"}
+            assert config["architectures"] == ["ReducedHeadLlamaForCausalLM"]
+            # the saved draft serves with that head
+            assert load_draft(str(target_dir), str(out), "cpu").get_output_embeddings() \
+                .weight.shape[0] == len(want)
 
 
 def test_spec_train_moves_only_the_rows_its_loss_reaches(tmp_path, target_dir, head_data):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -184,3 +185,13 @@ def run(main: Callable[[], None], name: str) -> None:
     except UsageError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample s.d. / sqrt(n)); the error is nan for one
+    value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

@@ -62,6 +62,7 @@ from common import (
     SHAKESPEARE,
     add_data_root,
     load_average,
+    mean_se,
     portable,
     require,
     run,
@@ -551,15 +552,6 @@ def run_grid(args, work: Path, *, teacher_dir, student_dir, train_path: Path, se
             shutil.rmtree(out, ignore_errors=True)
             gc.collect()
     return [r for r in done.values() if r["budget_key"] == budget_key]
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def summarise(baselines: dict, runs: list[dict], args) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -31,9 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import GSM8K_TEST, GSM8K_TRAIN, add_data_root, mean_se, require, run
+
 from distill.trainer import DistillConfig, distill
 
-DATA = Path(os.environ.get("TOKENSURGEON_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results" / "distill"
 ARMS = ("template", "flat")
 # Gemma 3's turn layout: <bos>, turns opened by <start_of_turn>ROLE and closed by
@@ -76,14 +76,6 @@ def tiny_models(work: Path) -> tuple[str, str]:
     return str(teacher), str(student)
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, float("nan")
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-    return m, math.sqrt(var / len(values))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -95,7 +87,9 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
     parser.add_argument("--work", default=None, help="work directory (default: a temp dir)")
+    add_data_root(parser)
     args = parser.parse_args()
+    data = require(args, [GSM8K_TRAIN, GSM8K_TEST])  # before anything is written
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-chat-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -105,9 +99,9 @@ def main() -> None:
         teacher, student = tiny_models(work)
     else:
         teacher, student = "builtin:gemma3-270m", "builtin:smollm2-135m"
-    train = gsm8k_chat(DATA / "gsm8k" / "train.jsonl", work / "train_chat.jsonl", 0,
+    train = gsm8k_chat(data / GSM8K_TRAIN, work / "train_chat.jsonl", 0,
                        args.train_rows)
-    heldout = gsm8k_chat(DATA / "gsm8k" / "test.jsonl", work / "test_chat.jsonl", 0,
+    heldout = gsm8k_chat(data / GSM8K_TEST, work / "test_chat.jsonl", 0,
                          args.eval_rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -156,4 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "bench/distill_chat.py")

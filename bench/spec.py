@@ -34,6 +34,14 @@ for ``--verify`` at ``--train-temperature`` and read the target's fixed-text log
     python bench/spec.py --out out/spec10 --depths 4 --seeds 0 --backend hf \
         --gamma 2 --temperature 0,1 --batch-sizes 1 --num-prompts 32 --max-tokens 64
 
+The same two arms from a draft given as it is (``--warm-start NAME=DIR``, e.g. the
+transplanted SmolLM2 for a Gemma-3 target: a pretrained draft whose own samples are text,
+unlike a cut's), named ``fkl-NAME-s{seed}`` and ``ds-NAME-s{seed}``:
+
+    python bench/spec.py --out out/ds-xtok --target builtin:gemma3-270m \
+        --warm-start smol=out/drafts/smol-on-gemma --seeds 0,1,2 --backend hf \
+        --gamma 2 --temperature 0 --batch-sizes 1 --num-prompts 32 --max-tokens 64
+
 Cost and the depth x gamma sweep (``--cost``, no training or bench): time each named draft's
 batch-1 decoding step against the target's (HF, KV cache, 1 torch thread, interleaved rounds,
 medians), write OUT/cost.json with c, the weight ratio and the target's k-token verify cost,
@@ -64,6 +72,7 @@ from common import (
     add_config_options,
     add_data_root,
     load_average,
+    mean_se,
     portable,
     require,
     require_paths,
@@ -146,7 +155,8 @@ def warm_start(args, models: Path) -> dict:
     out: dict = {"budget": {k: v for k, v in common.items() if k not in ("target", "quiet", "overwrite")}
                  | {"heal_steps": args.heal_steps, "extra_steps": args.extra_steps,
                     "arm_lr": args.arm_lr or args.lr}}
-    for depth in (int(d) for d in args.depths.split(",")):
+    starts = {}  # label -> the draft both arms start from
+    for depth in (int(d) for d in args.depths.split(",") if d):
         cut, heal = models / f"cut{depth}", models / f"heal{depth}"
         if not (cut / "config.json").is_file():
             make_draft(MakeDraftConfig(target=args.target, out=str(cut), keep_layers=CUTS[depth],
@@ -154,15 +164,60 @@ def warm_start(args, models: Path) -> dict:
         out[f"heal{depth}"] = train_once(SpecTrainConfig(
             **common, draft=str(cut), out=str(heal), on_policy=0.0, steps=args.heal_steps,
             warmup_steps=max(1, args.heal_steps // 8), checkpoint_every=args.heal_steps, seed=0))
-        arm_depths = args.arm_depths.split(",") if args.arm_depths else args.depths.split(",")
-        for seed in (int(x) for x in args.seeds.split(",") if str(depth) in arm_depths):
+        if str(depth) in arm_labels(args):
+            starts[str(depth)] = heal
+    starts.update(given_starts(args))
+    for label, start in starts.items():
+        for seed in (int(x) for x in args.seeds.split(",")):
             for arm, on_policy in (("fkl", 0.0), ("ds", 1.0)):
-                name = f"{arm}{depth}-s{seed}"
+                name = arm_name(arm, label, seed)
                 out[name] = train_once(SpecTrainConfig(
-                    **{**common, "lr": args.arm_lr or args.lr}, draft=str(heal),
+                    **{**common, "lr": args.arm_lr or args.lr}, draft=str(start),
                     out=str(models / name), on_policy=on_policy, steps=args.extra_steps,
                     warmup_steps=max(1, args.extra_steps // 4),
                     checkpoint_every=args.extra_steps, seed=seed))
+    return out
+
+
+def given_starts(args) -> dict[str, Path]:
+    """``--warm-start NAME=DIR``: drafts the two arms start from as they are (no cut, no heal)."""
+    return {s.split("=", 1)[0]: Path(s.split("=", 1)[1]) for s in args.warm_start}
+
+
+def arm_labels(args) -> list[str]:
+    """The starts that get the two arms: ``--arm-depths`` (or every ``--depths``) and every
+    ``--warm-start``."""
+    depths = args.arm_depths or args.depths
+    return [d for d in depths.split(",") if d] + list(given_starts(args))
+
+
+def arm_name(arm: str, label: str, seed: int) -> str:
+    """``fkl4-s0`` for cut depth 4; ``fkl-smol-s0`` for ``--warm-start smol=DIR``."""
+    return f"{arm}{label}-s{seed}" if label.isdigit() else f"{arm}-{label}-s{seed}"
+
+
+def arm_summary(rows: list[dict], labels: list[str], seeds: list[int]) -> list[dict]:
+    """Per start and bench setting (T, drafting rule, batch, gamma): tau of the fixed-data
+    (fkl) and on-policy (ds) arms over the seeds, mean ± s.e., the paired difference ds - fkl
+    and the ratio of the means (the DistillSpec target is ds >= 1.1 x fkl)."""
+    tau = {(r["draft"], r["temperature"], r.get("draft_sample"), r["batch_size"], r["gamma"]):
+           r["tau"] for r in rows if r.get("tau") is not None}
+    out = []
+    for label in labels:
+        settings = sorted({k[1:] for k in tau if k[0] == arm_name("fkl", label, seeds[0])},
+                          key=str)
+        for setting in settings:
+            pairs = [(tau.get((arm_name("fkl", label, s), *setting)),
+                      tau.get((arm_name("ds", label, s), *setting))) for s in seeds]
+            pairs = [(f, d) for f, d in pairs if f is not None and d is not None]
+            if not pairs:
+                continue
+            fkl, ds = mean_se([f for f, _ in pairs]), mean_se([d for _, d in pairs])
+            out.append({"start": label, "temperature": setting[0], "draft_sample": setting[1],
+                        "batch_size": setting[2], "gamma": setting[3], "seeds": len(pairs),
+                        "tau_fkl": fkl, "tau_ds": ds,
+                        "ds_minus_fkl": mean_se([d - f for f, d in pairs]),
+                        "ratio": ds[0] / fkl[0]})
     return out
 
 
@@ -322,6 +377,9 @@ def main() -> None:
     ap.add_argument("--arm-depths", default="",
                     help="depths that get the two arms ('' = every --depths); the others are "
                          "only cut and healed (the depth sweep)")
+    ap.add_argument("--warm-start", action="append", default=[], metavar="NAME=DIR",
+                    help="also run the two arms from this draft as it is (e.g. a transplant "
+                         "from spec make-draft --from), beside or instead of --depths")
     ap.add_argument("--heal-steps", type=int, default=24)
     ap.add_argument("--extra-steps", type=int, default=12)
     ap.add_argument("--num-examples", type=int, default=192,
@@ -355,6 +413,9 @@ def main() -> None:
     unknown = {int(d) for d in args.depths.split(",") if d} - set(CUTS) if args.depths else set()
     if unknown:
         raise UsageError(f"--depths: no cut for {sorted(unknown)}; choose from {sorted(CUTS)}")
+    if any("=" not in w or not w.split("=", 1)[0] for w in args.warm_start):
+        raise UsageError("--warm-start takes NAME=DIR, e.g. smol=out/drafts/smol-on-gemma")
+    require_paths((f"--warm-start {n}", d) for n, d in given_starts(args).items())
     if args.models_dir and not args.depths:  # reused, not trained into
         require_paths([("--models-dir", args.models_dir)])
     if args.tau_from:
@@ -375,14 +436,15 @@ def main() -> None:
     names = args.drafts.split(",")
     drafts = {n: models / n for n in dict.fromkeys(["cut", "distillspec", "fkl-fixed", *names])}
     training: dict = {}
-    if args.depths:
+    if args.depths or args.warm_start:
         training = warm_start(args, models)
         if args.drafts == ap.get_default("drafts"):
-            arm_depths = args.arm_depths.split(",") if args.arm_depths else args.depths.split(",")
-            names = [n for d in args.depths.split(",") for n in (
-                f"cut{d}", f"heal{d}", *(f"{a}{d}-s{s}" for s in args.seeds.split(",")
-                                         for a in ("fkl", "ds") if d in arm_depths))]
-        drafts = {n: models / n for n in names}
+            labels = arm_labels(args)
+            names = [n for d in args.depths.split(",") if d for n in (f"cut{d}", f"heal{d}")]
+            names += list(given_starts(args))
+            names += [arm_name(a, label, int(s)) for label in labels
+                      for s in args.seeds.split(",") for a in ("fkl", "ds")]
+        drafts = {**{n: models / n for n in names}, **given_starts(args)}
     elif not args.models_dir:
         make_draft(MakeDraftConfig(target=args.target, out=str(drafts["cut"]),
                                    keep_layers=args.keep_layers, overwrite=True, quiet=True))
@@ -440,6 +502,16 @@ def main() -> None:
                   f"{r['first_position']:.3f} ± {r['first_position_se']:.3f} | "
                   f"{r['token_acceptance']:.3f} | {r['first_position_rel_diff']:+.1%} | "
                   f"{r['alpha']:.3f} | {r['alpha_exact']:.3f} |")
+    arms = arm_summary(report["rows"], arm_labels(args), [int(x) for x in args.seeds.split(",")]) \
+        if args.depths or args.warm_start else []
+    if arms:
+        print("| start | T | rule | batch | gamma | seeds | tau fixed-data FKL | tau on-policy (DS) "
+              "| DS - FKL (paired) | DS / FKL |\n|---|---|---|---|---|---|---|---|---|---|")
+        for a in arms:
+            print(f"| {a['start']} | {a['temperature']:g} | {a['draft_sample']} | {a['batch_size']} "
+                  f"| {a['gamma']} | {a['seeds']} | {a['tau_fkl'][0]:.3f} ± {a['tau_fkl'][1]:.3f} "
+                  f"| {a['tau_ds'][0]:.3f} ± {a['tau_ds'][1]:.3f} "
+                  f"| {a['ds_minus_fkl'][0]:+.3f} ± {a['ds_minus_fkl'][1]:.3f} | {a['ratio']:.3f} |")
     for name in training:
         curve = training.get(name, {}).get("heldout", [])
         if curve:
@@ -454,7 +526,7 @@ def main() -> None:
             "acceptance_per_position", "tokens_per_s", "tpot_ms", "speedup", "cost_ratio",
             "predicted_speedup", "num_drafts", "num_draft_tokens", "num_accepted_tokens")}
             for r in report["rows"]],
-        "vllm_vs_exact": agreement,
+        "vllm_vs_exact": agreement, "arms": arms,
         "load_average": load_average(),
         "prompts": report["prompts"], "report_dir": str(out / "report"),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -30,7 +30,7 @@ Every (setting, arm, seed) is one run: checkpoints under the modelio work dir (o
 ``distill --resume``; GOLD: the HF Trainer's ``resume_from_checkpoint``), its record
 (per-step metrics, held-out BPB per evaluation, wall and CPU seconds) appended to
 ``bench/results/distill/gold/runs.jsonl`` when it finishes; a re-run skips finished runs and
-resumes an interrupted one. Plots: ``bench/results/distill/gold/<section>_heldout_bpb.png``.
+resumes an interrupted one. Plots: ``bench/results/distill/gold/<section>_<steps>steps_heldout_bpb.png``.
 The last stdout line is one JSON object (tables, paired differences, costs, hardware).
 
     python bench/distill_gold.py --sections throughput --throughput-steps 3
@@ -574,7 +574,7 @@ def plot(setting: Setting, runs: list[dict], arms: list[str], args) -> None:
                  f"{args.steps} steps x {args.batch_size} x {args.max_length}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{setting.name}_heldout_bpb.png", dpi=110)
+    fig.savefig(RESULTS / f"{setting.name}_{args.steps}steps_heldout_bpb.png", dpi=110)
     plt.close(fig)
 
 
@@ -689,7 +689,9 @@ def main() -> None:
         result[section]["gold_positional_alignment"] = positional_alignment(setting, args)
         print(f"GOLD's positional pairing: {result[section]['gold_positional_alignment']}")
     result["load_average_at_end"] = load_average()
-    (RESULTS / f"{'+'.join(sections)}_summary.json").write_text(
+    # One summary per budget: a 200-step grid does not overwrite the 20-step one.
+    budget = "" if sections == ["throughput"] else f"_{args.steps}steps"
+    (RESULTS / f"{'+'.join(sections)}{budget}_summary.json").write_text(
         json.dumps(portable(result), indent=1))
     print(json.dumps(portable(result)))
 

@@ -222,18 +222,25 @@ def _head_ids(cfg: MakeDraftConfig, head_examples, target_ref) -> torch.Tensor |
     return head_for(tokenizer, target_ref, head_examples, cfg.head_tokens, vocab)
 
 
+def _load_pruned(ref, keep: list[int], trust_remote_code: bool):
+    """Load ``ref`` and keep only its decoder layers ``keep``: (model, tokenizer, parameters
+    before, parameters after)."""
+    progress.get().start("load")
+    tokenizer = modelio.load_tokenizer(ref, trust_remote_code)
+    model = modelio.load_model(ref, trust_remote_code=trust_remote_code)
+    progress.get().start("prune")
+    total = sum(p.numel() for p in model.parameters())
+    prune_layers(model, keep)
+    return model, tokenizer, total, sum(p.numel() for p in model.parameters())
+
+
 def _prune_saved(out: Path, cfg: MakeDraftConfig) -> dict:
     """Keep only ``cfg.keep_layers`` of the model saved in ``out`` (the transplant), rewritten
     atomically with every other file of ``out`` (the transplant's reports) beside it."""
     ref = modelio.resolve(str(out))
     layers = _text_config(modelio.load_config(ref, cfg.trust_remote_code)).num_hidden_layers
     keep = parse_layers(cfg.keep_layers, layers)
-    progress.get().start("prune")
-    tokenizer = modelio.load_tokenizer(ref, cfg.trust_remote_code)
-    model = modelio.load_model(ref, trust_remote_code=cfg.trust_remote_code)
-    total = sum(p.numel() for p in model.parameters())
-    prune_layers(model, keep)
-    kept = sum(p.numel() for p in model.parameters())
+    model, tokenizer, total, kept = _load_pruned(ref, keep, cfg.trust_remote_code)
     with modelio.atomic_output_dir(out, overwrite=True) as tmp:
         modelio.save_model(model, tokenizer, Path(tmp))
         for item in out.iterdir():  # the transplant's reports; the model files are new
@@ -275,13 +282,7 @@ def make_draft(cfg: MakeDraftConfig) -> dict:
     config = _text_config(modelio.load_config(target_ref, cfg.trust_remote_code))
     keep = parse_layers(cfg.keep_layers, config.num_hidden_layers) if cfg.keep_layers \
         else depth_layers(cfg.depth, config.num_hidden_layers)
-    progress.get().start("load")
-    tokenizer = modelio.load_tokenizer(target_ref, cfg.trust_remote_code)
-    model = modelio.load_model(target_ref, trust_remote_code=cfg.trust_remote_code)
-    progress.get().start("prune")
-    total = sum(p.numel() for p in model.parameters())
-    prune_layers(model, keep)
-    kept = sum(p.numel() for p in model.parameters())
+    model, tokenizer, total, kept = _load_pruned(target_ref, keep, cfg.trust_remote_code)
     manifest = {
         "kind": "layer_pruned", "target": target_ref.label, "kept_layers": keep,
         "target_layers": config.num_hidden_layers, "parameters": kept,
